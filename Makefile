@@ -1,0 +1,28 @@
+# make demo: install into .venv and run the main job on built-in data.
+# make test: install with the test extras and run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/cm3leon train --config configs/tiny.yaml --workdir runs/demo
+
+bench: install
+	$(BIN)/python bench/train_step.py --config configs/tiny.yaml --steps 20
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

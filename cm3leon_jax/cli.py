@@ -1,0 +1,82 @@
+"""The `cm3leon` command: one subcommand per stage of the flow.
+
+    cm3leon train  --config FILE --workdir DIR [section.key=value ...]
+    cm3leon params --config FILE [--json] [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cm3leon_jax.config import ConfigError, load_config
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", required=True, help="YAML config file (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config values, e.g. train.steps=50 mesh.fsdp=2")
+    return p
+
+
+def cmd_train(args) -> None:
+    import jax
+
+    from cm3leon_jax.train.loop import train
+
+    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    train(cfg, args.workdir)
+
+
+def cmd_params(args) -> None:
+    from cm3leon_jax.model.size import flops_per_token, param_counts
+    from cm3leon_jax.train.state import abstract_state, tree_bytes
+
+    cfg = load_config(args.config, args.overrides)
+    vocab = cfg.vocab.build()
+    counts = param_counts(cfg.model, vocab.size)
+    state = abstract_state(cfg)
+    report = {
+        "params": counts["total"],
+        "flops_per_token": flops_per_token(cfg.model, vocab.size, cfg.data.seq_len),
+        "state_bytes": tree_bytes(state),
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"config            {args.config}")
+    print(f"parameters        {counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
+    for part in ("embedding", "positions", "layers", "lm_head"):
+        print(f"  {part:<15} {counts[part]:,}")
+    print(f"vocabulary        {vocab.size:,} rows ({vocab.used_size:,} used)")
+    print(f"FLOPs per token   {report['flops_per_token']:.4g} "
+          f"(training: 6 x matmul params + causal attention at seq {cfg.data.seq_len})")
+    print(f"state bytes       {report['state_bytes']:,} "
+          f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _with_config(sub.add_parser("train", help="train (resumes from DIR's checkpoints)"))
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics")
+    p.set_defaults(fn=cmd_train)
+
+    p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(fn=cmd_params)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        print(f"cm3leon {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

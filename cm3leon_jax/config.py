@@ -1,0 +1,289 @@
+"""Typed configs: plain frozen dataclasses, loaded from YAML plus `key=value` overrides.
+
+Every value is checked when loaded: unknown keys, wrong types and impossible shapes fail
+with a message that names the key (`model.n_heads=7 does not divide model.d_model=64`).
+The README documents every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from cm3leon_jax.vocab import Vocab
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabConfig:
+    text_size: int = 56320  # sentencepiece pieces
+    image_size: int = 8192  # VQ codebook entries
+    num_sentinels: int = 512  # <mask:i> tokens for CM3 spans
+
+    def build(self) -> Vocab:
+        return Vocab(self.text_size, self.image_size, self.num_sentinels)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int = 24
+    d_model: int = 1024
+    n_heads: int = 16
+    d_ff: int = 4096
+    max_seq_len: int = 4096  # rows of the learned position table
+    activation: Literal["relu", "gelu"] = "relu"
+    tie_embeddings: bool = True
+    qk_norm: bool = False  # Chameleon: LayerNorm on queries and keys
+    swin_norm: bool = False  # Chameleon: x + norm(f(x)) instead of x + f(norm(x))
+    z_loss: float = 0.0  # Chameleon: 1e-5 * log^2 Z; 0 disables
+    init_std: float = 0.006  # truncated normal at +-3 std
+    pos_init_std: float = 0.0002
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params stay float32
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"
+    logits_chunk: int = 0  # >0: compute the loss over sequence chunks of this many tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all devices left over
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        fixed = 1
+        for s in sizes:
+            if s != -1:
+                fixed *= s
+        if sizes.count(-1) == 1:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                    f"(data={self.data}, fsdp={self.fsdp}, tensor={self.tensor})")
+            sizes[sizes.index(-1)] = num_devices // fixed
+        if sizes[0] * sizes[1] * sizes[2] != num_devices:
+            raise ConfigError(
+                f"mesh: data={self.data} x fsdp={self.fsdp} x tensor={self.tensor} = "
+                f"{sizes[0] * sizes[1] * sizes[2]} does not match the {num_devices} devices")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 6e-4  # peak learning rate
+    warmup_steps: int = 1500
+    decay_steps: Optional[int] = None  # schedule length; null: train.steps
+    final_lr_ratio: float = 0.1  # linear decay to this fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: Optional[str] = None  # prepared data directory; null: the built-in synthetic source
+    seq_len: int = 4096
+    seed: int = 0  # data order
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # total optimizer updates of the run
+    batch_size: int = 2048  # global sequences per update
+    grad_accum: int = 1  # micro-batches per update
+    seed: int = 0  # parameter init
+    log_every: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab: VocabConfig = VocabConfig()
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config (multi-process agreement checks)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- loading -------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                num_devices: int | None = None) -> Config:
+    """YAML file (or the defaults) + `section.key=value` overrides, validated.
+
+    With `num_devices`, the mesh and the batch are also checked against that many devices.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        section, _, field = key.partition(".")
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+    cfg = from_dict(raw)
+    validate(cfg, num_devices)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw, "")
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, typ: Any, key: str):
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 6e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"{key}: unsupported config type {typ}")
+
+
+def _positive(cfg: Config, *keys: str):
+    for key in keys:
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+
+
+def validate(cfg: Config, num_devices: int | None = None) -> None:
+    m, o, t, d = cfg.model, cfg.optimizer, cfg.train, cfg.data
+    _positive(cfg, "model.n_layers", "model.d_model", "model.n_heads", "model.d_ff",
+              "model.max_seq_len", "model.init_std", "model.pos_init_std", "data.seq_len",
+              "optimizer.lr", "optimizer.b1", "optimizer.b2", "optimizer.eps",
+              "optimizer.decay_steps", "train.steps", "train.batch_size", "train.grad_accum",
+              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.peak_tflops")
+    _nonnegative = {"model.z_loss": m.z_loss, "model.logits_chunk": m.logits_chunk,
+                    "optimizer.warmup_steps": o.warmup_steps,
+                    "optimizer.weight_decay": o.weight_decay, "optimizer.clip_norm": o.clip_norm}
+    for key, value in _nonnegative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
+    if not 0 <= o.final_lr_ratio <= 1:
+        raise ConfigError(f"optimizer.final_lr_ratio={o.final_lr_ratio} must be in [0, 1]")
+    if not (0 < o.b1 < 1 and 0 < o.b2 < 1):
+        raise ConfigError(f"optimizer.b1={o.b1}, optimizer.b2={o.b2} must be in (0, 1)")
+    decay = o.decay_steps or t.steps
+    if o.warmup_steps > decay:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} exceeds the schedule "
+                          f"length {decay} (optimizer.decay_steps or train.steps)")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.logits_chunk and d.seq_len % m.logits_chunk:
+        raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
+                          f"data.seq_len={d.seq_len}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide "
+                          f"train.batch_size={t.batch_size}")
+    for name in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, name)
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    try:
+        vocab = cfg.vocab.build()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if num_devices is not None:
+        data, fsdp, tensor = cfg.mesh.shape(num_devices)
+        micro = t.batch_size // t.grad_accum
+        if micro % (data * fsdp):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro} "
+                f"sequences per micro-batch is not divisible by the data-parallel size "
+                f"mesh.data x mesh.fsdp = {data * fsdp}")
+        shards = {"model.n_heads": m.n_heads, "model.d_ff": m.d_ff, "vocab size": vocab.size}
+        for key, value in shards.items():
+            if value % tensor:
+                raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tensor}")
+        if m.d_model % fsdp:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

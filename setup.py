@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cm3leon_jax",
+    version="0.1.0",
+    description="CM3Leon-style retrieval-augmented token decoders for text and images, in JAX/Flax",
+    packages=find_packages(include=["cm3leon_jax", "cm3leon_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Ranges tested: jax 0.10.2 (CPU, CI) and 0.11.2 (CUDA, the GPU machine).
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "sentencepiece>=0.2.0,<0.3",
+        "scann>=1.4.2,<1.5",
+        "numpy>=2.0,<3",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
+)

@@ -1,0 +1,81 @@
+import pytest
+
+from cm3leon_jax.config import ConfigError, MeshConfig, load_config
+from conftest import CONFIGS
+
+
+def test_yaml_and_overrides(tiny):
+    cfg = tiny("train.steps=50", "mesh.fsdp=2", "optimizer.lr=1e-3", "model.qk_norm=true",
+               "optimizer.decay_steps=null")
+    assert cfg.train.steps == 50 and cfg.mesh.fsdp == 2
+    assert cfg.optimizer.lr == 1e-3 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.qk_norm is True and cfg.optimizer.decay_steps is None
+    assert cfg.model.d_model == 64  # from the file
+
+
+def test_int_accepted_for_float(tiny):
+    assert tiny("optimizer.lr=1").optimizer.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.widht=3", "unknown config key 'model.widht'"),
+    ("modle.width=3", "unknown config key 'modle'"),
+    ("model.n_layers=2.5", "model.n_layers=2.5: expected an integer"),
+    ("model.n_layers=true", "model.n_layers=True: expected an integer"),
+    ("model.qk_norm=1", "model.qk_norm=1: expected true or false"),
+    ("optimizer.lr=fast", "optimizer.lr='fast': expected a number"),
+    ("model.activation=swish", "model.activation='swish' is not one of ['relu', 'gelu']"),
+    ("model.n_heads=5", "model.n_heads=5 does not divide model.d_model=64"),
+    ("model.n_layers=0", "model.n_layers=0 must be > 0"),
+    ("data.seq_len=256", "data.seq_len=256 exceeds model.max_seq_len=128"),
+    ("train.grad_accum=3", "train.grad_accum=3 does not divide train.batch_size=8"),
+    ("optimizer.warmup_steps=500", "optimizer.warmup_steps=500 exceeds the schedule"),
+    ("mesh.tensor=0", "mesh.tensor=0 must be a positive size or -1"),
+    ("model.logits_chunk=48", "model.logits_chunk=48 does not divide data.seq_len=128"),
+    ("vocab.image_size=0", "vocab.image_size must be >= 1"),
+    ("train.steps", "is not of the form section.key=value"),
+])
+def test_bad_values_name_the_key(tiny, override, message):
+    with pytest.raises(ConfigError) as e:
+        tiny(override)
+    assert message in str(e.value)
+
+
+def test_device_checks():
+    path = CONFIGS / "tiny.yaml"
+    load_config(path, ["mesh.data=2", "mesh.fsdp=4"], num_devices=8)
+    with pytest.raises(ConfigError, match=r"mesh: data=2 x fsdp=2 x tensor=1 = 4 does not match the 8 devices"):
+        load_config(path, ["mesh.data=2", "mesh.fsdp=2"], num_devices=8)
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 / train.grad_accum=1 = 12 .* mesh.data x mesh.fsdp = 8"):
+        load_config(path, ["train.batch_size=12"], num_devices=8)
+    with pytest.raises(ConfigError, match=r"model.n_heads=4 is not divisible by mesh.tensor=8"):
+        load_config(path, ["mesh.fsdp=1", "mesh.tensor=8"], num_devices=8)
+    with pytest.raises(ConfigError, match="devices are not divisible"):
+        load_config(path, ["mesh.data=3"], num_devices=8)
+
+
+def test_mesh_fill():
+    assert MeshConfig(2, -1, 2).shape(8) == (2, 2, 2)
+    assert MeshConfig(1, -1, 1).shape(1) == (1, 1, 1)
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    bad.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cm3leon_350m", "cm3leon_760m", "cm3leon_7b"])
+def test_shipped_configs_load(name):
+    load_config(CONFIGS / f"{name}.yaml")
+
+
+def test_digest_changes_with_any_value(tiny):
+    assert tiny().digest() == tiny().digest()
+    assert tiny().digest() != tiny("data.seed=1").digest()
