@@ -100,6 +100,17 @@ class DataConfig:
     dir: Optional[str] = None  # prepared data directory; null: the built-in synthetic source
     seq_len: int = 4096
     seed: int = 0  # data order
+    # --- the prepared-data pipeline (data/pipeline.py); unused by the synthetic source ---
+    retrieval_dir: Optional[str] = None  # holds neighbors.npy; null: <data.dir>/retrieval
+    k: int = 2  # retrieved documents in front of each query (<= the table's columns)
+    retrieved_dropout: float = 0.0  # probability each retrieved document is left out
+    image_first: float = 0.0  # fraction of documents written image <break> caption
+    cm3_lambda: float = 1.0  # Poisson mean of masked spans per example; 0: plain causal LM
+    rotation: float = 0.0  # probability a masked span grows to its whole segment
+    packing: Literal["pack", "pad"] = "pack"  # first-fit packing, or one example per row
+    workers: int = 0  # grain mp_prefetch processes making examples; 0: in this process
+    sentinel_weight: float = 1.0  # loss weight on predicting <mask:i> (metaseq 1, CM3 0)
+    retrieved_weight: float = 1.0  # loss weight on retrieved documents (CM3Leon 1, RA-CM3 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +267,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.logits_chunk and d.seq_len % m.logits_chunk:
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
                           f"data.seq_len={d.seq_len}")
+    for key in ("retrieved_dropout", "image_first", "rotation"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")
+    for key in ("k", "cm3_lambda", "workers", "sentinel_weight", "retrieved_weight"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be >= 0")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide "
                           f"train.batch_size={t.batch_size}")
