@@ -23,9 +23,9 @@ from cm3leon_jax.train.step import jit_train_step
 def make_batches(cfg: Config):
     """This process's batches: the prepared-data pipeline, or the synthetic source."""
     if cfg.data.dir is not None:
-        raise NotImplementedError(
-            f"data.dir={cfg.data.dir!r}: the prepared-data pipeline is not built yet; "
-            "leave data.dir unset to train on the built-in synthetic source")
+        from cm3leon_jax.data.pipeline import batches
+
+        return batches(cfg, jax.process_index(), jax.process_count())
     from cm3leon_jax.data.synthetic import synthetic_batches
 
     return synthetic_batches(cfg.vocab.build(), cfg.data.seq_len, cfg.train.batch_size,
