@@ -206,3 +206,16 @@ def test_train_through_the_pipeline(data, tmp_path):
     assert last["image_loss"] < first["image_loss"] - 1.5
     print(f"text loss {first['text_loss']:.3f} -> {last['text_loss']:.3f}, image loss "
           f"{first['image_loss']:.3f} -> {last['image_loss']:.3f}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.rotation=1.5", r"data.rotation=1.5 must be in \[0, 1\]"),
+    ("data.k=-1", "data.k=-1 must be >= 0"),
+    ("data.packing=split", r"data.packing='split' is not one of \['pack', 'pad'\]"),
+    ("data.retrieved_weight=-0.1", "data.retrieved_weight=-0.1 must be >= 0"),
+])
+def test_data_keys_are_validated(tiny, override, message):
+    from cm3leon_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
