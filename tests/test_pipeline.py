@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cm3leon_jax.config import load_config
+from cm3leon_jax.config import ConfigError, load_config
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.records import shard_name, write_shard
 from cm3leon_jax.train import checkpoint
@@ -146,6 +146,9 @@ def test_state_after_37_batches_resumes_exactly(data, tmp_path):
     again.set_state(json.loads(state))
     restored = pipeline.batches(cfg, log=lambda _: None)
     checkpoint.restore(mngr, 37, {"x": jnp.zeros(2)}, restored, cfg)
+    with pytest.raises(ConfigError, match="written with data.workers=0 but the config says 2"):
+        checkpoint.restore(mngr, 37, {"x": jnp.zeros(2)}, restored,
+                           data("train.batch_size=2", "data.workers=2")[0])
     for resumed in (again, restored):
         got = [next(resumed) for _ in range(20)]
         for a, b in zip(expect, got):
@@ -215,7 +218,5 @@ def test_train_through_the_pipeline(data, tmp_path):
     ("data.retrieved_weight=-0.1", "data.retrieved_weight=-0.1 must be >= 0"),
 ])
 def test_data_keys_are_validated(tiny, override, message):
-    from cm3leon_jax.config import ConfigError
-
     with pytest.raises(ConfigError, match=message):
         tiny(override)

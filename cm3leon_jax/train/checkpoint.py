@@ -46,6 +46,13 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
                 raise ConfigError(
                     f"checkpoint {mngr.directory}/{step} was written with {section}.{key}="
                     f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
+    saved_workers = saved.get("data", {}).get("workers", 0)
+    if cfg.data.dir is not None and saved_workers != cfg.data.workers:
+        # grain's iterator state holds one position per worker: it fits only that count
+        raise ConfigError(
+            f"checkpoint {mngr.directory}/{step} was written with data.workers="
+            f"{saved_workers} but the config says {cfg.data.workers}; resume with the same "
+            "worker count")
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
