@@ -32,6 +32,9 @@ PORT=${PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("localhos
 mkdir -p "$WORKDIR/logs"
 
 pids=()
+forward() { [ ${#pids[@]} -gt 0 ] && kill -s "$1" "${pids[@]}" 2>/dev/null; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 for ((i = 0; i < N; i++)); do
   env_args=(JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i")
   if [ "$PLATFORM" = cpu ]; then
@@ -49,17 +52,13 @@ for ((i = 0; i < N; i++)); do
   pids+=($!)
 done
 
-forward() { kill -s "$1" "${pids[@]}" 2>/dev/null; }
-trap 'forward TERM' TERM
-trap 'forward INT' INT
-
 status=0
 running=("${pids[@]}")
 while [ ${#running[@]} -gt 0 ]; do
   finished=
   wait -n -p finished "${running[@]}"  # bash >= 5.1
   rc=$?
-  [ -z "$finished" ] && continue  # woken by a forwarded signal, nobody exited yet
+  [ -z "${finished:-}" ] && continue  # woken by a forwarded signal, nobody exited yet
   running=($(printf '%s\n' "${running[@]}" | grep -vx "$finished"))
   if [ $rc -ne 0 ] && [ $status -eq 0 ]; then
     status=$rc
