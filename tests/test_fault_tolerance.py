@@ -274,6 +274,27 @@ def test_topology_errors_before_any_work(tiny, tmp_path, overrides, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("shape, ok", [((1, 8, 1), True), ((2, 2, 2), True), ((4, 1, 2), True),
+                                       ((1, 1, 8), False), ((1, 2, 4), True), ((2, 1, 4), True)])
+def test_batch_layout_across_two_simulated_processes(tiny, shape, ok):
+    """Devices 0-3 as process 0 and 4-7 as process 1: the batch rows each process's
+    devices hold must be the block its data loader reads."""
+    from cm3leon_jax.config import MeshConfig
+    from cm3leon_jax.parallel.distributed import check_batch_layout
+    from cm3leon_jax.parallel.mesh import make_mesh
+
+    cfg = tiny("model.n_heads=8", f"mesh.data={shape[0]}", f"mesh.fsdp={shape[1]}",
+               f"mesh.tensor={shape[2]}")
+    mesh = make_mesh(MeshConfig(*shape))
+    if ok:
+        check_batch_layout(cfg, mesh, process_of=lambda d: d.id // 4)
+    else:
+        with pytest.raises(ConfigError, match=r"mesh data=1 x fsdp=1 x tensor=8 puts 8 batch "
+                                              r"rows on process 0, but its data loader gives "
+                                              r"it rows 0\.\.3"):
+            check_batch_layout(cfg, mesh, process_of=lambda d: d.id // 4)
+
+
 def test_launch_mode_from_environment():
     from cm3leon_jax.parallel.distributed import launch_mode
     assert launch_mode({}) == "single"

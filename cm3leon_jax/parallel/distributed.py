@@ -116,27 +116,29 @@ def check_same_config(cfg: Config) -> None:
             f"{sorted(set(range(jax.process_count())) - set(groups))}")
 
 
-def check_batch_layout(cfg: Config, mesh) -> None:
-    """The data loader hands process i the contiguous rows [i*B/P, (i+1)*B/P) of each
-    global batch; the mesh must put exactly those rows on this process's devices."""
+def check_batch_layout(cfg: Config, mesh, process_of=lambda device: device.process_index) -> None:
+    """The data loader hands process p the contiguous rows [p*B/P, (p+1)*B/P) of each
+    global batch; the mesh must put exactly those rows on p's devices. Checked for every
+    process, so all fail alike. (`process_of` maps a device to its process.)"""
     from cm3leon_jax.parallel.mesh import batch_sharding
 
-    B, P, i = cfg.train.batch_size, jax.process_count(), jax.process_index()
+    B = cfg.train.batch_size
+    index_map = batch_sharding(mesh).devices_indices_map((B, 1))
+    P = len({process_of(d) for d in index_map})
     if B % P:
         raise ConfigError(f"train.batch_size={B} is not divisible by the {P} processes")
     local = B // P
-    rows = set()
-    for device, index in batch_sharding(mesh).devices_indices_map((B, 1)).items():
-        if device.process_index == i:
-            rows.update(range(*index[0].indices(B)))
-    want = set(range(i * local, (i + 1) * local))
-    if rows != want:
-        raise ConfigError(
-            f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
-            f"tensor={mesh.shape['tensor']} puts {len(rows)} batch rows on process {i}, "
-            f"but its data loader gives it rows {i * local}..{(i + 1) * local - 1} of "
-            f"train.batch_size={B}: split the batch axes (mesh.data, mesh.fsdp) across "
-            "processes, e.g. keep mesh.tensor within one process's devices")
+    rows = {p: set() for p in range(P)}
+    for device, index in index_map.items():
+        rows[process_of(device)].update(range(*index[0].indices(B)))
+    for p in range(P):
+        if rows[p] != set(range(p * local, (p + 1) * local)):
+            raise ConfigError(
+                f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} x "
+                f"tensor={mesh.shape['tensor']} puts {len(rows[p])} batch rows on process {p}, "
+                f"but its data loader gives it rows {p * local}..{(p + 1) * local - 1} of "
+                f"train.batch_size={B}: split the batch axes (mesh.data, mesh.fsdp) across "
+                "processes, e.g. keep mesh.tensor within one process's devices")
 
 
 def log(message: str) -> None:

@@ -161,9 +161,9 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
               f"{workdir / 'checkpoints' / str(last_saved)} saved; relaunch to resume")
     elif lead and history:
         elapsed = time.perf_counter() - t_start
-        losses = [m["loss"] for m in history if m["loss"] is not None]
+        losses = [f"{m['loss']:.4f}" for m in history if m["loss"] is not None] or ["n/a"]
         print(f"trained steps {start + 1}..{cfg.train.steps} in {elapsed:.1f}s: "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {skipped} skipped, "
+              f"loss {losses[0]} -> {losses[-1]}, {skipped} skipped, "
               f"checkpoint {workdir / 'checkpoints' / str(last_saved)}")
     elif lead:
         print(f"{workdir} is already at step {start} of train.steps={cfg.train.steps}")
