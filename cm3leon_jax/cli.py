@@ -23,10 +23,16 @@ def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def cmd_train(args) -> None:
     import jax
 
-    from cm3leon_jax.train.loop import train
+    from cm3leon_jax.parallel import distributed
+    from cm3leon_jax.train.loop import BadStepsError, train
 
+    distributed.initialize()  # before anything touches the devices
     cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
-    train(cfg, args.workdir)
+    try:
+        train(cfg, args.workdir)
+    except BadStepsError as e:
+        print(f"cm3leon train: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def cmd_params(args) -> None:

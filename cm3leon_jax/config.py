@@ -126,6 +126,13 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    max_bad_steps: int = 5  # stop when more than this many updates in a row are skipped
+    debug_nan_steps: tuple[int, ...] = ()  # test hook: these steps get NaN gradients
+    log_example_ids: bool = False  # write each step's global example ids to metrics.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -133,6 +140,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    fault: FaultConfig = FaultConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,6 +209,11 @@ def _coerce(value: Any, typ: Any, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (inner, _) = typing.get_args(typ)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
@@ -282,6 +295,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if cfg.fault.max_bad_steps < 0:
+        raise ConfigError(f"fault.max_bad_steps={cfg.fault.max_bad_steps} must be >= 0")
+    for s in cfg.fault.debug_nan_steps:
+        if s <= 0:
+            raise ConfigError(f"fault.debug_nan_steps contains {s}: steps count from 1")
     try:
         vocab = cfg.vocab.build()
     except ValueError as e:
