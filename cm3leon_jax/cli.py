@@ -63,11 +63,17 @@ def cmd_params(args) -> None:
 
 
 def cmd_compile(args) -> None:
+    import importlib.util
+
     from cm3leon_jax.parallel.topology import parse_topology
     from cm3leon_jax.train.aot import DoesNotFit, compile_train_step, format_report
 
     topology = parse_topology(args.topology)
     cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)
+    if importlib.util.find_spec("libtpu") is None:
+        print("cm3leon compile: needs libtpu, the TPU compiler: pip install -e '.[tpu]' "
+              "(it works on machines without a TPU)", file=sys.stderr)
+        raise SystemExit(2)
     try:
         report = compile_train_step(cfg, topology)
     except DoesNotFit as e:

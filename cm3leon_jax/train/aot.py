@@ -49,8 +49,12 @@ class CompileReport:
     fits: bool
     flops_per_chip: float  # the compiler's count for one step
     model_flops_per_chip: float  # model.size.flops_per_token x tokens / chips
-    step_seconds: float | None  # the compiler's estimate
-    mfu: float | None  # model FLOPs / (step_seconds x chip peak)
+    # The compiler's cost model counts each loop body (layer scan, gradient accumulation,
+    # logits chunks) once, so its FLOPs and seconds describe one pass through each loop.
+    compiler_seconds: float | None  # its time estimate for that (None when it gives none)
+    mfu: float | None  # flops_per_chip / (compiler_seconds x chip peak)
+    step_seconds: float | None  # model_flops_per_chip / (mfu x chip peak)
+    peak_step_seconds: float  # model FLOPs / chip peak: the step time at 100% MFU
     tokens_per_step: int
     compile_seconds: float
 
@@ -80,7 +84,7 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
             if oom is None:
                 raise
             raise DoesNotFit(_advice(cfg, topology, dict(mesh.shape), per_chip, *oom)) from None
-    seconds = time.perf_counter() - start
+    compile_seconds = time.perf_counter() - start
 
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -91,8 +95,9 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
     chips = len(devices)
     model_flops = flops_per_token(cfg.model, cfg.vocab.build().size, cfg.data.seq_len) \
         * tokens / chips
-    step_seconds = float(cost.get("optimal_seconds", 0.0))
-    step_seconds = step_seconds if step_seconds > 0 else None  # < 0: no estimate
+    flops = float(cost.get("flops", 0.0))
+    seconds = float(cost.get("optimal_seconds", 0.0))
+    seconds = seconds if seconds > 0 and flops > 0 else None  # < 0: no estimate
     peak = topology.chip.peak_tflops * 1e12
     return CompileReport(
         topology=topology.name, device_kind=devices[0].device_kind, chips=chips,
@@ -101,10 +106,11 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
         alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
         code_bytes=mem.generated_code_size_in_bytes, total_bytes=total,
         fits=total <= topology.chip.hbm_bytes,
-        flops_per_chip=float(cost.get("flops", 0.0)), model_flops_per_chip=model_flops,
-        step_seconds=step_seconds,
-        mfu=model_flops / (step_seconds * peak) if step_seconds else None,
-        tokens_per_step=tokens, compile_seconds=seconds)
+        flops_per_chip=flops, model_flops_per_chip=model_flops, compiler_seconds=seconds,
+        mfu=flops / (seconds * peak) if seconds else None,
+        step_seconds=model_flops * seconds / flops if seconds else None,
+        peak_step_seconds=model_flops / peak,
+        tokens_per_step=tokens, compile_seconds=compile_seconds)
 
 
 _SIZE = r"([0-9.]+)([KMGT]?)i?B?"
@@ -170,9 +176,14 @@ def human_bytes(b: float) -> str:
 def format_report(r: CompileReport, config_name: str) -> str:
     g = lambda b: f"{human_bytes(b):>11}"
     mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
-    mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a (no compiler estimate)"
-    step = (f"{r.step_seconds:.4g} s (compiler), {r.tokens_per_step / r.step_seconds:,.0f} "
-            "tokens/s" if r.step_seconds else "n/a (the compiler gave none)")
+    mfu = (f"{100 * r.mfu:.1f}% (the compiler's FLOPs over its time estimate, for one pass "
+           f"through each loop: {r.flops_per_chip:.4g} FLOPs in {r.compiler_seconds:.4g} s)"
+           if r.mfu is not None else "n/a (no compiler estimate)")
+    step = (f"{r.step_seconds:.4g} s at the compiler's utilisation, "
+            f"{r.tokens_per_step / r.step_seconds:,.0f} tokens/s" if r.step_seconds
+            else "none from the compiler")
+    step += (f"; >= {r.peak_step_seconds:.4g} s at the chip's peak, "
+             f"<= {r.tokens_per_step / r.peak_step_seconds:,.0f} tokens/s")
     return "\n".join([
         f"config              {config_name}",
         f"topology            {r.topology}: {r.chips} x {r.device_kind}, mesh {mesh}",
@@ -184,8 +195,8 @@ def format_report(r: CompileReport, config_name: str) -> str:
         f"  code              {g(r.code_bytes)}",
         f"  total             {g(r.total_bytes)}  ({100 * r.total_bytes / r.hbm_bytes:.1f}% of "
         f"HBM: {'fits' if r.fits else 'DOES NOT FIT'})",
-        f"FLOPs per step      {r.model_flops_per_chip:.4g} per chip (model: 6N + attention); "
-        f"compiler {r.flops_per_chip:.4g} (loop bodies counted once)",
+        f"FLOPs per step      {r.model_flops_per_chip:.4g} per chip (6 x matmul params + "
+        "attention, per token)",
         f"step time estimate  {step}",
         f"implied MFU         {mfu}",
         f"compiled in         {r.compile_seconds:.1f} s",
