@@ -66,7 +66,7 @@ def cmd_compile(args) -> None:
     import importlib.util
 
     from cm3leon_jax.parallel.topology import parse_topology
-    from cm3leon_jax.train.aot import DoesNotFit, compile_train_step, format_report
+    from cm3leon_jax.train.aot import DoesNotFit, advice, compile_train_step, format_report
 
     topology = parse_topology(args.topology)
     cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)
@@ -81,7 +81,8 @@ def cmd_compile(args) -> None:
         raise SystemExit(1) from None
     print(json.dumps(report.to_dict()) if args.json else format_report(report, args.config))
     if not report.fits:
-        print(f"cm3leon compile: {args.config} does not fit {topology.name}", file=sys.stderr)
+        print(f"cm3leon compile: {args.config} {advice(cfg, topology, report)}",
+              file=sys.stderr)
         raise SystemExit(1)
 
 

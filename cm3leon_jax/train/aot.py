@@ -10,6 +10,7 @@ program does not fit, the TPU compiler itself refuses it, as the pod would.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 
@@ -117,7 +118,7 @@ _SIZE = r"([0-9.]+)([KMGT]?)i?B?"
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _OOM = (  # libtpu's two ways of saying it; (what, needed, available)
     (re.compile(rf"memory required for HLO temporaries \({_SIZE}\) exceeds available HBM "
-                rf"\({_SIZE}\)"), "activations and temporaries alone need"),
+                rf"\({_SIZE}\)"), "temporaries (activations, gradients, updates) alone need"),
     (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"), "the train step needs"),
 )
 
@@ -152,11 +153,14 @@ def _advice(cfg: Config, topology: Topology, mesh: dict, per_chip: dict, what: s
             f"{mesh['tensor']}, or a larger pod")
     if m.remat != "full":
         lines.append(f"  - model.remat=full (now {m.remat}): recompute activations in backward")
-    per_chip_rows = t.batch_size // t.grad_accum // (mesh["data"] * mesh["fsdp"])
-    if per_chip_rows > 1:
+    rows = t.batch_size // t.grad_accum // (mesh["data"] * mesh["fsdp"])
+    if rows > 1:
+        # temporaries shrink about in proportion to the micro-batch
+        room = max(have - state, have / 16)
+        factor = min(2 ** max(math.ceil(math.log2(need / room)), 1), rows)
         lines.append(
-            f"  - train.grad_accum={t.grad_accum * 2} or more (now {t.grad_accum}): smaller "
-            f"micro-batches, {per_chip_rows} -> {per_chip_rows // 2} sequences per chip")
+            f"  - train.grad_accum={t.grad_accum * factor} (now {t.grad_accum}): micro-batches "
+            f"of {rows // factor} instead of {rows} sequences per chip")
     if not m.logits_chunk and cfg.data.seq_len >= 512:
         lines.append(f"  - model.logits_chunk={min(1024, cfg.data.seq_len // 2)}: never hold "
                      "a whole [batch, seq, vocab] block of float32 logits")
@@ -164,6 +168,14 @@ def _advice(cfg: Config, topology: Topology, mesh: dict, per_chip: dict, what: s
         lines.append("  - mesh.tensor=2 or more: also splits the activations' heads, MLP and "
                      "vocab dimensions")
     return "\n".join(lines)
+
+
+def advice(cfg: Config, topology: Topology, r: CompileReport) -> str:
+    """For a step that compiled but whose arguments + temporaries exceed the chip's HBM
+    (libtpu checks the temporaries alone against it)."""
+    per_chip = {k: getattr(r, k) for k in ("param_bytes", "optimizer_bytes", "batch_bytes")}
+    return _advice(cfg, topology, r.mesh, per_chip, "the train step needs", r.total_bytes,
+                   r.hbm_bytes)
 
 
 def human_bytes(b: float) -> str:
