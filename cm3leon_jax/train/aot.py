@@ -48,7 +48,7 @@ class CompileReport:
     code_bytes: int
     total_bytes: int  # argument + output - alias + temp + code
     fits: bool
-    flops_per_chip: float  # the compiler's count for one step
+    flops_per_chip: float  # the compiler's count (each loop body once, see below)
     model_flops_per_chip: float  # model.size.flops_per_token x tokens / chips
     # The compiler's cost model counts each loop body (layer scan, gradient accumulation,
     # logits chunks) once, so its FLOPs and seconds describe one pass through each loop.
