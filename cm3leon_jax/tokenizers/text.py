@@ -17,22 +17,6 @@ from typing import Iterable
 
 import numpy as np
 
-from cm3leon_jax.data.sources import BadRecord
-
-
-def check_caption(raw, record_id: str) -> str:
-    """The caption as str, or BadRecord: bytes must be UTF-8, and it must not be blank."""
-    if isinstance(raw, (bytes, bytearray, np.bytes_)):
-        try:
-            raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRecord("bad_utf8", record_id, str(e)) from None
-    if not isinstance(raw, str):
-        raise BadRecord("empty_caption", record_id, f"caption is {type(raw).__name__}, not text")
-    if not raw.strip():
-        raise BadRecord("empty_caption", record_id)
-    return raw
-
 
 class TextTokenizer:
     """A loaded sentencepiece model: caption <-> piece ids (not yet vocabulary ids)."""
