@@ -30,7 +30,7 @@ import numpy as np
 
 # Why a record was skipped (manifest.json `skipped` keys).
 REASONS = ("missing_file", "corrupt_image", "wrong_mode", "wrong_shape", "empty_caption",
-           "bad_utf8", "bad_line")
+           "bad_utf8", "bad_line", "lossy_text")
 
 
 class Pair(NamedTuple):
