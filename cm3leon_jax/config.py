@@ -151,6 +151,55 @@ class PrepareConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """The image tokenizer's shape (taming/Chameleon VQ-GAN); the model is model/vqgan.py."""
+    resolution: int = 256  # input images are resolution x resolution RGB
+    base_channels: int = 128  # taming `ch`
+    channel_mult: tuple[int, ...] = (1, 1, 2, 4)  # one level each; len-1 stride-2 downsamples
+    num_res_blocks: int = 2  # per encoder level (the decoder has one more, as taming)
+    attn_resolutions: tuple[int, ...] = ()  # feature-map sizes that get attention blocks
+    mid_attn: bool = True  # attention in the middle block (Chameleon attn_type "vanilla")
+    norm_groups: int = 32  # GroupNorm groups (eps 1e-6, as taming)
+    z_channels: int = 256  # encoder output channels (Chameleon latent_channels)
+    embed_dim: int = 256  # codebook vector size (after quant_conv)
+    codebook_size: int = 8192
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.latent_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    """`cm3leon tokenizer train-image`: images from the shapes source, Adam, fixed LR."""
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-4
+    b1: float = 0.5
+    b2: float = 0.9
+    recon_loss: Literal["l1", "l2"] = "l1"
+    beta: float = 0.25  # commitment weight
+    codebook_weight: float = 1.0
+    restart_every: int = 100  # re-seed codes unused for this many steps from encoder outputs; 0: never
+    disc_weight: float = 0.0  # patch-GAN generator loss weight; 0: no discriminator
+    disc_start: int = 0  # step at which the GAN losses switch on
+    disc_channels: int = 64
+    disc_layers: int = 3
+    images: int = 20000  # training images drawn from the shapes source
+    eval_images: int = 512  # held-out images for the final PSNR and codebook usage
+    seed: int = 0  # init, image draw and batch order
+    log_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -161,6 +210,8 @@ class Config:
     source: SourceConfig = SourceConfig()
     text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
     prepare: PrepareConfig = PrepareConfig()
+    vqgan: VQGANConfig = VQGANConfig()
+    vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,6 +280,11 @@ def _coerce(value: Any, typ: Any, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple:
+        (inner, _) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
@@ -304,6 +360,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    validate_vqgan(cfg.vqgan)
+    _validate_vqgan_train(cfg.vqgan_train)
     try:
         vocab = cfg.vocab.build()
     except ValueError as e:
@@ -352,6 +410,38 @@ def _validate_prepare(cfg: Config) -> None:
         raise ConfigError(f"prepare.workers={p.workers} must be >= 0")
     if not 0 <= p.max_bad_fraction <= 1:
         raise ConfigError(f"prepare.max_bad_fraction={p.max_bad_fraction} must be in [0, 1]")
+
+
+def validate_vqgan(v: VQGANConfig) -> None:
+    """Checks of the image tokenizer's shape (also run when a saved tokenizer is loaded)."""
+    for key, value in (("resolution", v.resolution), ("base_channels", v.base_channels),
+                       ("num_res_blocks", v.num_res_blocks), ("norm_groups", v.norm_groups),
+                       ("z_channels", v.z_channels), ("embed_dim", v.embed_dim),
+                       ("codebook_size", v.codebook_size)):
+        if value <= 0:
+            raise ConfigError(f"vqgan.{key}={value} must be > 0")
+    if not v.channel_mult or any(m <= 0 for m in v.channel_mult):
+        raise ConfigError(f"vqgan.channel_mult={list(v.channel_mult)} must be a non-empty "
+                          "list of positive multipliers")
+    if v.resolution % v.downsample:
+        raise ConfigError(f"vqgan.resolution={v.resolution} is not divisible by the "
+                          f"downsampling factor {v.downsample} (2^(len(vqgan.channel_mult)-1))")
+    for m in v.channel_mult:
+        if (v.base_channels * m) % v.norm_groups:
+            raise ConfigError(f"vqgan.norm_groups={v.norm_groups} does not divide "
+                              f"vqgan.base_channels x {m} = {v.base_channels * m}")
+
+
+def _validate_vqgan_train(t: VQGANTrainConfig) -> None:
+    for key in ("steps", "batch_size", "lr", "b1", "b2", "images", "eval_images",
+                "log_every", "disc_channels", "disc_layers"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"vqgan_train.{key}={getattr(t, key)} must be > 0")
+    for key in ("beta", "codebook_weight", "restart_every", "disc_weight", "disc_start"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"vqgan_train.{key}={getattr(t, key)} must be >= 0")
+    if not (t.b1 < 1 and t.b2 < 1):
+        raise ConfigError(f"vqgan_train.b1={t.b1}, vqgan_train.b2={t.b2} must be in (0, 1)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
