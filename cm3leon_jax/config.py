@@ -115,6 +115,42 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
+    kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"
+    size: Optional[int] = 10000  # pairs: the first `size` records; null: all (not for shapes)
+    seed: int = 0  # shapes: scene i depends on (seed, i)
+    resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
+    max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
+    path: Optional[str] = None  # fashion_mnist: IDX directory (null: Debian's); jsonl: the file
+    split: str = "train"  # fashion_mnist (train | test) and tfds split
+    name: Optional[str] = None  # tfds builder name
+    data_dir: Optional[str] = None  # tfds data directory (null: TFDS's default)
+    image_key: str = "image"  # tfds feature / jsonl field holding the image (path)
+    text_key: str = "caption"  # tfds feature / jsonl field holding the caption
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTokenizerConfig:
+    """Training of the sentencepiece model; its size is vocab.text_size (an upper bound)."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True  # unseen characters as UTF-8 bytes: every caption round-trips
+    character_coverage: float = 1.0
+    train_captions: int = 1000000  # captions (evenly spaced over the source) to train on
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`cm3leon prepare`: source -> tokenizers -> document shards under data.dir."""
+    text_tokenizer: Optional[str] = None  # a sentencepiece .model to use; null: train one
+    image_tokenizer: Optional[str] = None  # an image tokenizer directory; null: train one
+    workers: int = 2  # reader processes (0: read in this process)
+    shard_size: int = 4096  # source records per shard
+    batch_size: int = 32  # images per image-tokenizer call
+    max_bad_fraction: float = 0.01  # fail when more of the records than this are skipped
+
+
+@dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     """The image tokenizer's shape (taming/Chameleon VQ-GAN); the model is model/vqgan.py."""
     resolution: int = 256  # input images are resolution x resolution RGB
@@ -171,6 +207,9 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    source: SourceConfig = SourceConfig()
+    text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
+    prepare: PrepareConfig = PrepareConfig()
     vqgan: VQGANConfig = VQGANConfig()
     vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
 
@@ -327,6 +366,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         vocab = cfg.vocab.build()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_prepare(cfg)
     if num_devices is not None:
         data, fsdp, tensor = cfg.mesh.shape(num_devices)
         micro = t.batch_size // t.grad_accum
@@ -341,6 +381,35 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                 raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tensor}")
         if m.d_model % fsdp:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+
+
+def _validate_prepare(cfg: Config) -> None:
+    src, tt, p = cfg.source, cfg.text_tokenizer, cfg.prepare
+    _positive(cfg, "source.size", "source.resolution", "text_tokenizer.train_captions",
+              "prepare.shard_size", "prepare.batch_size")
+    if src.kind == "shapes":
+        if src.size is None:
+            raise ConfigError("source.size: the shapes source is endless, give a number of pairs")
+        if src.resolution is not None and src.resolution < 24:
+            raise ConfigError(f"source.resolution={src.resolution}: shapes needs >= 24 pixels")
+        if not 1 <= src.max_objects <= 9:
+            raise ConfigError(f"source.max_objects={src.max_objects} must be in [1, 9]")
+    if src.kind == "fashion_mnist" and src.split not in ("train", "test"):
+        raise ConfigError(f"source.split={src.split!r}: fashion_mnist has train and test")
+    if src.kind == "tfds" and not src.name:
+        raise ConfigError("source.name: the tfds source needs a builder name")
+    if src.kind == "jsonl" and not src.path:
+        raise ConfigError("source.path: the jsonl source needs the .jsonl file")
+    if not 0 < tt.character_coverage <= 1:
+        raise ConfigError(f"text_tokenizer.character_coverage={tt.character_coverage} "
+                          "must be in (0, 1]")
+    if tt.byte_fallback and cfg.vocab.text_size < 300:
+        raise ConfigError(f"vocab.text_size={cfg.vocab.text_size}: byte fallback needs >= 300 "
+                          "text ids (256 bytes + characters); or text_tokenizer.byte_fallback=false")
+    if p.workers < 0:
+        raise ConfigError(f"prepare.workers={p.workers} must be >= 0")
+    if not 0 <= p.max_bad_fraction <= 1:
+        raise ConfigError(f"prepare.max_bad_fraction={p.max_bad_fraction} must be in [0, 1]")
 
 
 def validate_vqgan(v: VQGANConfig) -> None:
