@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from cm3leon_jax.config import Config
-from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard
 from cm3leon_jax.data.sources import BadRecord, check_caption, open_source
 from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
 from cm3leon_jax.vocab import Vocab
@@ -54,11 +53,11 @@ class PrepareError(RuntimeError):
 
 def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """Resize the short side to `resolution` (Lanczos) and centre-crop a square."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     if (h, w) == (resolution, resolution):
         return image
+    from PIL import Image
+
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     resized = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
@@ -177,7 +176,7 @@ def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
     return tok
 
 
-def _image_tokenizer(cfg: Config, source, out: Path):
+def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
     from cm3leon_jax.tokenizers.image import ImageTokenizer
 
     path = out / IMAGE_TOKENIZER
@@ -187,12 +186,37 @@ def _image_tokenizer(cfg: Config, source, out: Path):
     elif path.exists():
         return ImageTokenizer.load(path, batch_size=bs)
     else:
-        raise PrepareError("training the image tokenizer inside prepare is not wired yet")
+        return _train_image_tokenizer(cfg, source, out, text)
     tmp = out / (IMAGE_TOKENIZER + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save(tmp)
     tmp.rename(path)
     return tok
+
+
+def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+    """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+    from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
+
+    t = cfg.vqgan_train
+    n = min(len(source), t.images)
+    _init_reader(source, text.model_proto, cfg.vqgan.resolution)
+    images = []
+    for i in np.unique(np.linspace(0, len(source) - 1, n).round().astype(int)):
+        items, _ = read_chunk(int(i), int(i) + 1)
+        images += [d["pixels"] for d in items if isinstance(d, dict)]
+    if len(images) < t.batch_size:
+        raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
+                           f"than vqgan_train.batch_size={t.batch_size}")
+    images = np.stack(images)
+    workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
+    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
+                                         progress=log.isEnabledFor(logging.INFO))
+    log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
+             summary["codebook_usage"])
+    (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
+    return ImageTokenizer.load(out / IMAGE_TOKENIZER, batch_size=cfg.prepare.batch_size)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -215,6 +239,8 @@ def _claim(out: Path, inputs: dict) -> None:
 
 def prepare(cfg: Config, progress: bool = True) -> dict:
     """Prepare `cfg.data.dir` from `cfg.source`; returns the manifest."""
+    from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard  # flax: not in readers
+
     if cfg.data.dir is None:
         raise PrepareError("data.dir: say where the prepared documents go")
     out = Path(cfg.data.dir)
@@ -239,7 +265,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     text = _text_tokenizer(cfg, source, out)
     seconds["text_tokenizer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image = _image_tokenizer(cfg, source, out)
+    image = _image_tokenizer(cfg, source, out, text)
     seconds["image_tokenizer"] = time.perf_counter() - t0
     vocab = cfg.vocab.build()
     try:
@@ -312,6 +338,8 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
 
 
 def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:
+    from cm3leon_jax.data.records import shard_name
+
     stats = {}
     for i in range(n_shards):
         if i not in todo:
@@ -346,3 +374,29 @@ def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seco
                        "image": vocab.image_ids(c), "pixels": d["pixels"], "meta": d["meta"]}
                 seconds["write"] += time.perf_counter() - t0  # the writer's time on it
         bar.update(len(items))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A prepared data directory: its manifest, vocabulary and tokenizers."""
+
+    dir: Path
+    manifest: dict
+    vocab: Vocab
+    text: TextTokenizer
+
+    def image_tokenizer(self, batch_size: int = 32):
+        from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+        return ImageTokenizer.load(self.dir / self.manifest["image_tokenizer"], batch_size)
+
+
+def open_prepared(data_dir: str | Path) -> Prepared:
+    """Load what `prepare` wrote (fails when the run did not finish)."""
+    d = Path(data_dir)
+    if not (d / MANIFEST).exists():
+        raise FileNotFoundError(f"{d / MANIFEST} does not exist: run `cm3leon prepare` first "
+                                "(or let it finish)")
+    manifest = json.loads((d / MANIFEST).read_text())
+    return Prepared(d, manifest, Vocab.load(d / VOCAB),
+                    TextTokenizer.load(d / manifest["text_tokenizer"]))
