@@ -2,6 +2,7 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon prepare --config FILE [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ def cmd_params(args) -> None:
           f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
 
 
+def cmd_prepare(args) -> None:
+    import logging
+
+    from cm3leon_jax.data.prepare import PrepareError, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    try:
+        m = prepare(cfg)
+    except PrepareError as e:
+        raise SystemExit(f"cm3leon prepare: {e}") from None
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
+    print(f"prepared {cfg.data.dir}: {m['documents']:,} documents from {m['records']:,} "
+          f"records in {len(m['shards'])} shards (skipped: {skipped})")
+    print(f"vocabulary {m['vocab']['size']:,} ids ({m['text_pieces']} text pieces, "
+          f"{m['vocab']['image_size']} image codes); {m['tokens_per_image']} tokens per "
+          f"{m['resolution']}x{m['resolution']} image")
+    rates = "  ".join(f"{k} {m['records'] / v:,.0f}/s" for k, v in m["seconds"].items()
+                      if k in ("read", "resize", "text", "image", "write") and v > 0)
+    print(f"pairs per second by stage: {rates}  (wall {m['wall_seconds']:.1f}s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_params)
+
+    p = _with_config(sub.add_parser("prepare", help="tokenize a source into data.dir"))
+    p.set_defaults(fn=cmd_prepare)
 
     args = parser.parse_args(argv)
     try:
