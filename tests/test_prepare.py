@@ -90,9 +90,11 @@ def test_bad_records_counted_and_workers_agree(tiny, tmp_path, random_vq):
         ("pairs-0", "first"), ("custom-id", "second"), ("pairs-7", "third")]
     assert all(d["pixels"].shape == (24, 24, 3) for d in docs)
 
+    given = tmp_path / "serial" / "text_tokenizer.model"  # a given text tokenizer is used as is
     m2 = prepare(config(tiny, tmp_path, "parallel", *common, "prepare.workers=2",
-                        "prepare.batch_size=2"), progress=False)
+                        "prepare.batch_size=2", f"prepare.text_tokenizer={given}"), progress=False)
     assert m2["skipped"] == m["skipped"]
+    assert (tmp_path / "parallel" / "text_tokenizer.model").read_bytes() == given.read_bytes()
     for a, b in zip(shard_paths(tmp_path / "serial"), shard_paths(tmp_path / "parallel")):
         assert a.read_bytes() == b.read_bytes()
 
