@@ -102,6 +102,7 @@ def test_bad_records_counted_and_workers_agree(tiny, tmp_path, random_vq):
         prepare(config(tiny, tmp_path, "strict", *common, "prepare.max_bad_fraction=0.5"),
                 progress=False)
     assert not (tmp_path / "strict" / "manifest.json").exists()
+    assert len((tmp_path / "strict" / "skipped.jsonl").read_text().splitlines()) == 6
 
 
 def test_fashion_mnist(tiny, tmp_path, random_vq):

@@ -308,19 +308,15 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             stats[i] = shard
             bad = sum(sum(s["skipped"].values()) for s in stats.values())
             if bad > bad_allowed:
+                _write_skipped(out, stats)
                 raise PrepareError(
                     f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
-                    f"{cfg.prepare.max_bad_fraction} allows; see {docs_dir}/*.json")
+                    f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    skipped = collections.Counter()
-    with open(out / SKIPPED, "w") as f:
-        for i in range(n_shards):
-            skipped.update(stats[i]["skipped"])
-            for record_id, reason, detail in stats[i]["skipped_records"]:
-                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
     manifest = {
         "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
@@ -336,6 +332,17 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.rename(out / MANIFEST)
     return manifest
+
+
+def _write_skipped(out: Path, stats: dict) -> collections.Counter:
+    """skipped.jsonl of the shards done so far; returns the counts per reason."""
+    skipped = collections.Counter()
+    with open(out / SKIPPED, "w") as f:
+        for i in sorted(stats):
+            skipped.update(stats[i]["skipped"])
+            for record_id, reason, detail in stats[i]["skipped_records"]:
+                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    return skipped
 
 
 def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:
