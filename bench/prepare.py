@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=256, help="documents decoded for the PSNR")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = load_config(args.config, [*args.overrides, f"data.dir={args.out}"])
     load_before = os.getloadavg()[0]

@@ -179,7 +179,7 @@ def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
     return tok
 
 
-def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given):
+def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given, progress):
     """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
     from cm3leon_jax.tokenizers.image import ImageTokenizer
 
@@ -192,11 +192,11 @@ def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given)
             tmp.rename(path)
         return given
     if not path.exists():
-        _train_image_tokenizer(cfg, source, out, text)
+        _train_image_tokenizer(cfg, source, out, text, progress)
     return ImageTokenizer.load(path, batch_size=cfg.prepare.batch_size)
 
 
-def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, progress):
     """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
     from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
 
@@ -213,7 +213,7 @@ def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
     images = np.stack(images)
     workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
     _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
-                                         progress=log.isEnabledFor(logging.INFO))
+                                         progress=progress)
     log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
              summary["codebook_usage"])
     (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
@@ -266,7 +266,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     text = _text_tokenizer(cfg, source, out)
     seconds["text_tokenizer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image = _image_tokenizer(cfg, source, out, text, given)
+    image = _image_tokenizer(cfg, source, out, text, given, progress)
     seconds["image_tokenizer"] = time.perf_counter() - t0
     vocab = cfg.vocab.build()
     try:
