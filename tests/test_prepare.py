@@ -103,6 +103,11 @@ def test_bad_records_counted_and_workers_agree(tiny, tmp_path, random_vq):
                 progress=False)
     assert not (tmp_path / "strict" / "manifest.json").exists()
     assert len((tmp_path / "strict" / "skipped.jsonl").read_text().splitlines()) == 6
+    with pytest.raises(PrepareError, match="6 of 9"):  # a re-run has no shard left, still fails
+        prepare(config(tiny, tmp_path, "strict", *common, "prepare.max_bad_fraction=0.5"),
+                progress=False)
+    m3 = prepare(config(tiny, tmp_path, "strict", *common), progress=False)  # allowed now
+    assert m3["skipped"] == m["skipped"] and m3["documents"] == 3
 
 
 def test_fashion_mnist(tiny, tmp_path, random_vq):

@@ -287,11 +287,20 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
               for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
     workers = cfg.prepare.workers
     pool = (multiprocessing.get_context("spawn").Pool(
-        workers, _init_reader, (source, text.model_proto, image.resolution)) if workers else None)
+        workers, _init_reader, (source, text.model_proto, image.resolution))
+        if workers and chunks else None)
     if pool is None:
         _init_reader(source, text.model_proto, image.resolution)
-    bad_allowed = cfg.prepare.max_bad_fraction * total
     stats = _shard_stats(docs_dir, n_shards, set(todo))
+
+    def check_bad():  # once more are bad than allowed, no later shard can bring it back
+        bad = sum(sum(s["skipped"].values()) for s in stats.values())
+        if bad > cfg.prepare.max_bad_fraction * total:
+            _write_skipped(out, stats)
+            raise PrepareError(
+                f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
+                f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
@@ -306,16 +315,12 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             write_shard(path, docs)
             path.with_suffix(".json").write_text(json.dumps(shard) + "\n")
             stats[i] = shard
-            bad = sum(sum(s["skipped"].values()) for s in stats.values())
-            if bad > bad_allowed:
-                _write_skipped(out, stats)
-                raise PrepareError(
-                    f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
-                    f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
+            check_bad()
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
+    check_bad()
     skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
     manifest = {
