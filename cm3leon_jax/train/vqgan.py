@@ -2,7 +2,8 @@
 
 Loss: L1 or L2 reconstruction + codebook_weight x (codebook + beta x commitment), plus an
 optional hinge patch-GAN (generator term weighted by `disc_weight`, on from `disc_start`).
-Dead-code restarts keep the codebook in use: every `restart_every` steps, codes no batch
+Dead-code restarts keep the codebook in use: every `restart_every` steps (not after the last
+step, so the evaluated codebook is the trained one), codes no batch
 picked in that window are re-seeded from encoder outputs of the current batch. The core,
 `train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
 where they come from.
@@ -170,7 +171,7 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
             params, opt_state, dparams, dopt_state, metrics, codes, z = steps[use_gan](
                 params, opt_state, dparams, dopt_state, batch)
             counts += np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
-            if t.restart_every and (step + 1) % t.restart_every == 0:
+            if t.restart_every and (step + 1) % t.restart_every == 0 and step + 1 < t.steps:
                 usage = float((counts > 0).mean())
                 book, n = restart_dead_codes(np.asarray(params["codebook"]), counts,
                                              np.asarray(z).reshape(-1, cfg.embed_dim), rng)
