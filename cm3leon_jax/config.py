@@ -130,6 +130,9 @@ class FaultConfig:
     max_bad_steps: int = 5  # stop when more than this many updates in a row are skipped
     debug_nan_steps: tuple[int, ...] = ()  # test hook: these steps get NaN gradients
     log_example_ids: bool = False  # write each step's global example ids to metrics.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceConfig:
     """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
     kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"
