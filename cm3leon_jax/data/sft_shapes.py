@@ -58,7 +58,8 @@ def recolour(objects: list[dict], i: int, colour: str) -> list[dict]:
 
 
 def move(objects: list[dict], i: int, direction: str, resolution: int) -> list[dict]:
-    """The scene with object i moved one grid cell (its offset inside the cell kept)."""
+    """The scene with object i moved one grid cell: shifted by round(R / 3) pixels, so its
+    pixels are an exact translate (the 2-pixel gap between cells absorbs the rounding)."""
     dr, dc = DIRECTIONS[direction]
     out = [dict(o) for o in objects]
     o = out[i]
@@ -66,9 +67,9 @@ def move(objects: list[dict], i: int, direction: str, resolution: int) -> list[d
     if not (0 <= row < 3 and 0 <= col < 3) or any(p["cell"] == [row, col] for p in out):
         raise ValueError(f"cannot move object {i} {direction}: cell {[row, col]} is "
                          "outside the grid or taken")
-    cell = resolution / 3
+    step = round(resolution / 3)  # whole pixels, so the moved object is an exact translate
     o.update(cell=[row, col], position=POSITIONS[row][col],
-             center=[round(o["center"][0] + dc * cell, 3), round(o["center"][1] + dr * cell, 3)])
+             center=[round(o["center"][0] + dc * step, 3), round(o["center"][1] + dr * step, 3)])
     return out
 
 

@@ -211,7 +211,8 @@ def jsonl_example(record: dict, resolution: int, phrasing: int) -> SFTExample:
             scale = _check_boxes(record, image.shape, where, resolution)
         fields[key] = fit_image(image, resolution)
     if task == "grounding":
-        fields["objects"] = [(o["label"], [v * s + t for v, s, t in zip(o["box"], *scale)])
+        fields["objects"] = [(o["label"], [min(max(v * s + t, 0), resolution)
+                                           for v, s, t in zip(o["box"], *scale)])
                              for o in record["objects"]]
     return format_example(task, fields, phrasing, record.get("id", where),
                           {k: v for k, v in record.items() if not k.startswith("_")})
