@@ -326,3 +326,33 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
         jsonl_example(read_sft_jsonl(f)[0], 32, 0)
     with pytest.raises(SFTDataError, match="does not exist"):
         read_sft_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_sft_rows_pinned_with_and_without_prompt_masking():
+    from cm3leon_jax.data.sft_examples import pack_rows, sft_row
+
+    v = Vocab(10, 10, 2)  # ids: specials 0-4, sentinels 5-6, text 7-16, image 17-26
+    brk, eos = v.brk, v.eos
+    a = np.asarray([7, 8, brk, 17, 18], np.int32)  # "text <break> image"
+    b = np.asarray([9, brk, 19, brk, 10, brk, 20], np.int32)  # edit-like: 4 segments
+    row = sft_row([a, b], 16, v, "all")
+    want_tokens = [eos, 7, 8, brk, 17, 18, eos, eos, 9, brk, 19, brk, 10, brk, 20, eos, 0]
+    np.testing.assert_array_equal(row["inputs"], want_tokens[:-1])
+    np.testing.assert_array_equal(row["targets"], want_tokens[1:])
+    np.testing.assert_array_equal(row["segment_ids"], [1] * 7 + [2] * 9)
+    np.testing.assert_array_equal(row["positions"], list(range(7)) + list(range(9)))
+    # all: every next token inside the same example (not across the two, not the padding)
+    np.testing.assert_array_equal(row["weights"], [1] * 6 + [0] + [1] * 8 + [0])
+    masked = sft_row([a, b], 16, v, "response")
+    # response: targets after the last <break> (18 after 17, ...) and the closing <eos>
+    want = np.zeros(16)
+    want[[3, 4, 5]] = 1  # targets 17, 18, eos of example a
+    want[[13, 14]] = 1  # targets 20, eos of example b
+    np.testing.assert_array_equal(masked["weights"], want)
+    for k in ("inputs", "targets", "positions", "segment_ids"):
+        np.testing.assert_array_equal(masked[k], row[k])
+    rows = list(pack_rows([a, b, a], 10, v))
+    assert [r["segment_ids"].max() for r in rows] == [1, 1, 1]  # 7 + 9 > 11: one per row
+    assert len(list(pack_rows([a, a, a], 15, v))) == 2  # 7 + 7 <= 16, then the third
+    with pytest.raises(ValueError, match="example 0 has 9 tokens"):
+        list(pack_rows([b], 7, v))
