@@ -157,11 +157,13 @@ def test_vqa_answers_are_exact_from_pixels():
             or f"{q} {a}." in ex.segments[0]
         if ex.meta["kind"] == "colour":
             ref = q[len("What colour is "):-1]
-            (o,) = [o for j, o in enumerate(objs) if reference(objs, j) == ref]
+            assert a not in ref  # the question does not name its answer
+            (o,) = [o for j, o in enumerate(objs) if reference(objs, j, coloured=False) == ref]
             x, y = (int(v) for v in o["center"])
             assert tuple(image[y, x]) == COLOURS[a]
         elif ex.meta["kind"] == "position":
             ref = q[len("Where is "):-1]
+            assert a not in ref
             (o,) = [o for j, o in enumerate(objs) if reference(objs, j, False) == ref]
             x0, y0, x1, y1 = o["bbox"]
             row, col = int((y0 + y1) / 2 // (RES / 3)), int((x0 + x1) / 2 // (RES / 3))
@@ -356,3 +358,23 @@ def test_sft_rows_pinned_with_and_without_prompt_masking():
     assert len(list(pack_rows([a, a, a], 15, v))) == 2  # 7 + 7 <= 16, then the third
     with pytest.raises(ValueError, match="example 0 has 9 tokens"):
         list(pack_rows([b], 7, v))
+
+
+def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
+    from PIL import Image
+
+    from cm3leon_jax.cli import main
+
+    config = str(__import__("pathlib").Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    assert main(["sft-data", "--config", config, "--out", str(tmp_path), "--per-task", "2",
+                 "--draws", "500", "sft.sizes=[1000, 10000, 100, 1000, 1000]"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # natural 10000/13100; masses (x13100): 0.2 x 13100 = 2620 for the three unclipped
+    # tasks, 10000 x 0.3 = 3000 (vqa), 100 x 3 = 300 (edit): vqa 3000 / 11160 = 26.88%
+    assert out[2].split()[:6] == ["vqa", "10000", "76.34%", "20.00%", "0.30", "26.88%"]
+    assert out[3].split()[:6] == ["edit", "100", "0.76%", "20.00%", "3.00", "2.69%"]
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [x["task"] for x in lines] == [t for t in TASKS for _ in range(2)]
+    with Image.open(tmp_path / "edit.png") as im:  # 2 rows of 2 padded 32 px images
+        assert im.size == (2 * 36, 2 * 36)
+    assert main(["sft-data", "--config", config, "--out", str(tmp_path), "sft.tasks=[ocr]"]) == 2

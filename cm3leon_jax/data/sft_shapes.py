@@ -38,14 +38,16 @@ VQA_KINDS = ("colour", "count", "position")
 
 # --- pure scene functions ------------------------------------------------------------
 
-def reference(objects: list[dict], i: int, positional: bool = True) -> str | None:
-    """The shortest unambiguous name of object i: `the circle`, `the red circle`, or
-    `the circle at the top left` (None when only the position tells it apart and
-    `positional` is False)."""
+def reference(objects: list[dict], i: int, positional: bool = True,
+              coloured: bool = True) -> str | None:
+    """The shortest unambiguous name of object i: `the circle`, `the red circle` (unless
+    `coloured` is False) or `the circle at the top left` (unless `positional` is False;
+    None when no allowed name tells it apart). A question never names its own answer."""
     o = objects[i]
     if sum(p["shape"] == o["shape"] for p in objects) == 1:
         return f"the {o['shape']}"
-    if sum(p["shape"] == o["shape"] and p["colour"] == o["colour"] for p in objects) == 1:
+    if coloured and sum(p["shape"] == o["shape"] and p["colour"] == o["colour"]
+                        for p in objects) == 1:
         return f"the {o['colour']} {o['shape']}"
     return f"the {o['shape']} at the {o['position']}" if positional else None
 
@@ -148,7 +150,8 @@ class ShapesSFT:
             else:
                 i = named[int(rng.integers(len(named)))]
         if kind == "colour":
-            question, answer = f"What colour is {reference(objects, i)}?", objects[i]["colour"]
+            question = f"What colour is {reference(objects, i, coloured=False)}?"
+            answer = objects[i]["colour"]
         elif kind == "position":
             question = f"Where is {reference(objects, i, False)}?"
             answer = objects[i]["position"]
