@@ -209,7 +209,6 @@ class SFTConfig:
     weights: tuple[float, ...] = ()  # wanted share per task (tasks order); empty: uniform
     max_ratio: float = 3.0  # up-sampling bound (CM3Leon App. E.1)
     min_ratio: float = 0.3  # down-sampling bound
-    eval_size: int = 200  # shapes: held-out examples per task
     seed: int = 0  # shapes scenes, phrasings and the mixture draws
     resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
     max_objects: int = 3  # shapes: 1..max_objects objects per scene
@@ -457,8 +456,6 @@ def _validate_sft(s: SFTConfig) -> None:
         raise ConfigError(f"sft.min_ratio={s.min_ratio} must be in (0, 1]")
     if s.max_ratio < 1:
         raise ConfigError(f"sft.max_ratio={s.max_ratio} must be >= 1")
-    if s.eval_size <= 0:
-        raise ConfigError(f"sft.eval_size={s.eval_size} must be > 0")
     if s.resolution is not None and s.resolution < 24:
         raise ConfigError(f"sft.resolution={s.resolution}: shapes needs >= 24 pixels")
     if not 1 <= s.max_objects <= 9:

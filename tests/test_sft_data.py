@@ -378,3 +378,29 @@ def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
     with Image.open(tmp_path / "edit.png") as im:  # 2 rows of 2 padded 32 px images
         assert im.size == (2 * 36, 2 * 36)
     assert main(["sft-data", "--config", config, "--out", str(tmp_path), "sft.tasks=[ocr]"]) == 2
+
+
+def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
+    from cm3leon_jax.data.sft_examples import pack_rows
+    from cm3leon_jax.data.sft_source import SFTSource
+
+    text, image_tok, vocab = tokenizers
+    cfg = tiny(f"sft.resolution={RES}")
+    src = SFTSource(cfg.sft, RES)
+    suite = ShapesSFT(cfg.sft.seed, RES, cfg.sft.max_objects)
+    draws = [mixture_draw(src.shares, cfg.sft.seed, k) for k in range(8)]
+    for k, (task, index) in enumerate(draws):
+        assert src[k].id == suite.example(task, "train", index).id
+    ids = [src.tokens(k, text, image_tok, vocab) for k in range(8)]
+    rows = list(pack_rows(ids, 2048, vocab, "response"))
+    flat = np.concatenate([r["inputs"][r["segment_ids"] > 0] for r in rows])
+    want = np.concatenate([np.concatenate([[vocab.eos], x, [vocab.eos]]) for x in ids])
+    # every example appears whole, in draw order, framed by <eos> (no row here is full to
+    # its last token, so every closing <eos> is also an input)
+    np.testing.assert_array_equal(flat, want)
+    for k in range(8):
+        texts = [s for s in src[k].segments if isinstance(s, str)]
+        pieces = np.split(ids[k], np.flatnonzero(ids[k] == vocab.brk))
+        decoded = [text.decode(vocab.to_piece_ids(p[p != vocab.brk])) for p in pieces
+                   if vocab.is_text(p[p != vocab.brk]).all()]
+        assert decoded == texts
