@@ -404,3 +404,37 @@ def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
         decoded = [text.decode(vocab.to_piece_ids(p[p != vocab.brk])) for p in pieces
                    if vocab.is_text(p[p != vocab.brk]).all()]
         assert decoded == texts
+
+
+def test_scores_are_perfect_on_ground_truth_and_fail_on_wrong_outputs():
+    from cm3leon_jax.data import sft_scores as sc
+
+    blank = np.empty((RES, RES, 3), np.uint8)
+    blank[:] = (235, 235, 235)
+    for ex in _examples("vqa", 30):
+        assert sc.score_vqa(ex.meta, ex.meta["answer"].upper() + ".") == 1.0
+        assert sc.score_vqa(ex.meta, "purple") == 0.0
+    caps = _examples("caption", 30)
+    for k, ex in enumerate(caps):
+        objs = ex.meta["objects"]
+        assert sc.score_caption(ex.meta, ex.meta["caption"]) == 1.0
+        assert sc.score_scene(objs, ex.segments[1]) == 1.0
+        assert sc.score_scene(objs, blank) == 0.0
+        other = caps[(k + 1) % len(caps)].segments[1]
+        assert sc.score_scene(objs, other) == float(
+            sc.true_scene(objs) == sc.true_scene(caps[(k + 1) % len(caps)].meta["objects"]))
+        first = "a {size} {colour} {shape} at the {position}".format(**objs[0])
+        assert sc.score_caption(ex.meta, first) == 1 / len(objs)
+        wrong = "a {size} {colour} {shape} at the {position}".format(
+            **{**objs[0], "colour": "purple"})
+        assert sc.score_caption(ex.meta, first + " and " + wrong) == 0.0
+    for ex in _examples("edit", 30):
+        assert sc.score_edit(ex.meta, ex.segments[3]) == 1.0
+        assert sc.score_edit(ex.meta, ex.segments[1]) == 0.0  # the unedited source fails
+    for ex in _examples("grounding", 30):
+        assert sc.score_grounding(ex.meta, ex.segments[1]) == 1.0
+        assert sc.score_grounding(ex.meta, blank) == 0.0
+        assert sc.score_grounding(ex.meta, np.roll(ex.segments[1], RES // 3, axis=1)) == 0.0
+    for ex in _examples("control", 30):
+        assert sc.score_control(ex.meta, ex.segments[3]) == 1.0
+        assert sc.score_control(ex.meta, blank) == 0.0
