@@ -272,6 +272,9 @@ def test_sft_config_checked(tiny, tmp_path):
                  + '{"task": "caption", "image": "x.png", "caption": "c"}\n')
     cfg = tiny("sft.source=jsonl", f"sft.files=[{f}]", "sft.tasks=[caption, vqa]")
     assert [(s.task, s.size) for s in config_shares(cfg.sft)] == [("caption", 1), ("vqa", 3)]
+    cfg = tiny("sft.source=jsonl", f"sft.files=[{f}]", "sft.tasks=[caption]")
+    with pytest.raises(ValueError, match=re.escape(f"{f}:1: task 'vqa' is not in sft.tasks")):
+        config_shares(cfg.sft)
 
 
 def _write_png(path, w, h):

@@ -88,8 +88,10 @@ def config_shares(sft) -> list[TaskShare]:
         counts = dict.fromkeys(sft.tasks, 0)
         for path in sft.files:
             for record in read_sft_jsonl(path):
-                if record["task"] in counts:
-                    counts[record["task"]] += 1
+                if record["task"] not in counts:  # nothing is dropped silently
+                    raise ValueError(f"{record['_where']}: task {record['task']!r} is not in "
+                                     f"sft.tasks {list(sft.tasks)}")
+                counts[record["task"]] += 1
         missing = [t for t, n in counts.items() if not n]
         if missing:
             raise ValueError(f"sft.tasks {missing} have no records in sft.files {list(sft.files)}")

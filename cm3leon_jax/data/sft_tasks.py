@@ -214,7 +214,7 @@ def jsonl_example(record: dict, resolution: int, phrasing: int) -> SFTExample:
         fields["objects"] = [(o["label"], [min(max(v * s + t, 0), resolution)
                                            for v, s, t in zip(o["box"], *scale)])
                              for o in record["objects"]]
-    return format_example(task, fields, phrasing, record.get("id", where),
+    return format_example(task, fields, phrasing, str(record.get("id", where)),
                           {k: v for k, v in record.items() if not k.startswith("_")})
 
 
