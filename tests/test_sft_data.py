@@ -302,8 +302,22 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
     exs = [jsonl_example(r, 32, 0) for r in records]
     assert exs[0].segments[0] == "Describe the given picture. a grey square"
     assert [s.shape for s in exs[2].segments[1::2]] == [(32, 32, 3)] * 2
-    # 64x48 -> 43x32 (scale 2/3), centre crop drops 5 columns: x 8 -> 0.33, 56 -> 32.33 (clipped)
+    # 64x48 -> 43x32, centre crop drops 5 columns: x 8 -> 8*43/64 - 5 = 0.375, 56 -> 32.6
+    # (clipped to 32); y 0 -> 0, 48 -> 32
     assert exs[3].segments[0].endswith("dog at (0, 0) -> (32, 32).")
+    f2 = tmp_path / "g.jsonl"
+    f2.write_text(json.dumps({**good[3], "objects": [{"label": "cat", "box": [20, 6, 40, 30]}]}))
+    # x 20 -> 13.4375 - 5 = 8.44 -> 8, 40 -> 26.875 - 5 = 21.9 -> 22; y 6 -> 4, 30 -> 20
+    from PIL import Image
+
+    pixels = np.full((48, 64, 3), 200, np.uint8)
+    pixels[6:30, 20:40] = (255, 0, 0)  # the box's object, to see where the resize puts it
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    ex = jsonl_example(read_sft_jsonl(f2)[0], 32, 0)
+    assert ex.segments[0].endswith("cat at (8, 4) -> (22, 20).")
+    ys, xs = np.nonzero((ex.segments[1][..., 0] > 230) & (ex.segments[1][..., 1] < 100))
+    assert abs(xs.min() - 8) <= 1 and abs(xs.max() + 1 - 22) <= 1
+    assert abs(ys.min() - 4) <= 1 and abs(ys.max() + 1 - 20) <= 1
     assert exs[4].segments[2] == "a grey square" and "canny edge map" in exs[4].segments[0]
 
     bad_lines = [

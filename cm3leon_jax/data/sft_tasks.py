@@ -226,7 +226,10 @@ def _check_boxes(record: dict, shape, where: str, resolution: int):
         if x2 > w or y2 > h:
             raise SFTDataError(f"{where}: objects[{j}].box={obj['box']} lies outside the "
                                f"{w}x{h} image")
+    if (h, w) == (resolution, resolution):
+        return (1, 1, 1, 1), (0, 0, 0, 0)
     s = resolution / min(h, w)
-    dx = (max(resolution, round(w * s)) - resolution) // 2
-    dy = (max(resolution, round(h * s)) - resolution) // 2
-    return (s, s, s, s), (-dx, -dy, -dx, -dy)
+    size_w, size_h = max(resolution, round(w * s)), max(resolution, round(h * s))
+    sx, sy = size_w / w, size_h / h  # the resize's exact factors per axis
+    dx, dy = (size_w - resolution) // 2, (size_h - resolution) // 2
+    return (sx, sy, sx, sy), (-dx, -dy, -dx, -dy)
