@@ -5,6 +5,7 @@
     cm3leon compile --config FILE --topology NAME [--json] [section.key=value ...]
     cm3leon prepare --config FILE [section.key=value ...]
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
+    cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -130,6 +131,50 @@ def cmd_tokenizer_train_image(args) -> None:
     print(f"saved {args.workdir}/image_tokenizer, reconstructions.png, metrics.jsonl")
 
 
+def cmd_sft_data(args) -> None:
+    """The SFT mixture's per-task shares, and sample examples as PNG + JSONL for a look."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from cm3leon_jax.data.sft_mixture import config_shares, mixture_report
+    from cm3leon_jax.data.sft_shapes import ShapesSFT
+    from cm3leon_jax.data.sft_tasks import SFTDataError, jsonl_example, read_sft_jsonl
+
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.sft
+    try:
+        shares = config_shares(s)
+    except (SFTDataError, ValueError) as e:
+        raise SystemExit(f"cm3leon sft-data: {e}") from None
+    print(mixture_report(shares, s.seed, args.draws))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolution = s.resolution or cfg.vqgan.resolution
+    if s.source == "shapes":
+        suite = ShapesSFT(s.seed, resolution, s.max_objects)
+        examples = {t: [suite.example(t, "train", i) for i in range(args.per_task)]
+                    for t in s.tasks}
+    else:
+        records = [r for f in s.files for r in read_sft_jsonl(f)]
+        examples = {t: [jsonl_example(r, resolution, k)
+                        for k, r in enumerate(x for x in records if x["task"] == t)
+                        if k < args.per_task] for t in s.tasks}
+    with open(out / "samples.jsonl", "w") as f:
+        for task, exs in examples.items():
+            rows = []
+            for ex in exs:
+                images = [seg for seg in ex.segments if not isinstance(seg, str)]
+                rows.append(np.concatenate([np.pad(im, ((2, 2), (2, 2), (0, 0)))
+                                            for im in images], axis=1))
+                f.write(json.dumps({"task": task, "id": ex.id, "segments": [
+                    seg if isinstance(seg, str) else "<image>" for seg in ex.segments]}) + "\n")
+            Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"{task}.png")
+    print(f"wrote {args.per_task} examples per task to {out}/samples.jsonl and "
+          f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                                     "on shapes images"))
     p.add_argument("--workdir", required=True, help="output: image_tokenizer/, PNG, metrics")
     p.set_defaults(fn=cmd_tokenizer_train_image)
+
+    p = _with_config(sub.add_parser("sft-data", help="SFT mixture shares and sample examples"))
+    p.add_argument("--out", required=True, help="output: samples.jsonl, one PNG per task")
+    p.add_argument("--per-task", type=int, default=4, help="sample examples per task")
+    p.add_argument("--draws", type=int, default=10000, help="mixture draws for the drawn share")
+    p.set_defaults(fn=cmd_sft_data)
 
     args = parser.parse_args(argv)
     try:

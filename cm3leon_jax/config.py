@@ -218,6 +218,21 @@ class VQGANTrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning data (cm3leon_jax/data/sft_*.py): tasks, sources, mixture."""
+    source: Literal["shapes", "jsonl"] = "shapes"  # the built-in suite or JSONL files
+    tasks: tuple[str, ...] = ("caption", "vqa", "edit", "grounding", "control")
+    sizes: tuple[int, ...] = (2000, 4000, 2000, 2000, 2000)  # shapes: train examples per task
+    files: tuple[str, ...] = ()  # jsonl: SFT files (records carry their task)
+    weights: tuple[float, ...] = ()  # wanted share per task (tasks order); empty: uniform
+    max_ratio: float = 3.0  # up-sampling bound (CM3Leon App. E.1)
+    min_ratio: float = 0.3  # down-sampling bound
+    seed: int = 0  # shapes scenes, phrasings and the mixture draws
+    resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
+    max_objects: int = 3  # shapes: 1..max_objects objects per scene
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -231,6 +246,7 @@ class Config:
     prepare: PrepareConfig = PrepareConfig()
     vqgan: VQGANConfig = VQGANConfig()
     vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
+    sft: SFTConfig = SFTConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -397,6 +413,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _validate_prepare(cfg)
+    _validate_sft(cfg.sft)
     if num_devices is not None:
         data, fsdp, tensor = cfg.mesh.shape(num_devices)
         micro = t.batch_size // t.grad_accum
@@ -440,6 +457,39 @@ def _validate_prepare(cfg: Config) -> None:
         raise ConfigError(f"prepare.workers={p.workers} must be >= 0")
     if not 0 <= p.max_bad_fraction <= 1:
         raise ConfigError(f"prepare.max_bad_fraction={p.max_bad_fraction} must be in [0, 1]")
+
+
+def _validate_sft(s: SFTConfig) -> None:
+    from cm3leon_jax.data.sft_tasks import TASKS
+
+    if not s.tasks:
+        raise ConfigError("sft.tasks: give at least one task")
+    for task in s.tasks:
+        if task not in TASKS:
+            raise ConfigError(f"sft.tasks: {task!r} is not one of {list(TASKS)}")
+    if len(set(s.tasks)) != len(s.tasks):
+        raise ConfigError(f"sft.tasks={list(s.tasks)} names a task twice")
+    if s.source == "shapes":
+        if len(s.sizes) != len(s.tasks):
+            raise ConfigError(f"sft.sizes has {len(s.sizes)} entries for {len(s.tasks)} sft.tasks")
+        if any(n <= 0 for n in s.sizes):
+            raise ConfigError(f"sft.sizes={list(s.sizes)}: every size must be > 0")
+    if s.source == "jsonl" and not s.files:
+        raise ConfigError("sft.files: the jsonl source needs at least one file")
+    if s.weights:
+        if len(s.weights) != len(s.tasks):
+            raise ConfigError(f"sft.weights has {len(s.weights)} entries for "
+                              f"{len(s.tasks)} sft.tasks")
+        if any(w < 0 for w in s.weights) or sum(s.weights) <= 0:
+            raise ConfigError(f"sft.weights={list(s.weights)} must be >= 0 with a positive sum")
+    if not 0 < s.min_ratio <= 1:
+        raise ConfigError(f"sft.min_ratio={s.min_ratio} must be in (0, 1]")
+    if s.max_ratio < 1:
+        raise ConfigError(f"sft.max_ratio={s.max_ratio} must be >= 1")
+    if s.resolution is not None and s.resolution < 24:
+        raise ConfigError(f"sft.resolution={s.resolution}: shapes needs >= 24 pixels")
+    if not 1 <= s.max_objects <= 9:
+        raise ConfigError(f"sft.max_objects={s.max_objects} must be in [1, 9]")
 
 
 def validate_vqgan(v: VQGANConfig) -> None:
