@@ -2,6 +2,8 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon sweep  --config FILE --runs DIR [section.key=value ...]
+    cm3leon fit-scaling RUNS_DIR [--out DIR]
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cm3leon_jax.config import ConfigError, load_config
 
@@ -56,6 +59,28 @@ def cmd_params(args) -> None:
           f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
 
 
+def cmd_sweep(args) -> None:
+    import jax
+
+    from cm3leon_jax.scaling.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    if not cfg.sweep.sizes:
+        raise ConfigError(f"{args.config} has no sweep.sizes: not a sweep config "
+                          "(see configs/scaling/)")
+    if jax.config.jax_compilation_cache_dir is None:
+        # every evaluation step restarts `train`: the cache turns recompiles into reads
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.runs) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    sweep(cfg, args.runs)
+
+
+def cmd_fit_scaling(args) -> None:
+    from cm3leon_jax.scaling.fit import fit_scaling
+
+    fit_scaling(args.runs_dir, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_params)
+
+    p = _with_config(sub.add_parser("sweep", help="scaling sweep: train and evaluate a "
+                                    "family of sizes (resumes from DIR)"))
+    p.add_argument("--runs", required=True, help="runs directory: one work dir per size")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("fit-scaling", help="fit L(C) and L(N) to a sweep; print and plot")
+    p.add_argument("runs_dir", help="the runs directory of `cm3leon sweep`")
+    p.add_argument("--out", help="where fit.json and the PNG plots go (default: RUNS_DIR)")
+    p.set_defaults(fn=cmd_fit_scaling)
 
     args = parser.parse_args(argv)
     try:
