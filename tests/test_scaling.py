@@ -182,6 +182,9 @@ def test_interrupted_micro_sweep_resumes(tmp_path):
                     if not any(o["flops"] <= r["flops"] and o["loss"] < r["loss"]
                                for o in records))
     assert [(p["flops"], p["loss"]) for p in report["compute"]["loss"]["frontier"]] == pareto
-    assert report["params"]["loss"]["fit"].startswith("not fitted: 2 points")
+    for key in ("fixed_tokens", "budget_end"):
+        assert report["params"][key]["loss"]["fit"].startswith("not fitted: 2 points")
+    assert [p["loss"] for p in report["params"]["budget_end"]["loss"]["points"]] == \
+        [read_evals(tmp_path / r.name)[-1]["loss"] for r in runs]
     for png in ("scaling_compute.png", "scaling_params.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

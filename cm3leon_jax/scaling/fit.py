@@ -1,7 +1,7 @@
 """`cm3leon fit-scaling RUNS_DIR`: fit L = a * (x / x0)^(-b) + c to a sweep's held-out
 losses, for compute (x = training FLOPs, points on the compute frontier) and for size
-(x = non-embedding parameters, every run at the same token count), with the parameters'
-standard errors from scipy's `curve_fit` covariance.
+(x = non-embedding parameters: every run at the same token count, and every run at the end
+of its budget), with the parameters' standard errors from scipy's `curve_fit` covariance.
 
 Frontier: the evaluations (grid, fixed-token and final, plan.py) that no evaluation with
 less or equal compute beats. The L(C) fit uses the frontier from the smallest run's whole
@@ -180,15 +180,21 @@ def fit_scaling(runs_dir: str | Path, out: str | Path | None = None) -> dict:
             "fit": dataclasses.asdict(fit) if isinstance(fit, PowerLawFit) else fit}
     step, fixed = fixed_token_points(runs)
     tokens = step * runs[0].tokens_per_step
-    report["params"]["tokens"] = tokens
-    for metric in METRICS:
-        pts = [(run.params, r[metric]) for run, r in fixed if r.get(metric) is not None]
-        fit = _try_fit([n for n, _ in pts], [v for _, v in pts])
-        fits_n[metric] = fit
-        report["params"][metric] = {
-            "points": [{"params": n, metric: v} for n, v in pts],
-            "loss_falls_with_size": _is_monotone([v for _, v in pts], True),
-            "fit": dataclasses.asdict(fit) if isinstance(fit, PowerLawFit) else fit}
+    series = {f"at {tokens:,} tokens (step {step})": fixed,
+              "at the end of each budget (tokens = "
+              f"{report_ratio(runs)} x N)": [(r, r.evals[-1]) for r in runs if r.complete]}
+    fits_n = {}
+    report["params"] = {"fixed_tokens": {"tokens": tokens, "step": step}, "budget_end": {}}
+    for (label, points), key in zip(series.items(), ("fixed_tokens", "budget_end")):
+        fits_n[label] = {}
+        for metric in METRICS:
+            pts = [(run.params, r[metric]) for run, r in points if r.get(metric) is not None]
+            fit = _try_fit([n for n, _ in pts], [v for _, v in pts])
+            fits_n[label][metric] = fit
+            report["params"][key][metric] = {
+                "points": [{"params": n, metric: v} for n, v in pts],
+                "loss_falls_with_size": _is_monotone([v for _, v in pts], True),
+                "fit": dataclasses.asdict(fit) if isinstance(fit, PowerLawFit) else fit}
 
     print(f"\nL(C) = a (C/C0)^-b + c on the compute frontier (evaluations every "
           f"{10 ** (1 / per_decade):.3g}x FLOPs), fitted from C = {c_fit:.3g} (the smallest "
@@ -199,19 +205,25 @@ def fit_scaling(runs_dir: str | Path, out: str | Path | None = None) -> dict:
         print(f"  {'':<11} {len(r['frontier'])} frontier points; the frontier's size never "
               f"shrinks as C grows: {_yes(r['size_grows_along_frontier'])}; loss at the end "
               f"of each budget falls with size: {_yes(r['final_loss_falls_with_size'])}")
-    print(f"\nL(N) = a (N/N0)^-b + c at {tokens:,} training tokens (step {step}), "
-          f"N = non-embedding parameters:")
-    for metric in METRICS:
-        r = report["params"][metric]
-        print(f"  {metric:<11} {_describe(fits_n[metric], 'N')}")
-        print(f"  {'':<11} loss falls with size: {_yes(r['loss_falls_with_size'])}")
+    for (label, _), key in zip(series.items(), ("fixed_tokens", "budget_end")):
+        print(f"\nL(N) = a (N/N0)^-b + c {label}, N = non-embedding parameters:")
+        for metric in METRICS:
+            r = report["params"][key][metric]
+            print(f"  {metric:<11} {_describe(fits_n[label][metric], 'N')}")
+            print(f"  {'':<11} loss falls with size: {_yes(r['loss_falls_with_size'])}")
 
     plot_compute(runs, fronts, fits_c, c_fit, out / "scaling_compute.png")
-    plot_params(fixed, tokens, fits_n, out / "scaling_params.png")
+    plot_params(series, fits_n, out / "scaling_params.png")
     (out / "fit.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {out / 'fit.json'}, {out / 'scaling_compute.png'}, "
           f"{out / 'scaling_params.png'}")
     return report
+
+
+def report_ratio(runs: list[RunResult]) -> str:
+    """The budget's tokens per parameter, read back from the runs (for labels)."""
+    run = runs[0]
+    return f"{run.steps * run.tokens_per_step / run.params:.3g}"
 
 
 def _describe(fit, var: str) -> str:

@@ -73,19 +73,24 @@ def plot_compute(runs, fronts: dict, fits: dict, fit_from: float, path: Path) ->
     plt.close(fig)
 
 
-def plot_params(fixed, tokens: int, fits: dict, path: Path) -> None:
-    plt, fig, axes = _figure(len(fits))
-    for ax, (metric, fit) in zip(axes, fits.items()):
-        pts = [(run.params, r[metric]) for run, r in fixed if r.get(metric) is not None]
-        if pts:
+def plot_params(series: dict, fits: dict, path: Path) -> None:
+    """`series`: label -> [(run, eval record)]; `fits`: label -> metric -> fit."""
+    plt, fig, axes = _figure(len(TITLES))
+    styles = ("ko", "bs")
+    for ax, metric in zip(axes, TITLES):
+        for (label, points), style in zip(series.items(), styles):
+            pts = [(run.params, r[metric]) for run, r in points if r.get(metric) is not None]
+            if not pts:
+                continue
             x, y = zip(*pts)
-            ax.plot(x, y, "ko", label="runs")
+            ax.plot(x, y, style, label=label)
+            fit = fits[label][metric]
             if not isinstance(fit, str):
                 xs = np.geomspace(min(x), max(x), 200)
-                ax.plot(xs, fit(xs), "r--", lw=1.5, label=_fit_label(fit, "N"))
+                ax.plot(xs, fit(xs), style[0] + "--", lw=1.2, label=_fit_label(fit, "N"))
         _log_axes(ax)
         ax.set(xlabel="non-embedding parameters N", ylabel="held-out loss (nats/token)",
-               title=f"L(N) at {tokens:,} tokens, {TITLES[metric]}")
+               title=f"L(N), {TITLES[metric]}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
