@@ -72,13 +72,19 @@ def cmd_sweep(args) -> None:
         # every evaluation step restarts `train`: the cache turns recompiles into reads
         jax.config.update("jax_compilation_cache_dir", str(Path(args.runs) / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    sweep(cfg, args.runs)
+    try:
+        sweep(cfg, args.runs)
+    except FileNotFoundError as e:  # a data directory named by the config is missing
+        raise SystemExit(f"cm3leon sweep: {e}") from None
 
 
 def cmd_fit_scaling(args) -> None:
     from cm3leon_jax.scaling.fit import fit_scaling
 
-    fit_scaling(args.runs_dir, args.out)
+    try:
+        fit_scaling(args.runs_dir, args.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"cm3leon fit-scaling: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,13 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     runs_dir = Path(runs_dir)
     lead = jax.process_index() == 0
     runs = plan(cfg)
+    if cfg.data.dir is not None:  # both data directories are checked before any training
+        from cm3leon_jax.data.pipeline import check_inputs
+
+        check_inputs(cfg)
+        if not Path(cfg.sweep.eval_dir).is_dir():
+            raise FileNotFoundError(f"sweep.eval_dir={cfg.sweep.eval_dir!r} is not a directory")
+    batches = heldout_batches(cfg, jax.process_index(), jax.process_count())
     spec = runs_dir / SPEC
     if spec.exists():
         _check_same_sweep(cfg, spec)
@@ -109,7 +116,6 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
         print(f"sweep: {len(runs)} sizes, {n[0]:,}..{n[-1]:,} non-embedding parameters "
               f"({n[-1] / n[0]:.0f}x), {cfg.sweep.tokens_per_param:g} tokens per parameter, "
               f"{sum(r.steps * r.flops_per_step for r in runs):.3g} training FLOPs in all")
-    batches = heldout_batches(cfg, jax.process_index(), jax.process_count())
     t0 = time.perf_counter()
     new = {}
     for run in tqdm(runs, desc="sweep", unit="size", disable=not lead):
