@@ -6,6 +6,8 @@
     cm3leon prepare --config FILE [section.key=value ...]
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
+    cm3leon sweep  --config FILE --runs DIR [section.key=value ...]
+    cm3leon fit-scaling RUNS_DIR [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cm3leon_jax.config import ConfigError, load_config
 
@@ -133,7 +136,6 @@ def cmd_tokenizer_train_image(args) -> None:
 
 def cmd_sft_data(args) -> None:
     """The SFT mixture's per-task shares, and sample examples as PNG + JSONL for a look."""
-    from pathlib import Path
 
     import numpy as np
     from PIL import Image
@@ -175,6 +177,34 @@ def cmd_sft_data(args) -> None:
           f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
 
 
+def cmd_sweep(args) -> None:
+    import jax
+
+    from cm3leon_jax.scaling.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    if not cfg.sweep.sizes:
+        raise ConfigError(f"{args.config} has no sweep.sizes: not a sweep config "
+                          "(see configs/scaling/)")
+    if jax.config.jax_compilation_cache_dir is None:
+        # every evaluation step restarts `train`: the cache turns recompiles into reads
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.runs) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    try:
+        sweep(cfg, args.runs)
+    except FileNotFoundError as e:  # a data directory named by the config is missing
+        raise SystemExit(f"cm3leon sweep: {e}") from None
+
+
+def cmd_fit_scaling(args) -> None:
+    from cm3leon_jax.scaling.fit import fit_scaling
+
+    try:
+        fit_scaling(args.runs_dir, args.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"cm3leon fit-scaling: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                         "SxNAME for S slices, e.g. 2xv5p-128")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_compile)
+
     p = _with_config(sub.add_parser("prepare", help="tokenize a source into data.dir"))
     p.set_defaults(fn=cmd_prepare)
 
@@ -212,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=4, help="sample examples per task")
     p.add_argument("--draws", type=int, default=10000, help="mixture draws for the drawn share")
     p.set_defaults(fn=cmd_sft_data)
+
+    p = _with_config(sub.add_parser("sweep", help="scaling sweep: train and evaluate a "
+                                    "family of sizes (resumes from DIR)"))
+    p.add_argument("--runs", required=True, help="runs directory: one work dir per size")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("fit-scaling", help="fit L(C) and L(N) to a sweep; print and plot")
+    p.add_argument("runs_dir", help="the runs directory of `cm3leon sweep`")
+    p.add_argument("--out", help="where fit.json and the PNG plots go (default: RUNS_DIR)")
+    p.set_defaults(fn=cmd_fit_scaling)
 
     args = parser.parse_args(argv)
     try:

@@ -233,6 +233,27 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepSize:
+    """One model of a scaling sweep: its shape (over the `model` section) and its LR."""
+    name: str  # the run's directory under the sweep's runs directory
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    lr: Optional[float] = None  # peak learning rate; null: optimizer.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """`cm3leon sweep`: a family of sizes trained on the same data (scaling/plan.py)."""
+    sizes: tuple[SweepSize, ...] = ()  # empty: not a sweep config
+    tokens_per_param: float = 20.0  # training tokens = this x non-embedding parameters
+    evals_per_decade: int = 4  # evaluate when training FLOPs cross 10^(k/this)
+    eval_batches: int = 4  # held-out batches of train.batch_size rows
+    eval_dir: Optional[str] = None  # prepared held-out data; required with data.dir
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -247,6 +268,7 @@ class Config:
     vqgan: VQGANConfig = VQGANConfig()
     vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
     sft: SFTConfig = SFTConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,9 +339,17 @@ def _coerce(value: Any, typ: Any, key: str):
         return _coerce(value, inner, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         (inner, _) = typing.get_args(typ)
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+        if dataclasses.is_dataclass(inner):
+            required = [f.name for f in dataclasses.fields(inner)
+                        if f.default is dataclasses.MISSING]
+            for i, item in enumerate(value):
+                missing = [n for n in required if isinstance(item, dict) and n not in item]
+                if missing:
+                    raise ConfigError(f"{key}[{i}]: missing key {missing[0]!r} "
+                                      f"(required: {', '.join(required)})")
+        return tuple(_coerce(item, inner, f"{key}[{i}]") for i, item in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
@@ -428,6 +458,10 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                 raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tensor}")
         if m.d_model % fsdp:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+    if cfg.sweep != SweepConfig():
+        from cm3leon_jax.scaling.plan import check_sweep
+
+        check_sweep(cfg, num_devices)
 
 
 def _validate_prepare(cfg: Config) -> None:

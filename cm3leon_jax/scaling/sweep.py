@@ -1,0 +1,132 @@
+"""`cm3leon sweep`: train every size of the plan on the same data, evaluating on the fixed
+held-out set at each of its evaluation steps.
+
+Each run is `cm3leon train` (train/loop.py) in its own work directory, called once per
+evaluation step with train.steps set to that step and the schedule fixed to the whole
+budget: every evaluation step is a checkpoint, and an interrupted sweep resumes where it
+stopped — `train` continues from the latest checkpoint, and steps already in `eval.jsonl`
+are not evaluated again. Layout of RUNS_DIR:
+
+    sweep.yaml                the resolved sweep config (a resumed sweep must match it)
+    <size>/run.json           parameters, FLOPs per token, budget, evaluation steps
+    <size>/eval.jsonl         one line per evaluation: step, tokens, flops, grid, losses
+    <size>/metrics.jsonl ...  what `cm3leon train` writes (checkpoints, tensorboard, config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import yaml
+from tqdm import tqdm
+
+from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.scaling.evaluate import Evaluator, heldout_batches
+from cm3leon_jax.scaling.plan import Run, plan
+from cm3leon_jax.train.loop import train
+
+SPEC = "sweep.yaml"
+EVALS = "eval.jsonl"
+RUN = "run.json"
+RESUMABLE = ("mesh",)  # sections a resumed sweep may change (layout only)
+
+
+def read_evals(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / EVALS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _check_same_sweep(cfg: Config, path: Path) -> None:
+    saved = yaml.safe_load(path.read_text())
+    current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as YAML reads them
+    for section, values in current.items():
+        if section in RESUMABLE:
+            continue
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                raise ConfigError(f"{path} was written with {section}.{key}={old!r} but the "
+                                  f"config says {value!r}; use a new runs directory")
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> list[dict]:
+    """Train `run` through its evaluation steps not yet in eval.jsonl; returns the new
+    records."""
+    done = {r["step"] for r in read_evals(run_dir)}
+    todo = [p for p in run.evals if p.step not in done]
+    if not todo:
+        return []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        (run_dir / RUN).write_text(json.dumps(run.summary(), indent=1) + "\n")
+    evaluator = Evaluator(run.cfg, batches)
+    records = []
+    for point in todo:
+        seg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train,
+                                                                     steps=point.step))
+        train(seg, run_dir)
+        losses = evaluator(evaluator.restore_params(run_dir, point.step))
+        record = {"step": point.step, "tokens": point.step * run.tokens_per_step,
+                  "flops": point.step * run.flops_per_step, "grid": point.grid,
+                  "params": run.params, **losses}
+        records.append(record)
+        if lead:
+            _append(run_dir / EVALS, record)
+            print(f"{run.name} step {point.step}/{run.steps}: held-out loss "
+                  f"{losses['loss']:.4f} (text {_fmt(losses['text_loss'])}, "
+                  f"image {_fmt(losses['image_loss'])})")
+    return records
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
+    """Run (or finish) the whole sweep; returns each run's new evaluation records."""
+    runs_dir = Path(runs_dir)
+    lead = jax.process_index() == 0
+    runs = plan(cfg)
+    if cfg.data.dir is not None:  # both data directories are checked before any training
+        from cm3leon_jax.data.pipeline import check_inputs
+
+        check_inputs(cfg)
+        if not Path(cfg.sweep.eval_dir).is_dir():
+            raise FileNotFoundError(f"sweep.eval_dir={cfg.sweep.eval_dir!r} is not a directory")
+    batches = heldout_batches(cfg, jax.process_index(), jax.process_count())
+    spec = runs_dir / SPEC
+    if spec.exists():
+        _check_same_sweep(cfg, spec)
+    elif lead:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        spec.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if lead:
+        n = [r.params for r in runs]
+        print(f"sweep: {len(runs)} sizes, {n[0]:,}..{n[-1]:,} non-embedding parameters "
+              f"({n[-1] / n[0]:.0f}x), {cfg.sweep.tokens_per_param:g} tokens per parameter, "
+              f"{sum(r.steps * r.flops_per_step for r in runs):.3g} training FLOPs in all")
+    t0 = time.perf_counter()
+    new = {}
+    for run in tqdm(runs, desc="sweep", unit="size", disable=not lead):
+        new[run.name] = evaluate_run(run, runs_dir / run.name, batches, lead)
+    if lead:
+        print(f"sweep done in {time.perf_counter() - t0:.0f}s: "
+              + ", ".join(f"{r.name} {_fmt(_last_loss(runs_dir / r.name))}" for r in runs)
+              + f"; fit with `cm3leon fit-scaling {runs_dir}`")
+    return new
+
+
+def _last_loss(run_dir: Path) -> float | None:
+    evals = read_evals(run_dir)
+    return max(evals, key=lambda r: r["step"])["loss"] if evals else None
