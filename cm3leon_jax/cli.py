@@ -2,6 +2,8 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
+    cm3leon score  (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
 """
 
 from __future__ import annotations
@@ -56,6 +58,28 @@ def cmd_params(args) -> None:
           f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
 
 
+def cmd_export(args) -> None:
+    from cm3leon_jax.export.write import export
+
+    export(args.workdir, args.out, args.format, step=args.step,
+           with_tokenizers=not args.skip_tokenizers)
+
+
+def cmd_score(args) -> None:
+    from cm3leon_jax.eval.score import score_file
+    from cm3leon_jax.export import source
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.export is not None and args.step is not None:
+        raise ConfigError("--step applies to --workdir runs only")
+    weights = (source.from_run(args.workdir, args.step, dtype=args.dtype) if args.workdir
+               else source.from_export(args.export, dtype=args.dtype))
+    s = score_file(weights, args.tokens, args.out, args.batch_size)
+    print(f"scored {s['rows']} rows ({s['tokens']} tokens) with {weights.origin}: "
+          f"mean log-prob {s['mean_logprob']:.4f}, perplexity {s['perplexity']:.3f} -> {s['out']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_params)
+
+    p = sub.add_parser("export", help="a checkpoint -> safetensors or HF OPT directory")
+    p.add_argument("--workdir", required=True, help="run directory (its checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--format", required=True, choices=["safetensors", "hf-opt"])
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--skip-tokenizers", action="store_true",
+                   help="weights only: do not copy the tokenizers of the run's data.dir")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("score", help="per-token log-probabilities of token sequences")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="run directory (its checkpoints/)")
+    src.add_argument("--export", help="directory written by `export --format safetensors`")
+    p.add_argument("--step", type=int, help="checkpoint step of --workdir (default: latest)")
+    p.add_argument("--tokens", required=True, help="[B, T] integer token ids (.npy)")
+    p.add_argument("--out", required=True, help="[B, T-1] float32 log-probabilities (.npy)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step, over all devices (rounded up to a multiple of the data-parallel size)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype (default: the run's model.dtype)")
+    p.set_defaults(fn=cmd_score)
 
     args = parser.parse_args(argv)
     try:

@@ -10,13 +10,14 @@ import jax
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, save_config
+from cm3leon_jax.export import safetensors as init_from
 from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.optimizer import make_optimizer
 from cm3leon_jax.train.state import (abstract_state, create_state, model_def,
-                                     state_shardings)
+                                     state_from_params, state_shardings)
 from cm3leon_jax.train.step import jit_train_step
 
 
@@ -43,6 +44,8 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     shardings = state_shardings(cfg, mdef, tx, mesh)
     batches = make_batches(cfg)
     mngr = checkpoint.manager(workdir / "checkpoints", cfg.train.keep_checkpoints)
+    if cfg.train.init_from and not mngr.latest_step():
+        init_from.check_init_from(cfg)  # before any compile
     if lead:
         save_config(cfg, workdir / "config.yaml")
 
@@ -56,6 +59,9 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
         if start:
             state = checkpoint.restore(mngr, start, abstract_state(cfg, tx, shardings),
                                        batches, cfg)
+        elif cfg.train.init_from:
+            params = init_from.read_params(cfg.train.init_from, mdef, shardings.params)
+            state = state_from_params(params, tx, shardings)
         else:
             state = create_state(cfg, tx, shardings)
         step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)

@@ -94,5 +94,14 @@ def create_state(cfg: Config, tx: optax.GradientTransformation, shardings: Train
     return jax.jit(lambda: _init_state(cfg, tx), out_shardings=shardings)()
 
 
+def state_from_params(params: dict, tx: optax.GradientTransformation,
+                      shardings: TrainState) -> TrainState:
+    """A fresh train state (step 0, new optimizer state) around given parameters, e.g. an
+    export to fine-tune from."""
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                        opt_state=tx.init(p)),
+                   out_shardings=shardings, donate_argnums=0)(params)
+
+
 def tree_bytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
