@@ -21,9 +21,11 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],
+        "interop": ["torch==2.13.0", "transformers", "safetensors"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )
