@@ -207,3 +207,15 @@ def test_score_equals_a_direct_computation(run, exported, tmp_path, capsys):
     assert cli(["score", "--export", str(exported), "--tokens", str(tmp_path / "bad.npy"),
                 "--out", str(tmp_path / "c.npy")]) == 2
     assert "token [2, 5] = 5000 is outside the vocabulary [0, 1045)" in capsys.readouterr().err
+
+
+def test_weights_load_inside_a_mesh_context(tiny, exported):
+    """model_def (and so loading) used to fail under jax.set_mesh on the `layers` axis."""
+    cfg = tiny()
+    outside = model_def(cfg)
+    with jax.set_mesh(mesh_of(1, 8, 1)):
+        inside = model_def(cfg)
+        weights = source.load(exported)
+    assert inside.param_axes == outside.param_axes
+    assert inside.abstract_params == outside.abstract_params
+    assert weights.step == STEP

@@ -51,7 +51,10 @@ def _new_model(cfg: Config, seed: int) -> Transformer:
 
 
 def model_def(cfg: Config) -> ModelDef:
-    abstract = nnx.eval_shape(lambda: _new_model(cfg, 0))
+    # Under `jax.set_mesh`, nnx.eval_shape would turn the *logical* axis names into mesh
+    # shardings (and fail on `layers`); the abstract model needs no mesh at all.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        abstract = nnx.eval_shape(lambda: _new_model(cfg, 0))
     graphdef, state = nnx.split(abstract)
     axes = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
