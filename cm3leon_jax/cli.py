@@ -4,6 +4,8 @@
     cm3leon params --config FILE [--json] [section.key=value ...]
     cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
     cm3leon score  (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
+    cm3leon sweep  --config FILE --workdir DIR [section.key=value ...]
+    cm3leon fit-scaling RUNS_DIR
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cm3leon_jax.config import ConfigError, load_config
 
@@ -80,6 +83,27 @@ def cmd_score(args) -> None:
           f"mean log-prob {s['mean_logprob']:.4f}, perplexity {s['perplexity']:.3f} -> {s['out']}")
 
 
+def cmd_sweep(args) -> None:
+    import jax
+
+    from cm3leon_jax.scaling.sweep import sweep
+
+    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    # Every segment of a run compiles the same step: compile it once per sweep directory.
+    jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir).absolute() / ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    records = sweep(cfg, args.workdir)
+    print(f"sweep done: {len(records)} validation points in {args.workdir}; "
+          f"next: cm3leon fit-scaling {args.workdir}")
+
+
+def cmd_fit_scaling(args) -> None:
+    from cm3leon_jax.scaling.fit import fit_scaling, summary
+
+    print(summary(fit_scaling(args.runs_dir)))
+    print(f"wrote {args.runs_dir}/fit.json, scaling_compute.png, scaling_params.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: the run's model.dtype)")
     p.set_defaults(fn=cmd_score)
+
+    p = _with_config(sub.add_parser("sweep", help="train a family of sizes, validate on a grid"))
+    p.add_argument("--workdir", required=True, help="sweep directory: one run per size")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("fit-scaling", help="fit L(C) and L(N) to a sweep; PNG plots")
+    p.add_argument("runs_dir", help="directory written by `cm3leon sweep`")
+    p.set_defaults(fn=cmd_fit_scaling)
 
     args = parser.parse_args(argv)
     try:

@@ -116,6 +116,27 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """`cm3leon sweep`: a family of model sizes trained on the same data."""
+    sizes: str = "1x32,2x32,2x48,3x64,4x96"  # LAYERSxD_MODEL, comma-separated
+    head_dim: int = 16  # n_heads = d_model / head_dim; d_ff = 4 * d_model
+    tokens_per_param: float = 10.0  # budget: training tokens per non-embedding parameter
+    evals_per_decade: int = 4  # validation points per 10x of FLOPs, on a grid shared by all sizes
+    eval_rows: int = 64  # held-out synthetic rows (never trained on)
+
+    def model_sizes(self) -> list[tuple[int, int]]:
+        """[(n_layers, d_model), ...] from `sizes`."""
+        out = []
+        for item in self.sizes.split(","):
+            layers, x, width = item.strip().partition("x")
+            if not (x and layers.isdigit() and width.isdigit()):
+                raise ConfigError(f"sweep.sizes: {item.strip()!r} is not LAYERSxD_MODEL "
+                                  "(e.g. 2x64)")
+            out.append((int(layers), int(width)))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -123,6 +144,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,6 +290,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _positive(cfg, "sweep.head_dim", "sweep.tokens_per_param", "sweep.evals_per_decade",
+              "sweep.eval_rows")
+    for layers, width in cfg.sweep.model_sizes():
+        if layers < 1 or width < 1 or width % cfg.sweep.head_dim:
+            raise ConfigError(f"sweep.sizes: {layers}x{width} needs >= 1 layer and a d_model "
+                              f"divisible by sweep.head_dim={cfg.sweep.head_dim}")
     try:
         vocab = cfg.vocab.build()
     except ValueError as e:
