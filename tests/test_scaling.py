@@ -78,14 +78,15 @@ def test_plan_follows_the_budget_rule(tiny):
 
 
 def test_sweep_resumes_where_it_stopped(tiny, tmp_path):
-    cfg = tiny("sweep.sizes=1x16,1x32", "sweep.tokens_per_param=0.5", "sweep.eval_rows=8",
+    cfg = tiny("sweep.sizes=1x32", "sweep.tokens_per_param=0.5", "sweep.eval_rows=8",
                "sweep.evals_per_decade=1", "optimizer.warmup_steps=1")
     first = sweep(cfg, tmp_path)
-    assert {r["run"] for r in first} == {"1x16", "1x32"}
+    assert [r["step"] for r in first] == [3, 6]  # at 10^k FLOPs, and the end
+    assert (tmp_path / "1x32" / "checkpoints" / "6").is_dir()
     for r in first:
         assert {"loss", "text_loss", "image_loss", "flops", "tokens", "params"} <= set(r)
         assert 0 < r["image_loss"] and 0 < r["text_loss"]
-    # drop the last validation point of the larger run: only it is redone
+    # drop the last validation point: only it is redone
     path = tmp_path / "1x32" / EVALS
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n")

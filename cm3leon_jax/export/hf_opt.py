@@ -95,7 +95,10 @@ def tensors(cfg: Config, params: dict, mesh: Mesh):
     m = cfg.model
     d, hd_all = m.d_model, m.n_heads * m.head_dim
     f32 = np.dtype(np.float32)
-    fetch = lambda fn, *args: functools.partial(tensor_file.fetch, fn, mesh, *args)  # noqa: E731
+
+    def fetch(fn, *args):  # one piece: the whole (per-layer) tensor, gathered on its own
+        return functools.partial(tensor_file.fetch, fn, mesh, *args)
+
     embed, pos, blocks = params["embed"], params["pos"], params["blocks"]
     out = [
         tensor_file.Tensor("model.decoder.embed_tokens.weight", tuple(embed.shape), f32,
