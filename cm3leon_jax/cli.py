@@ -69,18 +69,24 @@ def cmd_export(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from cm3leon_jax.eval.score import score_file
+    from cm3leon_jax.eval.score import check_tokens, load_tokens, save_scores, score_tokens
     from cm3leon_jax.export import source
+    from cm3leon_jax.export.safetensors import read_config
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
     if args.export is not None and args.step is not None:
         raise ConfigError("--step applies to --workdir runs only")
+    tokens = load_tokens(args.tokens)  # every check before any weight is read
+    cfg = (source.run_config(args.workdir, args.step)[0] if args.workdir
+           else read_config(args.export)[0])
+    check_tokens(tokens, cfg, args.tokens)
     weights = (source.from_run(args.workdir, args.step, dtype=args.dtype) if args.workdir
                else source.from_export(args.export, dtype=args.dtype))
-    s = score_file(weights, args.tokens, args.out, args.batch_size)
+    s = save_scores(score_tokens(weights, tokens, args.batch_size), args.out)
     print(f"scored {s['rows']} rows ({s['tokens']} tokens) with {weights.origin}: "
-          f"mean log-prob {s['mean_logprob']:.4f}, perplexity {s['perplexity']:.3f} -> {s['out']}")
+          f"mean log-prob {s['mean_logprob']:.4f}, perplexity {s['perplexity']:.3f} "
+          f"-> {s['out']}")
 
 
 def cmd_sweep(args) -> None:
@@ -90,7 +96,8 @@ def cmd_sweep(args) -> None:
 
     cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
     # Every segment of a run compiles the same step: compile it once per sweep directory.
-    jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir).absolute() / ".jax_cache"))
+    cache = Path(args.workdir).absolute() / ".jax_cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     records = sweep(cfg, args.workdir)
     print(f"sweep done: {len(records)} validation points in {args.workdir}; "
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, help="checkpoint step of --workdir (default: latest)")
     p.add_argument("--tokens", required=True, help="[B, T] integer token ids (.npy)")
     p.add_argument("--out", required=True, help="[B, T-1] float32 log-probabilities (.npy)")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per step, over all devices (rounded up to a multiple of the data-parallel size)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows per step over all devices (rounded up to the data-parallel size)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: the run's model.dtype)")
     p.set_defaults(fn=cmd_score)

@@ -101,10 +101,11 @@ def test_train_init_from_starts_at_the_exported_weights(tiny, run, exported, tmp
     cfg = tiny("train.steps=1", "optimizer.warmup_steps=1", f"train.init_from={exported}")
     (first,) = train(cfg, tmp_path / "ft")
     weights = source.from_export(exported, mesh=mesh_of(1, 1, 1))
-    sums = loss_sums(weights.mdef.bind(host(weights.params)), batch_of(cfg, cfg.train.batch_size), cfg.vocab.build())
+    batch = batch_of(cfg, cfg.train.batch_size)  # the run's first batch
+    sums = loss_sums(weights.mdef.bind(host(weights.params)), batch, cfg.vocab.build())
     np.testing.assert_allclose(first["loss"], sums["ce"] / sums["w"], rtol=1e-5)
-    fresh = loss_sums(weights.mdef.bind(init_params(cfg, cfg.train.seed)),
-                      batch_of(cfg, cfg.train.batch_size), cfg.vocab.build())
+    fresh = loss_sums(weights.mdef.bind(init_params(cfg, cfg.train.seed)), batch,
+                      cfg.vocab.build())
     assert abs(first["loss"] - fresh["ce"] / fresh["w"]) > 1.0  # not the random init
     with pytest.raises(ConfigError, match=r"the export has model.d_ff=256 but the config says 128"):
         train(tiny("train.steps=1", "optimizer.warmup_steps=1", "model.d_ff=128",
@@ -140,7 +141,8 @@ def test_tokenizer_files_of_the_data_dir_are_copied(tmp_path):
     assert copied == ["tokenizers/manifest.json", "tokenizers/text_tokenizer.model",
                       "tokenizers/tokenizers/spm.vocab", "tokenizers/vocab.json",
                       "tokenizers/vqgan/config.json", "tokenizers/vqgan/params.msgpack"]
-    assert (tmp_path / "out/tokenizers/vqgan/params.msgpack").read_bytes() == b"vqgan/params.msgpack"
+    copied_file = tmp_path / "out/tokenizers/vqgan/params.msgpack"
+    assert copied_file.read_bytes() == b"vqgan/params.msgpack"
     with pytest.raises(ConfigError, match="does not exist here"):
         tokenizers.copy_tokenizers(tmp_path / "missing", tmp_path / "out2")
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cm3leon_jax.config import ConfigError
+from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.export.source import Weights
 from cm3leon_jax.parallel import mesh as mesh_lib
 
 
-def check_tokens(tokens: np.ndarray, weights: Weights, where: str) -> None:
+def check_tokens(tokens: np.ndarray, cfg: Config, where: str) -> None:
     """Refuse what cannot be scored, naming the first offending entry."""
     if tokens.ndim != 2:
         raise ConfigError(f"{where}: expected [B, T] token ids, got shape {tokens.shape}")
@@ -30,10 +30,10 @@ def check_tokens(tokens: np.ndarray, weights: Weights, where: str) -> None:
     B, T = tokens.shape
     if B < 1 or T < 2:
         raise ConfigError(f"{where}: need at least 1 row of at least 2 tokens, got {tokens.shape}")
-    if T > weights.cfg.model.max_seq_len:
+    if T > cfg.model.max_seq_len:
         raise ConfigError(f"{where}: rows of {T} tokens exceed model.max_seq_len="
-                          f"{weights.cfg.model.max_seq_len}")
-    used = weights.cfg.vocab.build().used_size
+                          f"{cfg.model.max_seq_len}")
+    used = cfg.vocab.build().used_size
     bad = np.argwhere((tokens < 0) | (tokens >= used))
     if len(bad):
         b, t = bad[0]
@@ -66,7 +66,7 @@ def batch_rows(batch_size: int, weights: Weights) -> int:
 
 def score_tokens(weights: Weights, tokens: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """[B, T] token ids -> [B, T-1] float32 log-probabilities."""
-    check_tokens(tokens, weights, "tokens")
+    check_tokens(tokens, weights.cfg, "tokens")
     tokens = tokens.astype(np.int32)
     rows = batch_rows(batch_size, weights)
     fn = make_score_fn(weights)
@@ -94,18 +94,18 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def score_file(weights: Weights, tokens_path: str | Path, out_path: str | Path,
-               batch_size: int = 16) -> dict:
-    """IN.npy -> OUT.npy; returns a summary (mean log-prob and perplexity per token)."""
-    tokens_path = Path(tokens_path)
-    if not tokens_path.is_file():
-        raise ConfigError(f"--tokens {tokens_path} does not exist")
+def load_tokens(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--tokens {path} does not exist")
     try:
-        tokens = np.load(tokens_path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except ValueError as e:
-        raise ConfigError(f"--tokens {tokens_path}: not a .npy array ({e})") from None
-    check_tokens(tokens, weights, str(tokens_path))
-    logp = score_tokens(weights, tokens, batch_size)
+        raise ConfigError(f"--tokens {path}: not a .npy array ({e})") from None
+
+
+def save_scores(logp: np.ndarray, out_path: str | Path) -> dict:
+    """Write OUT.npy (process 0); returns a summary (mean log-prob, perplexity per token)."""
     if jax.process_index() == 0:
         np.save(out_path, logp)
     mean = float(logp.mean())

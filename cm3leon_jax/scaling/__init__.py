@@ -1,1 +1,1 @@
-"""Scaling sweeps: a family of sizes under one compute rule, and fits of loss vs compute and size."""
+"""Scaling sweeps: model sizes under one compute rule; fits of loss vs compute and size."""
