@@ -120,6 +120,8 @@ def test_export_refuses_bad_requests_before_reading(run, exported, tmp_path, tin
         export(run, tmp_path / "a", "safetensors", step=2)
     with pytest.raises(ConfigError, match="already exists and is not an empty directory"):
         export(run, exported, "safetensors")
+    assert cli(["export", "--workdir", str(run), "--format", "hf-opt", "--out",
+                str(exported)]) == 2
     with pytest.raises(ConfigError, match="not one of"):
         export(run, tmp_path / "b", "onnx")
     with pytest.raises(ConfigError, match="model.qk_norm=true: OPT has no LayerNorm"):
