@@ -26,6 +26,9 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "interop": ["torch==2.13.0", "transformers", "safetensors"],
+        # libtpu for `cm3leon compile` (ahead-of-time compilation for TPU pods, no TPU
+        # needed): pip resolves the extra of the jax version it installs.
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )
