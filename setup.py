@@ -21,9 +21,11 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": ["pytest>=8"],
+        "interop": ["torch==2.13.0", "transformers", "safetensors"],
         # libtpu for `cm3leon compile` (ahead-of-time compilation for TPU pods, no TPU
         # needed): pip resolves the extra of the jax version it installs.
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],

@@ -8,6 +8,8 @@
     cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
     cm3leon sweep  --config FILE --runs DIR [section.key=value ...]
     cm3leon fit-scaling RUNS_DIR [--out DIR]
+    cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
+    cm3leon score  (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
 """
 
 from __future__ import annotations
@@ -175,6 +177,32 @@ def cmd_sft_data(args) -> None:
             Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"{task}.png")
     print(f"wrote {args.per_task} examples per task to {out}/samples.jsonl and "
           f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
+def cmd_export(args) -> None:
+    from cm3leon_jax.export.write import export
+
+    export(args.workdir, args.out, args.format, step=args.step,
+           with_tokenizers=not args.skip_tokenizers)
+
+
+def cmd_score(args) -> None:
+    from cm3leon_jax.eval.score import check_tokens, load_tokens, save_scores, score_tokens
+    from cm3leon_jax.export import source
+    from cm3leon_jax.export.safetensors import read_config
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.export is not None and args.step is not None:
+        raise ConfigError("--step applies to --workdir runs only")
+    tokens = load_tokens(args.tokens)  # every check before any weight is read
+    cfg = (source.run_config(args.workdir, args.step)[0] if args.workdir
+           else read_config(args.export)[0])
+    check_tokens(tokens, cfg, args.tokens)
+    weights = (source.from_run(args.workdir, args.step, dtype=args.dtype) if args.workdir
+               else source.from_export(args.export, dtype=args.dtype))
+    s = save_scores(score_tokens(weights, tokens, args.batch_size), args.out)
+    print(f"scored {s['rows']} rows ({s['tokens']} tokens) with {weights.origin}: "
+          f"mean log-prob {s['mean_logprob']:.4f}, perplexity {s['perplexity']:.3f} "
+          f"-> {s['out']}")
 
 
 def cmd_sweep(args) -> None:
@@ -253,6 +281,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs_dir", help="the runs directory of `cm3leon sweep`")
     p.add_argument("--out", help="where fit.json and the PNG plots go (default: RUNS_DIR)")
     p.set_defaults(fn=cmd_fit_scaling)
+
+    p = sub.add_parser("export", help="a checkpoint -> safetensors or HF OPT directory")
+    p.add_argument("--workdir", required=True, help="run directory (its checkpoints/)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--format", required=True, choices=["safetensors", "hf-opt"])
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--skip-tokenizers", action="store_true",
+                   help="weights only: do not copy the tokenizers of the run's data.dir")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("score", help="per-token log-probabilities of token sequences")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="run directory (its checkpoints/)")
+    src.add_argument("--export", help="directory written by `export --format safetensors`")
+    p.add_argument("--step", type=int, help="checkpoint step of --workdir (default: latest)")
+    p.add_argument("--tokens", required=True, help="[B, T] integer token ids (.npy)")
+    p.add_argument("--out", required=True, help="[B, T-1] float32 log-probabilities (.npy)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="rows per step over all devices (rounded up to the data-parallel size)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="compute dtype (default: the run's model.dtype)")
+    p.set_defaults(fn=cmd_score)
 
     args = parser.parse_args(argv)
     try:

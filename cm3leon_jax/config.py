@@ -123,6 +123,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
+    init_from: Optional[str] = None  # safetensors export dir: a fresh run starts from its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +417,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.logits_chunk and d.seq_len % m.logits_chunk:
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
                           f"data.seq_len={d.seq_len}")
+    if t.init_from is not None and not t.init_from.strip():
+        raise ConfigError("train.init_from must be an export directory or null")
     for key in ("retrieved_dropout", "image_first", "rotation"):
         if not 0 <= getattr(d, key) <= 1:
             raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")

@@ -1,0 +1,1 @@
+"""Scaling sweeps: model sizes under one compute rule; fits of loss vs compute and size."""

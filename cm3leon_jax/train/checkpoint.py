@@ -31,6 +31,14 @@ def manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
 
+def reader(directory: str | Path) -> ocp.CheckpointManager:
+    """A manager for reading a run's steps (export, scoring); it creates nothing."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} does not exist: expected a run's checkpoint directory")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) -> None:
     import grain
 
@@ -133,3 +141,30 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
             multihost_utils.sync_global_devices(f"corrupt checkpoint {step}")
         mngr.reload()
     return 0, None
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The resolved config saved with `step` (a plain dict, not yet validated)."""
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def resolve_step(mngr: ocp.CheckpointManager, step: int | None) -> int:
+    """`step`, or the latest complete one; refuses a step the directory does not have."""
+    steps = mngr.all_steps()
+    if not steps:
+        raise ConfigError(f"{mngr.directory} has no complete checkpoint")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise ConfigError(f"{mngr.directory} has no checkpoint for step {step} "
+                          f"(it has {sorted(steps)})")
+    return step
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params: dict) -> dict:
+    """Only the parameters of `step`, laid out as `abstract_params` says (any mesh); the
+    optimizer state and the data iterator are not read."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args({"params": abstract_params})
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {"params": abstract_params}, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]["params"]

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, save_config, validate
+from cm3leon_jax.export import safetensors as init_from
 from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
@@ -19,7 +20,7 @@ from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.optimizer import make_optimizer
 from cm3leon_jax.train.state import (abstract_state, create_state, model_def,
-                                     state_shardings)
+                                     state_from_params, state_shardings)
 from cm3leon_jax.train.step import jit_train_step
 
 
@@ -78,6 +79,8 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     shardings = state_shardings(cfg, mdef, tx, mesh)
     batches = make_batches(cfg)
     mngr = checkpoint.manager(workdir / "checkpoints", cfg.train.keep_checkpoints)
+    if cfg.train.init_from and not mngr.latest_step():
+        init_from.check_init_from(cfg)  # before any compile
     if lead:
         save_config(cfg, workdir / "config.yaml")
 
@@ -90,7 +93,10 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     with jax.set_mesh(mesh):
         start, state = checkpoint.restore_latest(mngr, abstract_state(cfg, tx, shardings),
                                                  batches, cfg)
-        if state is None:
+        if state is None and cfg.train.init_from:
+            params = init_from.read_params(cfg.train.init_from, mdef, shardings.params)
+            state = state_from_params(params, tx, shardings)
+        elif state is None:
             state = create_state(cfg, tx, shardings)
         step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
         gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None

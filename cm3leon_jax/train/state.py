@@ -52,7 +52,10 @@ def _new_model(cfg: Config, seed: int) -> Transformer:
 
 
 def model_def(cfg: Config) -> ModelDef:
-    abstract = nnx.eval_shape(lambda: _new_model(cfg, 0))
+    # Under `jax.set_mesh`, nnx.eval_shape would turn the *logical* axis names into mesh
+    # shardings (and fail on `layers`); the abstract model needs no mesh at all.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        abstract = nnx.eval_shape(lambda: _new_model(cfg, 0))
     graphdef, state = nnx.split(abstract)
     axes = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -93,6 +96,15 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation | None = None,
 def create_state(cfg: Config, tx: optax.GradientTransformation, shardings: TrainState):
     """Initial train state, created directly in its sharded layout."""
     return jax.jit(lambda: _init_state(cfg, tx), out_shardings=shardings)()
+
+
+def state_from_params(params: dict, tx: optax.GradientTransformation,
+                      shardings: TrainState) -> TrainState:
+    """A fresh train state (step 0, new optimizer state) around given parameters, e.g. an
+    export to fine-tune from."""
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                        opt_state=tx.init(p)),
+                   out_shardings=shardings, donate_argnums=0)(params)
 
 
 def tree_bytes(tree) -> int:

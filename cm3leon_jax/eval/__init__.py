@@ -1,0 +1,1 @@
+"""Evaluation of trained weights: per-token scores (perplexity, reranking)."""

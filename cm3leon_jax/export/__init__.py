@@ -1,0 +1,1 @@
+"""Exports: safetensors (ours) and HF OPT directories, and loading weights back."""
