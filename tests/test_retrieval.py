@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from cm3leon_jax import cli
 from cm3leon_jax.config import ConfigError, RetrievalConfig, load_config
 from cm3leon_jax.data import records
 from cm3leon_jax.retrieval import embed, index, neighbors
+from cm3leon_jax.retrieval.train_encoder import contrastive_loss, load_encoder, pad_tokens
 from cm3leon_jax.vocab import Vocab
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -283,6 +285,21 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     i = enc.embed_images(np.stack([d["pixels"] for d in docs]))
     np.testing.assert_allclose(np.load(tmp_path / "ret" / "bank" / "vectors.npy")[:5],
                                embed.document_vectors(t, i), atol=1e-5)
+    # padding rows of a batch do not change the vectors
+    small = load_encoder(tmp_path / "ret" / "encoder", batch=2)
+    np.testing.assert_allclose(small.embed_texts([enc.text_tokens(d) for d in docs]), t,
+                               atol=1e-5)
+    np.testing.assert_allclose(small.embed_images(np.stack([d["pixels"] for d in docs])), i,
+                               atol=1e-5)
+    # the loss is symmetric InfoNCE over the batch
+    tok = pad_tokens([enc.text_tokens(d) for d in docs])
+    pix = np.stack([d["pixels"] for d in docs])
+    model = nnx.merge(small.graphdef, small.params)
+    loss, acc = contrastive_loss(model, tok, pix, 0.1)
+    logits = np.asarray(model.embed_texts(tok) @ model.embed_images(pix).T) / 0.1
+    ce = lambda z: np.mean(np.log(np.exp(z).sum(1)) - np.diag(z))
+    np.testing.assert_allclose(float(loss), (ce(logits) + ce(logits.T)) / 2, rtol=1e-5)
+    assert np.float32(acc) == np.float32(np.mean(np.argmax(logits, 1) == np.arange(5)))
     # the query vector drops 20% of the text, deterministically: rerunning gives the same
     first = np.load(tmp_path / "ret" / "scores.npy")
     assert cli.main(["neighbors", *args]) == 0
