@@ -142,6 +142,7 @@ class RetrievalConfig:
     train_batch_size: int = 64
     train_lr: float = 1e-3
     temperature: float = 0.05
+    train_text_dropout: float = 0.2  # half the training texts lose this fraction of tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,6 +434,8 @@ def _validate_retrieval(r: RetrievalConfig) -> None:
         raise ConfigError(f"retrieval.reorder={r.reorder} must be >= 10 (recall@10 is reported)")
     if not 0 <= r.query_text_dropout < 1:
         raise ConfigError(f"retrieval.query_text_dropout={r.query_text_dropout} must be in [0, 1)")
+    if not 0 <= r.train_text_dropout < 1:
+        raise ConfigError(f"retrieval.train_text_dropout={r.train_text_dropout} must be in [0, 1)")
     for key in ("max_score", "max_pair_score"):
         if not -1 <= getattr(r, key) <= 1:
             raise ConfigError(f"retrieval.{key}={getattr(r, key)} must be a cosine in [-1, 1]")

@@ -184,6 +184,13 @@ def test_scann_agrees_with_exact_search_on_a_small_bank():
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     assert index.plan(len(bank), RetrievalConfig(exact_threshold=1000))["num_leaves"] == 55
     assert index.recall_at(ids, truth_ids) == 1.0
+    # duplicated vectors: any of the tied ids is a correct answer
+    dup = np.repeat(bank[:40], 3, axis=0)
+    _, tie_scores = index.exact_search(dup[:10], dup, 10)
+    shifted = index.exact_search(dup[:10], dup, 10)[0] // 3 * 3 + 2  # other copies
+    assert index.recall_with_ties(dup[:10], dup, shifted, tie_scores) == 1.0
+    assert index.recall_with_ties(dup[:10], dup, np.full((10, 10), -1), tie_scores) == 0.0
+    assert index.recall_with_ties(dup[:10], dup, (shifted + 3) % 120, tie_scores) < 0.5
 
 
 def test_exact_search_matches_full_sort():
@@ -304,6 +311,14 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     first = np.load(tmp_path / "ret" / "scores.npy")
     assert cli.main(["neighbors", *args]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "ret" / "scores.npy"), first)
+    # an encoder changed after `index` is refused (its queries would not match the bank)
+    params = tmp_path / "ret" / "encoder" / "params.npz"
+    with np.load(params) as z:
+        changed = {k: 2 * z[k] for k in z.files}
+    np.savez(params, **changed)
+    with pytest.raises(ValueError, match="rerun `cm3leon index`"):
+        neighbors.compute_neighbors(_cfg(tmp_path, data, f"retrieval.bank={bank}",
+                                         f"retrieval.dir={tmp_path / 'ret'}"))
 
 
 def test_retrieval_config_is_validated():

@@ -1,6 +1,6 @@
 """Document embeddings for retrieval, behind one encoder interface.
 
-An encoder has `text_tokens(doc)` (the document's text in the encoder's own tokens),
+An encoder has `fingerprint` (which weights), `text_tokens(doc)` (the document's text in the encoder's own tokens),
 `embed_texts(list of token arrays)` and `embed_images(uint8 [B, H, W, 3])`, both giving unit
 float32 rows, and `has_text` / `has_image`. Three kinds (`retrieval.encoder`):
 
@@ -124,7 +124,7 @@ def embed_range(data_dir: str | Path, encoder, start: int, stop: int, cfg: Retri
     from tqdm import tqdm
 
     cache = Path(cache)
-    spec = {"data_dir": str(Path(data_dir).resolve()), "encoder": cfg.encoder,
+    spec = {"data_dir": str(Path(data_dir).resolve()), "encoder": encoder.fingerprint,
             "dropout": dropout, "seed": cfg.seed, "text": want_text, "image": want_image}
     if cache.exists() and (not (cache / "spec.json").exists() or
                            json.loads((cache / "spec.json").read_text()) != spec):

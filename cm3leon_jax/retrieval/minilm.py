@@ -89,6 +89,8 @@ class MiniLM:
         self.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        weights = path / "model.safetensors"
+        self.fingerprint = f"minilm-{weights.stat().st_size}-{config['_name_or_path']}"
         self.cls = self.tokenizer.token_to_id(CLS)
         self.sep = self.tokenizer.token_to_id(SEP)
 

@@ -105,8 +105,10 @@ def build_bank_index(cfg: Config) -> dict:
     if r.encoder == "npy":
         sides = embed.read_npy(source_dir, r, n)
         sides["modalities"] = embed.read_modalities(source_dir)
+        fingerprint = "npy"
     else:
         encoder = embed.make_encoder(r, out)
+        fingerprint = encoder.fingerprint
         sides = embed.embed_range(source_dir, encoder, 0, n, r, out / BANK / "chunks",
                                   desc="embed bank")
     embed_s = time.perf_counter() - t0
@@ -116,7 +118,8 @@ def build_bank_index(cfg: Config) -> dict:
                     ("modalities", sides["modalities"]), ("vectors", vectors)):
         np.save(out / BANK / f"{name}.npy", a)
     manifest = index.build_index(vectors, out / INDEX, r, extra={
-        "bank": str(source_dir), "encoder": r.encoder, "embed_seconds": round(embed_s, 1),
+        "bank": str(source_dir), "encoder": r.encoder, "encoder_fingerprint": fingerprint,
+        "embed_seconds": round(embed_s, 1),
         "pairs": int(np.sum(sides["modalities"] == embed.TEXT | embed.IMAGE)),
         "unembedded": int(np.sum(np.linalg.norm(vectors, axis=1) == 0))})
     return manifest
@@ -134,6 +137,10 @@ def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool) -> np.ndarray
         text, image = sides["text"][lo:hi], sides["image"][lo:hi]
     else:
         encoder = embed.make_encoder(r, out)
+        built = json.loads((out / INDEX / index.MANIFEST).read_text())["encoder_fingerprint"]
+        if encoder.fingerprint != built:
+            raise ValueError(f"{out / INDEX}: built with encoder {built}, the encoder now is "
+                             f"{encoder.fingerprint} (retrained?); rerun `cm3leon index`")
         reuse_image = same_bank and want_image
         sides = embed.embed_range(data_dir, encoder, lo, hi, r, out / "queries",
                                   dropout=r.query_text_dropout, want_text=want_text,

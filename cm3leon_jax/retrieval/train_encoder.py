@@ -2,7 +2,8 @@
 
 Batches of B prepared pairs (documents with text tokens and pixels) are drawn in a
 per-epoch permutation fixed by `retrieval.seed`; the loss is symmetric InfoNCE over the
-B x B text–image similarities at a fixed temperature (CLIP). The step is jitted over the
+B x B text–image similarities at a fixed temperature (CLIP). Half the texts are seen with
+`train_text_dropout` of their tokens dropped, like the queries `neighbors` builds. The step is jitted over the
 project's mesh: parameters laid out by the logical-axis rule table, the batch split over
 (`data`, `fsdp`). The result is `<retrieval dir>/encoder/{params.npz, encoder.json}`.
 """
@@ -10,6 +11,7 @@ project's mesh: parameters laid out by the logical-axis rule table, the batch sp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from functools import partial
@@ -25,6 +27,7 @@ from cm3leon_jax.config import Config, ConfigError, RetrievalConfig
 from cm3leon_jax.data import records
 from cm3leon_jax.model.encoder import MAX_TEXT, DualEncoder, EncoderSpec, new_encoder
 from cm3leon_jax.parallel import mesh as mesh_lib
+from cm3leon_jax.retrieval.embed import drop_tokens
 from cm3leon_jax.vocab import Vocab
 
 PARAMS, INFO = "params.npz", "encoder.json"
@@ -46,18 +49,27 @@ def pad_tokens(token_lists: list[np.ndarray], rows: int | None = None) -> np.nda
     return out
 
 
-def pair_batches(data_dir: str | Path, vocab: Vocab, batch: int, seed: int):
-    """Endless (tokens [B, T], pixels [B, H, W, 3]) batches of pairs, fixed by seed."""
+def pair_batches(data_dir: str | Path, vocab: Vocab, batch: int, seed: int,
+                 text_dropout: float = 0.0):
+    """Endless (tokens [B, T], pixels [B, H, W, 3]) batches of pairs, fixed by seed.
+
+    With `text_dropout`, half of the texts (by a coin per pair and epoch) lose that fraction
+    of their tokens, as retrieval queries do, so the text tower learns to embed them too.
+    """
     source = records.open_documents(data_dir)
     epoch = 0
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(source))
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(source))
+        coins = rng.random(len(source)) < 0.5
         toks, pix, found = [], [], 0
         for i in order:
             doc = records.decode_document(source[int(i)])
             t = text_tokens(doc, vocab)
             if not len(t) or doc["pixels"] is None:
                 continue
+            if text_dropout and coins[i]:
+                t = drop_tokens(t, text_dropout, seed + epoch + 1, int(i))
             found += 1
             if pix and doc["pixels"].shape != pix[0].shape:
                 raise ValueError(f"{data_dir}: document {int(i)} has pixels "
@@ -135,7 +147,8 @@ def train_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dic
                                            mesh_lib.batch_sharding(mesh, 4)),
                        out_shardings=(param_sh, opt_sh, replicated, replicated),
                        donate_argnums=(0, 1))
-        batches = pair_batches(data_dir, vocab, r.train_batch_size, r.seed)
+        batches = pair_batches(data_dir, vocab, r.train_batch_size, r.seed,
+                               r.train_text_dropout)
         t0 = time.perf_counter()
         losses, accs = [], []
         bar = tqdm(range(r.train_steps), desc="train-encoder", unit="step")
@@ -149,6 +162,7 @@ def train_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dic
     info = {"spec": dataclasses.asdict(spec), "vocab": vocab.to_json(),
             "data_dir": str(data_dir), "steps": r.train_steps,
             "batch_size": r.train_batch_size, "temperature": r.temperature,
+            "text_dropout": r.train_text_dropout,
             "mesh": dict(mesh.shape), "seconds": round(seconds, 1),
             "loss_first": round(losses[0], 4),
             "loss_last": round(float(np.mean(losses[-last:])), 4),
@@ -181,9 +195,11 @@ class BuiltinEncoder:
 
     has_text, has_image = True, True
 
-    def __init__(self, spec: EncoderSpec, params: dict, vocab: Vocab, batch: int):
+    def __init__(self, spec: EncoderSpec, params: dict, vocab: Vocab, batch: int,
+                 fingerprint: str = ""):
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: new_encoder(spec, 0)))
         self.params, self.vocab, self.batch, self.dim = params, vocab, batch, spec.embed_dim
+        self.fingerprint = fingerprint  # which weights: cached vectors must match it
 
     def text_tokens(self, doc: dict) -> np.ndarray:
         return text_tokens(doc, self.vocab)
@@ -224,7 +240,9 @@ def load_encoder(enc_dir: str | Path, batch: int) -> BuiltinEncoder:
                 raise ValueError(f"{enc_dir / PARAMS}: parameter {key} missing or of the wrong "
                                  f"shape (expected {a.shape})")
             values.append(jnp.asarray(z[key]))
-    return BuiltinEncoder(spec, jax.tree_util.tree_unflatten(treedef, values), vocab, batch)
+    digest = hashlib.sha256((enc_dir / PARAMS).read_bytes()).hexdigest()[:16]
+    return BuiltinEncoder(spec, jax.tree_util.tree_unflatten(treedef, values), vocab, batch,
+                          f"builtin-{digest}")
 
 
 def validate_for_training(r: RetrievalConfig) -> None:
