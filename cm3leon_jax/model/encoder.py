@@ -6,7 +6,7 @@ be scored against another by either side (CM3Leon uses frozen CLIP here; none sh
 offline, stack.md §A2). Parameters carry the project's logical axis names, so the same
 rule table shards them as it shards the decoder.
 
-Image tower: three stride-2 3x3 convolutions (ReLU), mean pool, linear. Text tower: token
+Image tower: four stride-2 3x3 convolutions (ReLU), mean pool, linear. Text tower: token
 and position embeddings, `text_layers` bidirectional pre-LN attention blocks with a
 padding mask, masked mean pool, linear. Text token 0 is padding; the caller shifts ids.
 """
@@ -22,7 +22,7 @@ from flax import nnx
 from cm3leon_jax.model.transformer import layer_norm
 
 MAX_TEXT = 128  # text tower positions; longer texts are truncated
-CHANNELS = (32, 64)  # the first two convolutions; the third has `width` channels
+CHANNELS = (32, 64, 96)  # the first convolutions; the last has `width` channels
 HEAD_DIM = 32
 
 
