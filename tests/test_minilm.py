@@ -49,3 +49,24 @@ def test_minilm_query_dropout_changes_tokens_not_shape(minilm):
     assert 0.5 < float(full @ part) < 1 - 1e-4
     with pytest.raises(ValueError, match="text only"):
         minilm.embed_images(np.zeros((1, 8, 8, 3), np.uint8))
+
+
+def test_minilm_index_and_neighbors_end_to_end(tmp_path, minilm):
+    from test_retrieval import TINY, write_prepared
+
+    from cm3leon_jax.config import load_config
+    from cm3leon_jax.retrieval import neighbors
+
+    docs = write_prepared(tmp_path / "prep", 20)
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'prep'}", "retrieval.encoder=minilm",
+                             "retrieval.embed_batch=8"])
+    assert neighbors.build_bank_index(cfg)["dim"] == 384
+    bank = tmp_path / "prep" / "retrieval" / "bank"
+    # text only: the document vector is the caption's MiniLM vector
+    want = _embed(minilm, [d["caption"] for d in docs])
+    np.testing.assert_allclose(np.load(bank / "vectors.npy"), want, atol=1e-5)
+    assert not np.load(bank / "image.npy").any()
+    m = neighbors.compute_neighbors(cfg)
+    ids = np.load(tmp_path / "prep" / "retrieval" / "neighbors.npy")
+    assert ids.shape == (20, 2) and m["skipped"]["self"] == 20
+    assert all(i not in row for i, row in enumerate(ids.tolist()))

@@ -184,6 +184,10 @@ def test_scann_agrees_with_exact_search_on_a_small_bank():
     np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
     assert index.plan(len(bank), RetrievalConfig(exact_threshold=1000))["num_leaves"] == 55
     assert index.recall_at(ids, truth_ids) == 1.0
+    # a bank smaller than k: the missing places are -1 / -inf
+    ids, scores = index.search(index.build_searcher(bank[:4], RetrievalConfig()), q[:3], 6)
+    np.testing.assert_array_equal(ids[:, :4], index.exact_search(q[:3], bank[:4], 4)[0])
+    assert np.all(ids[:, 4:] == -1) and np.all(scores[:, 4:] == -np.inf)
     # duplicated vectors: any of the tied ids is a correct answer
     dup = np.repeat(bank[:40], 3, axis=0)
     _, tie_scores = index.exact_search(dup[:10], dup, 10)

@@ -69,8 +69,9 @@ def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
                                                    batch_size=256)
     out_ids = np.full((len(queries), k), -1, np.int64)
     out_scores = np.full((len(queries), k), -np.inf, np.float32)
-    out_ids[:, :ids.shape[1]] = ids
-    out_scores[:, :ids.shape[1]] = scores
+    found = np.isfinite(scores)  # ScaNN pads with id 0 and NaN when the bank has < k
+    out_ids[:, :ids.shape[1]] = np.where(found, ids.astype(np.int64), -1)
+    out_scores[:, :ids.shape[1]] = np.where(found, scores, -np.inf)
     return out_ids, out_scores
 
 
