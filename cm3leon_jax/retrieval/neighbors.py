@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from cm3leon_jax.config import Config, RetrievalConfig
 from cm3leon_jax.data import records
@@ -30,6 +31,7 @@ from cm3leon_jax.retrieval import embed, index
 NEIGHBORS, SCORES, MANIFEST = "neighbors.npy", "scores.npy", "manifest.json"
 BANK, INDEX, SHARDS = "bank", "index", "shards"
 REASONS = ("self", "near_duplicate", "duplicate_of_chosen", "empty")
+BLOCK = 4096  # queries searched and filtered at a time (progress, bounded memory)
 
 
 def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
@@ -182,11 +184,21 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     bank = np.load(out / BANK / "vectors.npy")
     pairs = np.load(out / BANK / "modalities.npy") == (embed.TEXT | embed.IMAGE)
     searcher = index.load_searcher(out / INDEX)
-    t1 = time.perf_counter()
-    cand_ids, cand_scores = index.search(searcher, queries, r.candidates + int(same_bank))
-    t_search = time.perf_counter() - t1
     self_ids = np.arange(lo, hi) if same_bank else np.full(hi - lo, -1)
-    ids, scores, skipped = select(self_ids, cand_ids, cand_scores, bank, pairs, r)
+    ids, scores = [], []
+    skipped = dict.fromkeys(REASONS, 0)
+    t_search = 0.0
+    with tqdm(total=hi - lo, desc="neighbors", unit="doc") as bar:
+        for s in range(0, hi - lo, BLOCK):
+            t1 = time.perf_counter()
+            cand = index.search(searcher, queries[s:s + BLOCK], r.candidates + int(same_bank))
+            t_search += time.perf_counter() - t1
+            i, sc, sk = select(self_ids[s:s + BLOCK], *cand, bank, pairs, r)
+            ids.append(i), scores.append(sc)
+            skipped = {k: skipped[k] + sk[k] for k in REASONS}
+            bar.update(len(i))
+    ids = np.concatenate(ids) if ids else np.full((0, r.k), -1, np.int64)
+    scores = np.concatenate(scores) if scores else np.full((0, r.k), -np.inf, np.float32)
     seconds = time.perf_counter() - t0
     summary = {"documents": hi - lo, "range": [lo, hi], "seconds": round(seconds, 2),
                "embed_seconds": round(t_embed, 2), "search_seconds": round(t_search, 2),
