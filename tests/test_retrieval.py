@@ -323,6 +323,9 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="rerun `cm3leon index`"):
         neighbors.compute_neighbors(_cfg(tmp_path, data, f"retrieval.bank={bank}",
                                          f"retrieval.dir={tmp_path / 'ret'}"))
+    # so is a bank other than the one indexed
+    with pytest.raises(ValueError, match="indexes the bank .* the config's bank is"):
+        neighbors.compute_neighbors(_cfg(tmp_path, data, f"retrieval.dir={tmp_path / 'ret'}"))
 
 
 def test_retrieval_config_is_validated():

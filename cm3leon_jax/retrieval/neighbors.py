@@ -129,7 +129,7 @@ def build_bank_index(cfg: Config) -> dict:
 
 # --- cm3leon neighbors ---------------------------------------------------------------
 
-def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool) -> np.ndarray:
+def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool, cache: Path) -> np.ndarray:
     r, out = cfg.retrieval, retrieval_dir(cfg)
     data_dir = train_dir(cfg)
     want_text, want_image = r.query in ("text", "both"), r.query in ("image", "both")
@@ -144,7 +144,7 @@ def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool) -> np.ndarray
             raise ValueError(f"{out / INDEX}: built with encoder {built}, the encoder now is "
                              f"{encoder.fingerprint} (retrained?); rerun `cm3leon index`")
         reuse_image = same_bank and want_image
-        sides = embed.embed_range(data_dir, encoder, lo, hi, r, out / "queries",
+        sides = embed.embed_range(data_dir, encoder, lo, hi, r, cache,
                                   dropout=r.query_text_dropout, want_text=want_text,
                                   want_image=want_image and not reuse_image, desc="embed queries")
         text, image = sides["text"], sides["image"]
@@ -174,12 +174,16 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     if index_manifest["encoder"] != r.encoder:
         raise ValueError(f"{out / INDEX}: built with encoder {index_manifest['encoder']!r}, "
                          f"config has retrieval.encoder={r.encoder!r}; rebuild the index")
+    if not _same(index_manifest["bank"], bank_dir(cfg)):
+        raise ValueError(f"{out / INDEX}: indexes the bank {index_manifest['bank']}, the config's "
+                         f"bank is {bank_dir(cfg)} (retrieval.bank); rerun `cm3leon index`")
     data_dir = train_dir(cfg)
     same_bank = _same(data_dir, bank_dir(cfg))
     n = len(records.open_documents(data_dir))
     lo, hi = shard_range(n, shard, num_shards)
     t0 = time.perf_counter()
-    queries = _query_vectors(cfg, lo, hi, same_bank)
+    queries = _query_vectors(cfg, lo, hi, same_bank,
+                             out / "queries" / f"shard-{shard:05d}-of-{num_shards:05d}")
     t_embed = time.perf_counter() - t0
     bank = np.load(out / BANK / "vectors.npy")
     pairs = np.load(out / BANK / "modalities.npy") == (embed.TEXT | embed.IMAGE)
