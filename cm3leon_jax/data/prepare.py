@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from cm3leon_jax.config import Config
-from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard
 from cm3leon_jax.data.sources import BadRecord, check_caption, open_source
 from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
 from cm3leon_jax.vocab import Vocab
@@ -54,11 +53,11 @@ class PrepareError(RuntimeError):
 
 def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """Resize the short side to `resolution` (Lanczos) and centre-crop a square."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     if (h, w) == (resolution, resolution):
         return image
+    from PIL import Image
+
     scale = resolution / min(h, w)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     resized = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
@@ -146,10 +145,13 @@ def _inputs(cfg: Config) -> dict:
             if not Path(path).exists():
                 raise PrepareError(f"prepare.{key}={path} does not exist")
             given[key] = {"path": str(Path(path).resolve()), "digest": _file_digest(Path(path))}
-    return {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
-            "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
-            "image_tokenizer": given.get("image_tokenizer", dataclasses.asdict(cfg.vqgan)),
-            "shard_size": p.shard_size}
+    inputs = {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
+              "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
+              "image_tokenizer": given.get("image_tokenizer", {
+                  "vqgan": dataclasses.asdict(cfg.vqgan),
+                  "vqgan_train": dataclasses.asdict(cfg.vqgan_train)}),
+              "shard_size": p.shard_size}
+    return json.loads(json.dumps(inputs))  # as it reads back from disk (tuples -> lists)
 
 
 def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
@@ -177,22 +179,44 @@ def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
     return tok
 
 
-def _image_tokenizer(cfg: Config, source, out: Path):
+def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given, progress):
+    """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
     from cm3leon_jax.tokenizers.image import ImageTokenizer
 
     path = out / IMAGE_TOKENIZER
-    bs = cfg.prepare.batch_size
-    if cfg.prepare.image_tokenizer is not None:
-        tok = ImageTokenizer.load(cfg.prepare.image_tokenizer, batch_size=bs)
-    elif path.exists():
-        return ImageTokenizer.load(path, batch_size=bs)
-    else:
-        raise PrepareError("training the image tokenizer inside prepare is not wired yet")
-    tmp = out / (IMAGE_TOKENIZER + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    tmp.rename(path)
-    return tok
+    if given is not None:
+        if not path.exists():
+            tmp = out / (IMAGE_TOKENIZER + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(cfg.prepare.image_tokenizer, tmp)
+            tmp.rename(path)
+        return given
+    if not path.exists():
+        _train_image_tokenizer(cfg, source, out, text, progress)
+    return ImageTokenizer.load(path, batch_size=cfg.prepare.batch_size)
+
+
+def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, progress):
+    """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
+    from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
+
+    t = cfg.vqgan_train
+    n = min(len(source), t.images)
+    _init_reader(source, text.model_proto, cfg.vqgan.resolution)
+    images = []
+    for i in np.unique(np.linspace(0, len(source) - 1, n).round().astype(int)):
+        items, _ = read_chunk(int(i), int(i) + 1)
+        images += [d["pixels"] for d in items if isinstance(d, dict)]
+    if len(images) < t.batch_size:
+        raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
+                           f"than vqgan_train.batch_size={t.batch_size}")
+    images = np.stack(images)
+    workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
+    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
+                                         progress=progress)
+    log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
+             summary["codebook_usage"])
+    (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -215,6 +239,8 @@ def _claim(out: Path, inputs: dict) -> None:
 
 def prepare(cfg: Config, progress: bool = True) -> dict:
     """Prepare `cfg.data.dir` from `cfg.source`; returns the manifest."""
+    from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard  # flax: not in readers
+
     if cfg.data.dir is None:
         raise PrepareError("data.dir: say where the prepared documents go")
     out = Path(cfg.data.dir)
@@ -227,11 +253,12 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     seconds = collections.Counter()
-    resolution = cfg.source.resolution or cfg.vqgan.resolution
-    if cfg.prepare.image_tokenizer is not None and cfg.source.resolution is None:
+    given = None
+    if cfg.prepare.image_tokenizer is not None:
         from cm3leon_jax.tokenizers.image import ImageTokenizer
 
-        resolution = ImageTokenizer.load(cfg.prepare.image_tokenizer).resolution
+        given = ImageTokenizer.load(cfg.prepare.image_tokenizer, cfg.prepare.batch_size)
+    resolution = cfg.source.resolution or (given or cfg.vqgan).resolution
     source = open_source(cfg.source, resolution)
     total = len(source)
 
@@ -239,7 +266,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     text = _text_tokenizer(cfg, source, out)
     seconds["text_tokenizer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image = _image_tokenizer(cfg, source, out)
+    image = _image_tokenizer(cfg, source, out, text, given, progress)
     seconds["image_tokenizer"] = time.perf_counter() - t0
     vocab = cfg.vocab.build()
     try:
@@ -260,11 +287,20 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
               for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
     workers = cfg.prepare.workers
     pool = (multiprocessing.get_context("spawn").Pool(
-        workers, _init_reader, (source, text.model_proto, image.resolution)) if workers else None)
+        workers, _init_reader, (source, text.model_proto, image.resolution))
+        if workers and chunks else None)
     if pool is None:
         _init_reader(source, text.model_proto, image.resolution)
-    bad_allowed = cfg.prepare.max_bad_fraction * total
     stats = _shard_stats(docs_dir, n_shards, set(todo))
+
+    def check_bad():  # once more are bad than allowed, no later shard can bring it back
+        bad = sum(sum(s["skipped"].values()) for s in stats.values())
+        if bad > cfg.prepare.max_bad_fraction * total:
+            _write_skipped(out, stats)
+            raise PrepareError(
+                f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
+                f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
@@ -279,21 +315,13 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             write_shard(path, docs)
             path.with_suffix(".json").write_text(json.dumps(shard) + "\n")
             stats[i] = shard
-            bad = sum(sum(s["skipped"].values()) for s in stats.values())
-            if bad > bad_allowed:
-                raise PrepareError(
-                    f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
-                    f"{cfg.prepare.max_bad_fraction} allows; see {docs_dir}/*.json")
+            check_bad()
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    skipped = collections.Counter()
-    with open(out / SKIPPED, "w") as f:
-        for i in range(n_shards):
-            skipped.update(stats[i]["skipped"])
-            for record_id, reason, detail in stats[i]["skipped_records"]:
-                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    check_bad()
+    skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
     manifest = {
         "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
@@ -311,7 +339,20 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     return manifest
 
 
+def _write_skipped(out: Path, stats: dict) -> collections.Counter:
+    """skipped.jsonl of the shards done so far; returns the counts per reason."""
+    skipped = collections.Counter()
+    with open(out / SKIPPED, "w") as f:
+        for i in sorted(stats):
+            skipped.update(stats[i]["skipped"])
+            for record_id, reason, detail in stats[i]["skipped_records"]:
+                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    return skipped
+
+
 def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:
+    from cm3leon_jax.data.records import shard_name
+
     stats = {}
     for i in range(n_shards):
         if i not in todo:
@@ -346,3 +387,29 @@ def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seco
                        "image": vocab.image_ids(c), "pixels": d["pixels"], "meta": d["meta"]}
                 seconds["write"] += time.perf_counter() - t0  # the writer's time on it
         bar.update(len(items))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A prepared data directory: its manifest, vocabulary and tokenizers."""
+
+    dir: Path
+    manifest: dict
+    vocab: Vocab
+    text: TextTokenizer
+
+    def image_tokenizer(self, batch_size: int = 32):
+        from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+        return ImageTokenizer.load(self.dir / self.manifest["image_tokenizer"], batch_size)
+
+
+def open_prepared(data_dir: str | Path) -> Prepared:
+    """Load what `prepare` wrote (fails when the run did not finish)."""
+    d = Path(data_dir)
+    if not (d / MANIFEST).exists():
+        raise FileNotFoundError(f"{d / MANIFEST} does not exist: run `cm3leon prepare` first "
+                                "(or let it finish)")
+    manifest = json.loads((d / MANIFEST).read_text())
+    return Prepared(d, manifest, Vocab.load(d / VOCAB),
+                    TextTokenizer.load(d / manifest["text_tokenizer"]))
