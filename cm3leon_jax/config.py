@@ -138,7 +138,7 @@ class RetrievalConfig:
     embed_dim: int = 128
     width: int = 128
     text_layers: int = 2
-    train_steps: int = 300
+    train_steps: int = 1000
     train_batch_size: int = 64
     train_lr: float = 1e-3
     temperature: float = 0.05
