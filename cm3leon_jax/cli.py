@@ -3,6 +3,9 @@
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [--devices N] [section.key=value ...]
     cm3leon compile --config FILE --topology NAME [--json] [section.key=value ...]
+    cm3leon retrieval train-encoder --config FILE [section.key=value ...]
+    cm3leon index  --config FILE [section.key=value ...]
+    cm3leon neighbors --config FILE [--shard I --num-shards N | --merge N] [section.key=value ...]
     cm3leon prepare --config FILE [section.key=value ...]
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
@@ -98,6 +101,48 @@ def cmd_compile(args) -> None:
         print(f"cm3leon compile: {args.config} {advice(cfg, topology, report)}",
               file=sys.stderr)
         raise SystemExit(1)
+
+
+def cmd_train_encoder(args) -> None:
+    from cm3leon_jax.retrieval.neighbors import train_dir, retrieval_dir
+    from cm3leon_jax.retrieval.train_encoder import train_encoder, validate_for_training
+
+    cfg = load_config(args.config, args.overrides)
+    validate_for_training(cfg.retrieval)
+    out = retrieval_dir(cfg) / "encoder"
+    info = train_encoder(cfg, train_dir(cfg), out)
+    print(f"encoder: {info['steps']} steps in {info['seconds']} s, loss {info['loss_first']} -> "
+          f"{info['loss_last']}, in-batch accuracy {info['batch_accuracy_last']}; saved to {out}")
+
+
+def cmd_index(args) -> None:
+    from cm3leon_jax.retrieval.neighbors import INDEX, build_bank_index, retrieval_dir
+
+    cfg = load_config(args.config, args.overrides)
+    m = build_bank_index(cfg)
+    print(f"index: {m['kind']} over {m['size']:,} documents x {m['dim']} "
+          f"({m['pairs']:,} pairs, {m['unembedded']} unembedded), embedded in "
+          f"{m['embed_seconds']} s, built in {m['build_seconds']} s, recall@10 "
+          f"{m['recall_at_10']} on {m['recall_queries']} queries; saved to "
+          f"{retrieval_dir(cfg) / INDEX}")
+
+
+def cmd_neighbors(args) -> None:
+    from cm3leon_jax.retrieval.neighbors import compute_neighbors, merge_shards, retrieval_dir
+
+    cfg = load_config(args.config, args.overrides)
+    if args.merge:
+        m = merge_shards(cfg, args.merge)
+    else:
+        m = compute_neighbors(cfg, args.shard, args.num_shards)
+        if args.num_shards > 1:
+            print(f"neighbors shard {args.shard}/{args.num_shards}: documents {m['range']} "
+                  f"in {m['seconds']} s, skipped {m['skipped']}")
+            return
+    print(f"neighbors: {m['documents']:,} documents x k={m['k']}, {m['rows_with_k']:,} with k "
+          f"found ({m['filled_fraction']:.1%} filled), mean score {m['mean_score']}, skipped "
+          f"{m['skipped']}, {m['documents_per_second']:,} documents/s; saved to "
+          f"{retrieval_dir(cfg)}")
 
 
 def cmd_prepare(args) -> None:
@@ -255,6 +300,21 @@ def main(argv: list[str] | None = None) -> int:
                         "SxNAME for S slices, e.g. 2xv5p-128")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("retrieval", help="retrieval encoder tasks")
+    rsub = p.add_subparsers(dest="action", required=True)
+    p = _with_config(rsub.add_parser("train-encoder", help="train the built-in dual encoder"))
+    p.set_defaults(fn=cmd_train_encoder)
+
+    p = _with_config(sub.add_parser("index", help="embed the memory bank, build ScaNN"))
+    p.set_defaults(fn=cmd_index)
+
+    p = _with_config(sub.add_parser("neighbors", help="offline top-k neighbors table"))
+    p.add_argument("--shard", type=int, default=0, help="this process's document range")
+    p.add_argument("--num-shards", type=int, default=1, help="document ranges in all")
+    p.add_argument("--merge", type=int, default=0, metavar="N",
+                   help="join the N shard files into the table")
+    p.set_defaults(fn=cmd_neighbors)
 
     p = _with_config(sub.add_parser("prepare", help="tokenize a source into data.dir"))
     p.set_defaults(fn=cmd_prepare)

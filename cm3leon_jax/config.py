@@ -134,6 +134,37 @@ class FaultConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    dir: Optional[str] = None  # retrieval outputs; null: <data.dir>/retrieval
+    bank: Optional[str] = None  # memory-bank prepared directory; null: data.dir itself
+    encoder: Literal["builtin", "minilm", "npy"] = "builtin"
+    embeddings: str = "embeddings"  # npy encoder: <prepared dir>/<this>/{text,image}.npy
+    embed_batch: int = 256  # documents per encoder call
+    exact_threshold: int = 20000  # banks smaller than this are searched exactly
+    num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(bank size)
+    leaves_to_search: int = 32
+    reorder: int = 100  # candidates rescored exactly after asymmetric hashing
+    recall_queries: int = 1000  # sample size for the index's recall@10 report
+    k: int = 2  # neighbors kept per document
+    candidates: int = 32  # top candidates searched before the heuristics
+    query: Literal["text", "image", "both"] = "both"  # what of a document forms its query
+    query_text_dropout: float = 0.2  # fraction of the query's text tokens dropped
+    max_score: float = 0.9  # skip candidates scoring above this against the query
+    max_pair_score: float = 0.9  # skip candidates scoring above this against a chosen one
+    prefer_pairs: bool = True  # documents with both modalities before single-modality ones
+    seed: int = 0  # query dropout
+    # the built-in dual encoder
+    embed_dim: int = 128
+    width: int = 128
+    text_layers: int = 2
+    train_steps: int = 1000
+    train_batch_size: int = 64
+    train_lr: float = 1e-3
+    temperature: float = 0.05
+    train_text_dropout: float = 0.2  # half the training texts lose this fraction of tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceConfig:
     """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
     kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"
@@ -263,6 +294,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     fault: FaultConfig = FaultConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     source: SourceConfig = SourceConfig()
     text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -439,6 +471,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     for s in cfg.fault.debug_nan_steps:
         if s <= 0:
             raise ConfigError(f"fault.debug_nan_steps contains {s}: steps count from 1")
+    _validate_retrieval(cfg.retrieval)
     validate_vqgan(cfg.vqgan)
     _validate_vqgan_train(cfg.vqgan_train)
     try:
@@ -465,6 +498,41 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         from cm3leon_jax.scaling.plan import check_sweep
 
         check_sweep(cfg, num_devices)
+
+
+def _validate_retrieval(r: RetrievalConfig) -> None:
+    for key in ("embed_batch", "exact_threshold", "leaves_to_search", "reorder",
+                "recall_queries", "k", "candidates", "embed_dim", "width", "train_steps",
+                "train_batch_size", "train_lr", "temperature"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"retrieval.{key}={getattr(r, key)} must be > 0")
+    for key in ("num_leaves", "text_layers"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"retrieval.{key}={getattr(r, key)} must be >= 0")
+    if r.candidates < r.k:
+        raise ConfigError(f"retrieval.candidates={r.candidates} is below retrieval.k={r.k}")
+    if r.candidates > r.reorder:
+        raise ConfigError(f"retrieval.candidates={r.candidates} exceeds retrieval.reorder="
+                          f"{r.reorder} (the candidates must come out of the exact rescoring)")
+    if r.reorder < 10:
+        raise ConfigError(f"retrieval.reorder={r.reorder} must be >= 10 (recall@10 is reported)")
+    if not 0 <= r.query_text_dropout < 1:
+        raise ConfigError(f"retrieval.query_text_dropout={r.query_text_dropout} must be in [0, 1)")
+    if not 0 <= r.train_text_dropout < 1:
+        raise ConfigError(f"retrieval.train_text_dropout={r.train_text_dropout} must be in [0, 1)")
+    for key in ("max_score", "max_pair_score"):
+        if not -1 <= getattr(r, key) <= 1:
+            raise ConfigError(f"retrieval.{key}={getattr(r, key)} must be a cosine in [-1, 1]")
+    if r.encoder == "minilm" and r.query == "image":
+        raise ConfigError("retrieval.query=image needs an image encoder; retrieval.encoder=minilm "
+                          "embeds text only")
+    if r.encoder == "npy" and r.query_text_dropout and r.query != "image":
+        raise ConfigError("retrieval.encoder=npy reads precomputed vectors and cannot drop query "
+                          "tokens: set retrieval.query_text_dropout=0")
+    if not r.embeddings or "/" in r.embeddings:
+        raise ConfigError(f"retrieval.embeddings={r.embeddings!r} must be one directory name")
+    if r.train_batch_size < 2:
+        raise ConfigError("retrieval.train_batch_size must be >= 2 (contrastive negatives)")
 
 
 def _validate_prepare(cfg: Config) -> None:

@@ -1,0 +1,1 @@
+"""Retrieval: encoders, the ScaNN index over the memory bank, offline neighbor tables."""

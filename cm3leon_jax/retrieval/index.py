@@ -1,0 +1,124 @@
+"""Maximum-inner-product search over the memory bank with ScaNN, and exact numpy search.
+
+Below `exact_threshold` documents the searcher is brute force (exact); above it, a tree of
+about sqrt(N) leaves + anisotropic asymmetric hashing + exact reordering of the best
+`reorder` candidates (ScaNN's own rules of thumb, stack.md §B). The searcher is
+serialized with ScaNN's own format next to a manifest saying how it was built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cm3leon_jax.config import RetrievalConfig
+
+MANIFEST = "manifest.json"
+
+
+def exact_search(queries: np.ndarray, bank: np.ndarray, k: int,
+                 block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product, best first: ids int64 [Q, k], scores float32 [Q, k]."""
+    k = min(k, len(bank))
+    ids = np.empty((len(queries), k), np.int64)
+    scores = np.empty((len(queries), k), np.float32)
+    for s in range(0, len(queries), block):
+        sims = queries[s:s + block] @ bank.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < len(bank) else \
+            np.broadcast_to(np.arange(len(bank)), (len(sims), k))
+        top_scores = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        ids[s:s + block] = np.take_along_axis(top, order, axis=1)
+        scores[s:s + block] = np.take_along_axis(top_scores, order, axis=1)
+    return ids, scores
+
+
+def plan(n: int, cfg: RetrievalConfig) -> dict:
+    """How a bank of n documents is searched (recorded in the manifest)."""
+    if n < cfg.exact_threshold:
+        return {"kind": "exact"}
+    leaves = cfg.num_leaves or max(1, round(math.sqrt(n)))
+    return {"kind": "tree_ah", "num_leaves": leaves,
+            "leaves_to_search": min(cfg.leaves_to_search, leaves), "reorder": cfg.reorder}
+
+
+def build_searcher(bank: np.ndarray, cfg: RetrievalConfig, k: int = 10):
+    """A ScaNN searcher over float32 [N, D] rows (inner product), built per `plan`."""
+    import scann
+
+    bank = np.ascontiguousarray(bank, np.float32)
+    p = plan(len(bank), cfg)
+    builder = scann.scann_ops_pybind.builder(bank, k, "dot_product")
+    if p["kind"] == "exact":
+        return builder.score_brute_force().build()
+    return (builder.tree(num_leaves=p["num_leaves"], num_leaves_to_search=p["leaves_to_search"],
+                         training_sample_size=len(bank), spherical=True)
+            .score_ah(2, anisotropic_quantization_threshold=0.2)
+            .reorder(max(p["reorder"], k))
+            .build())
+
+
+def search(searcher, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids int64 (-1 where the bank has fewer) and float32 scores, best first."""
+    queries = np.ascontiguousarray(queries, np.float32)
+    ids, scores = searcher.search_batched_parallel(queries, final_num_neighbors=k,
+                                                   batch_size=256)
+    out_ids = np.full((len(queries), k), -1, np.int64)
+    out_scores = np.full((len(queries), k), -np.inf, np.float32)
+    found = np.isfinite(scores)  # ScaNN pads with id 0 and NaN when the bank has < k
+    out_ids[:, :ids.shape[1]] = np.where(found, ids.astype(np.int64), -1)
+    out_scores[:, :ids.shape[1]] = np.where(found, scores, -np.inf)
+    return out_ids, out_scores
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the true top-k ids that the search found."""
+    hits = [len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)]
+    return float(np.sum(hits) / truth.size)
+
+
+def recall_with_ties(queries: np.ndarray, bank: np.ndarray, found: np.ndarray,
+                     truth_scores: np.ndarray) -> float:
+    """Like `recall_at`, but a found id whose exact score ties the k-th true score counts:
+    banks with duplicate vectors have many equally correct top-k lists."""
+    k = truth_scores.shape[1]
+    found = found[:, :k]
+    exact = np.einsum("qd,qkd->qk", queries, bank[np.maximum(found, 0)])
+    hits = (found >= 0) & (exact >= truth_scores[:, -1:] - 1e-5)
+    return float(hits.sum() / truth_scores.size)
+
+
+def build_index(bank: np.ndarray, out_dir: str | Path, cfg: RetrievalConfig,
+                extra: dict | None = None) -> dict:
+    """Build, serialize and measure the searcher (recall@10 of bank rows as queries, ties
+    with the 10th exact score counted); returns (and writes) its manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    searcher = build_searcher(bank, cfg)
+    build_s = time.perf_counter() - t0
+    searcher.serialize(str(out_dir))
+    rng = np.random.default_rng(cfg.seed)
+    sample = rng.choice(len(bank), min(cfg.recall_queries, len(bank)), replace=False)
+    queries = bank[np.sort(sample)]
+    found, _ = search(searcher, queries, 10)
+    _, truth_scores = exact_search(queries, bank, 10)
+    manifest = {**plan(len(bank), cfg), "size": int(len(bank)), "dim": int(bank.shape[1]),
+                "build_seconds": round(build_s, 2),
+                "recall_at_10": round(recall_with_ties(queries, bank, found, truth_scores), 4),
+                "recall_queries": int(len(sample)), **(extra or {})}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_searcher(index_dir: str | Path):
+    import scann
+
+    index_dir = Path(index_dir)
+    if not (index_dir / MANIFEST).exists():
+        raise FileNotFoundError(f"{index_dir}: no index here (run `cm3leon index` first)")
+    return scann.scann_ops_pybind.load_searcher(str(index_dir))
