@@ -115,6 +115,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k best tokens; 0: off
+    top_p: float = 0.9  # nucleus; 1.0: off
+    cfg_scale: float = 3.0  # alpha_c in uncond + alpha_c (cond - uncond); 1.0: no guidance
+    image_cfg_scale: float = 1.5  # two-scale guidance (image + text conditioned generation)
+    text_cfg_scale: float = 7.5
+    cd_alpha: float = 0.1  # CD-K head: p_cond >= cd_alpha * (k-th largest p_cond)
+    cd_k: int = 5
+    cd_sample: bool = True  # sample from the CD-K scores; false: take the best
+    pool: Literal["topp", "cdk", "mixed"] = "topp"  # how image candidates are drawn
+    candidates: int = 1  # candidates per output image, reranked when > 1 (needs a scorer)
+    image_tokens: Optional[int] = None  # tokens per image; null: from the image tokenizer
+    max_text_tokens: int = 32  # longest caption / infill
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -122,6 +140,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,6 +284,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _validate_generate(cfg)
     try:
         vocab = cfg.vocab.build()
     except ValueError as e:
@@ -283,6 +303,27 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                 raise ConfigError(f"{key}={value} is not divisible by mesh.tensor={tensor}")
         if m.d_model % fsdp:
             raise ConfigError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={fsdp}")
+
+
+def _validate_generate(cfg: Config) -> None:
+    g = cfg.generate
+    _positive(cfg, "generate.cfg_scale", "generate.cd_alpha", "generate.cd_k",
+              "generate.candidates", "generate.image_tokens", "generate.max_text_tokens")
+    for key, value in {"generate.temperature": g.temperature, "generate.top_k": g.top_k,
+                       "generate.image_cfg_scale": g.image_cfg_scale,
+                       "generate.text_cfg_scale": g.text_cfg_scale}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1]")
+    if g.cd_alpha > 1:
+        raise ConfigError(f"generate.cd_alpha={g.cd_alpha} must be in (0, 1]")
+    if g.pool == "mixed" and g.candidates < 2:
+        raise ConfigError("generate.pool=mixed needs generate.candidates >= 2 "
+                          f"(got {g.candidates}): half top-p, half CD-K")
+    if g.image_tokens is not None and g.image_tokens + 2 > cfg.model.max_seq_len:
+        raise ConfigError(f"generate.image_tokens={g.image_tokens} does not fit "
+                          f"model.max_seq_len={cfg.model.max_seq_len} with its prompt")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -38,6 +38,14 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
     iterator moved to where it was; refuses a checkpoint of a different model."""
     import grain
 
+    _check_config(mngr, step, cfg)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"]
+
+
+def _check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config) -> None:
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     current = cfg.to_dict()
     for section in MUST_MATCH:
@@ -46,7 +54,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
                 raise ConfigError(
                     f"checkpoint {mngr.directory}/{step} was written with {section}.{key}="
                     f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored["state"]
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, cfg: Config):
+    """The train state alone (no data iterator: for generation and export), laid out as
+    `abstract_state` says; refuses a checkpoint of a different model."""
+    _check_config(mngr, step, cfg)
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
