@@ -24,6 +24,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # tests/test_chameleon_interop.py: parity with transformers' ChameleonVQVAE
+        "interop": ["torch==2.13.0", "transformers"],
     },
     entry_points={"console_scripts": ["cm3leon=cm3leon_jax.cli:main"]},
 )

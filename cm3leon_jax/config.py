@@ -133,6 +133,91 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
+    kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"
+    size: Optional[int] = 10000  # pairs: the first `size` records; null: all (not for shapes)
+    seed: int = 0  # shapes: scene i depends on (seed, i)
+    resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
+    max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
+    path: Optional[str] = None  # fashion_mnist: IDX directory (null: Debian's); jsonl: the file
+    split: str = "train"  # fashion_mnist (train | test) and tfds split
+    name: Optional[str] = None  # tfds builder name
+    data_dir: Optional[str] = None  # tfds data directory (null: TFDS's default)
+    image_key: str = "image"  # tfds feature / jsonl field holding the image (path)
+    text_key: str = "caption"  # tfds feature / jsonl field holding the caption
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTokenizerConfig:
+    """Training of the sentencepiece model; its size is vocab.text_size (an upper bound)."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    byte_fallback: bool = True  # unseen characters as UTF-8 bytes: every caption round-trips
+    character_coverage: float = 1.0
+    train_captions: int = 1000000  # captions (evenly spaced over the source) to train on
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`cm3leon prepare`: source -> tokenizers -> document shards under data.dir."""
+    text_tokenizer: Optional[str] = None  # a sentencepiece .model to use; null: train one
+    image_tokenizer: Optional[str] = None  # an image tokenizer directory; null: train one
+    workers: int = 2  # reader processes (0: read in this process)
+    shard_size: int = 4096  # source records per shard
+    batch_size: int = 32  # images per image-tokenizer call
+    max_bad_fraction: float = 0.01  # fail when more of the records than this are skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """The image tokenizer's shape (taming/Chameleon VQ-GAN); the model is model/vqgan.py."""
+    resolution: int = 256  # input images are resolution x resolution RGB
+    base_channels: int = 128  # taming `ch`
+    channel_mult: tuple[int, ...] = (1, 1, 2, 4)  # one level each; len-1 stride-2 downsamples
+    num_res_blocks: int = 2  # per encoder level (the decoder has one more, as taming)
+    attn_resolutions: tuple[int, ...] = ()  # feature-map sizes that get attention blocks
+    mid_attn: bool = True  # attention in the middle block (Chameleon attn_type "vanilla")
+    norm_groups: int = 32  # GroupNorm groups (eps 1e-6, as taming)
+    z_channels: int = 256  # encoder output channels (Chameleon latent_channels)
+    embed_dim: int = 256  # codebook vector size (after quant_conv)
+    codebook_size: int = 8192
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.latent_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANTrainConfig:
+    """`cm3leon tokenizer train-image`: images from the shapes source, Adam, fixed LR."""
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-4
+    b1: float = 0.5
+    b2: float = 0.9
+    recon_loss: Literal["l1", "l2"] = "l1"
+    beta: float = 0.25  # commitment weight
+    codebook_weight: float = 1.0
+    restart_every: int = 100  # re-seed codes unused for this many steps from encoder outputs; 0: never
+    disc_weight: float = 0.0  # patch-GAN generator loss weight; 0: no discriminator
+    disc_start: int = 0  # step at which the GAN losses switch on
+    disc_channels: int = 64
+    disc_layers: int = 3
+    images: int = 20000  # training images drawn from the shapes source
+    eval_images: int = 512  # held-out images for the final PSNR and codebook usage
+    seed: int = 0  # init, image draw and batch order
+    log_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -141,6 +226,11 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
+    source: SourceConfig = SourceConfig()
+    text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    vqgan: VQGANConfig = VQGANConfig()
+    vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,6 +299,11 @@ def _coerce(value: Any, typ: Any, key: str):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
+    if origin is tuple:
+        (inner, _) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
@@ -285,10 +380,13 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _validate_generate(cfg)
+    validate_vqgan(cfg.vqgan)
+    _validate_vqgan_train(cfg.vqgan_train)
     try:
         vocab = cfg.vocab.build()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _validate_prepare(cfg)
     if num_devices is not None:
         data, fsdp, tensor = cfg.mesh.shape(num_devices)
         micro = t.batch_size // t.grad_accum
@@ -324,6 +422,67 @@ def _validate_generate(cfg: Config) -> None:
     if g.image_tokens is not None and g.image_tokens + 2 > cfg.model.max_seq_len:
         raise ConfigError(f"generate.image_tokens={g.image_tokens} does not fit "
                           f"model.max_seq_len={cfg.model.max_seq_len} with its prompt")
+
+
+def _validate_prepare(cfg: Config) -> None:
+    src, tt, p = cfg.source, cfg.text_tokenizer, cfg.prepare
+    _positive(cfg, "source.size", "source.resolution", "text_tokenizer.train_captions",
+              "prepare.shard_size", "prepare.batch_size")
+    if src.kind == "shapes":
+        if src.size is None:
+            raise ConfigError("source.size: the shapes source is endless, give a number of pairs")
+        if src.resolution is not None and src.resolution < 24:
+            raise ConfigError(f"source.resolution={src.resolution}: shapes needs >= 24 pixels")
+        if not 1 <= src.max_objects <= 9:
+            raise ConfigError(f"source.max_objects={src.max_objects} must be in [1, 9]")
+    if src.kind == "fashion_mnist" and src.split not in ("train", "test"):
+        raise ConfigError(f"source.split={src.split!r}: fashion_mnist has train and test")
+    if src.kind == "tfds" and not src.name:
+        raise ConfigError("source.name: the tfds source needs a builder name")
+    if src.kind == "jsonl" and not src.path:
+        raise ConfigError("source.path: the jsonl source needs the .jsonl file")
+    if not 0 < tt.character_coverage <= 1:
+        raise ConfigError(f"text_tokenizer.character_coverage={tt.character_coverage} "
+                          "must be in (0, 1]")
+    if tt.byte_fallback and cfg.vocab.text_size < 300:
+        raise ConfigError(f"vocab.text_size={cfg.vocab.text_size}: byte fallback needs >= 300 "
+                          "text ids (256 bytes + characters); or text_tokenizer.byte_fallback=false")
+    if p.workers < 0:
+        raise ConfigError(f"prepare.workers={p.workers} must be >= 0")
+    if not 0 <= p.max_bad_fraction <= 1:
+        raise ConfigError(f"prepare.max_bad_fraction={p.max_bad_fraction} must be in [0, 1]")
+
+
+def validate_vqgan(v: VQGANConfig) -> None:
+    """Checks of the image tokenizer's shape (also run when a saved tokenizer is loaded)."""
+    for key, value in (("resolution", v.resolution), ("base_channels", v.base_channels),
+                       ("num_res_blocks", v.num_res_blocks), ("norm_groups", v.norm_groups),
+                       ("z_channels", v.z_channels), ("embed_dim", v.embed_dim),
+                       ("codebook_size", v.codebook_size)):
+        if value <= 0:
+            raise ConfigError(f"vqgan.{key}={value} must be > 0")
+    if not v.channel_mult or any(m <= 0 for m in v.channel_mult):
+        raise ConfigError(f"vqgan.channel_mult={list(v.channel_mult)} must be a non-empty "
+                          "list of positive multipliers")
+    if v.resolution % v.downsample:
+        raise ConfigError(f"vqgan.resolution={v.resolution} is not divisible by the "
+                          f"downsampling factor {v.downsample} (2^(len(vqgan.channel_mult)-1))")
+    for m in v.channel_mult:
+        if (v.base_channels * m) % v.norm_groups:
+            raise ConfigError(f"vqgan.norm_groups={v.norm_groups} does not divide "
+                              f"vqgan.base_channels x {m} = {v.base_channels * m}")
+
+
+def _validate_vqgan_train(t: VQGANTrainConfig) -> None:
+    for key in ("steps", "batch_size", "lr", "b1", "b2", "images", "eval_images",
+                "log_every", "disc_channels", "disc_layers"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"vqgan_train.{key}={getattr(t, key)} must be > 0")
+    for key in ("beta", "codebook_weight", "restart_every", "disc_weight", "disc_start"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"vqgan_train.{key}={getattr(t, key)} must be >= 0")
+    if not (t.b1 < 1 and t.b2 < 1):
+        raise ConfigError(f"vqgan_train.b1={t.b1}, vqgan_train.b2={t.b2} must be in (0, 1)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

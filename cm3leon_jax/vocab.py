@@ -114,12 +114,26 @@ class Vocab:
             return f"<image:{i - self.image_offset}>"
         return "<unused>"
 
+    def check_tokenizers(self, text_pieces: int, codebook_size: int) -> None:
+        """Every sentencepiece piece and every codebook entry must have an id here.
+
+        The text range may be larger than the model (sentencepiece stops early on a small
+        corpus; the spare ids are never produced); the image range must equal the codebook.
+        """
+        if text_pieces > self.text_size:
+            raise ValueError(f"the text tokenizer has {text_pieces} pieces but vocab.text_size "
+                             f"is {self.text_size}")
+        if codebook_size != self.image_size:
+            raise ValueError(f"the image tokenizer has {codebook_size} codes but "
+                             f"vocab.image_size is {self.image_size}")
+
     # --- persistence -------------------------------------------------------------
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "specials": list(SPECIALS), "size": self.size}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+    def save(self, path: str | Path, **info) -> None:
+        """Write vocab.json; `info` (e.g. the tokenizer files it was built for) rides along."""
+        Path(path).write_text(json.dumps({**self.to_json(), **info}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":

@@ -1,0 +1,402 @@
+"""`cm3leon prepare`: image-caption pairs -> tokenizers -> tokenized document shards.
+
+    data.dir/
+      manifest.json               written last: documents, skipped (reason -> count), vocab,
+                                  tokenizer paths, source config, per-stage seconds
+      vocab.json                  the unified vocabulary (next to the tokenizers it is built for)
+      text_tokenizer.model        sentencepiece model (trained here or copied from prepare.text_tokenizer)
+      image_tokenizer/            ImageTokenizer.save directory (trained here or copied)
+      documents/shard-*.array_record   records of cm3leon_jax/data/records.py
+      documents/shard-*.json      per-shard counts and skipped records (a shard is done when both exist)
+      skipped.jsonl               every skipped record: id, reason, detail
+
+Reader processes load and check records, fit pixels to the tokenizer resolution and
+tokenize captions; this process encodes images in fixed-shape batches (one compile) and
+writes shards in source order, so the output does not depend on the number of workers. A
+re-run with the same inputs finds the manifest and returns; an interrupted run redoes only
+unfinished shards; a data.dir prepared from other inputs is refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cm3leon_jax.config import Config
+from cm3leon_jax.data.sources import BadRecord, check_caption, open_source
+from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
+from cm3leon_jax.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+TEXT_TOKENIZER = "text_tokenizer.model"
+IMAGE_TOKENIZER = "image_tokenizer"
+SKIPPED = "skipped.jsonl"
+FINGERPRINT = ".inputs.json"  # what this directory is being prepared from
+
+
+class PrepareError(RuntimeError):
+    """The inputs cannot be prepared (too many bad records, a foreign data.dir, ...)."""
+
+
+def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize the short side to `resolution` (Lanczos) and centre-crop a square."""
+    h, w = image.shape[:2]
+    if (h, w) == (resolution, resolution):
+        return image
+    from PIL import Image
+
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    return resized[top:top + resolution, left:left + resolution]
+
+
+# --- reader processes -----------------------------------------------------------------
+
+_reader: dict = {}
+
+
+def _init_reader(source, text_model: bytes, resolution: int) -> None:
+    _reader.update(source=source, text=TextTokenizer(text_model), resolution=resolution)
+
+
+def read_chunk(start: int, stop: int) -> tuple[list, dict]:
+    """Records [start, stop) as document dicts (no image tokens yet) or skip tuples."""
+    source, text, res = _reader["source"], _reader["text"], _reader["resolution"]
+    seconds = collections.Counter()
+    out = []
+    for i in range(start, stop):
+        t0 = time.perf_counter()
+        try:
+            try:
+                pair = source[i]
+            except BadRecord:
+                raise
+            except Exception as e:  # a reader bug or an unreadable record: name the record
+                raise BadRecord("corrupt_image", f"index {i}", f"{type(e).__name__}: {e}") from e
+            t1 = time.perf_counter()
+            seconds["read"] += t1 - t0
+            caption = check_caption(pair.caption, pair.id)
+            if pair.image.dtype != np.uint8 or pair.image.ndim != 3 or pair.image.shape[2] != 3:
+                raise BadRecord("wrong_shape", pair.id, f"image {pair.image.dtype} {pair.image.shape}")
+            pixels = fit_image(pair.image, res)
+            t2 = time.perf_counter()
+            seconds["resize"] += t2 - t1
+            pieces = text.encode(caption)
+            if text.decode(pieces) != caption:
+                raise BadRecord("lossy_text", pair.id, "caption does not survive encode/decode")
+            seconds["text"] += time.perf_counter() - t2
+            out.append({"id": pair.id, "caption": caption, "pieces": pieces, "pixels": pixels,
+                        "meta": json.dumps(pair.meta)})
+        except BadRecord as e:
+            seconds["read"] += time.perf_counter() - t0
+            out.append((e.record_id, e.reason, e.detail))
+    return out, dict(seconds)
+
+
+def _ordered_chunks(pool, chunks: list[tuple[int, int]], window: int):
+    """pool results of read_chunk in order, at most `window` chunks in flight (bounded memory)."""
+    pending = collections.deque()
+    it = iter(chunks)
+    for chunk in it:
+        pending.append(pool.apply_async(read_chunk, chunk) if pool else chunk)
+        if len(pending) >= window:
+            break
+    while pending:
+        head = pending.popleft()
+        yield head.get() if pool else read_chunk(*head)
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.apply_async(read_chunk, nxt) if pool else nxt)
+
+
+# --- tokenizers -------------------------------------------------------------------------
+
+def _file_digest(path: Path) -> str:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _inputs(cfg: Config) -> dict:
+    """Everything the prepared documents depend on (a changed input needs a new data.dir)."""
+    p = cfg.prepare
+    given = {}
+    for key in ("text_tokenizer", "image_tokenizer"):
+        path = getattr(p, key)
+        if path is not None:
+            if not Path(path).exists():
+                raise PrepareError(f"prepare.{key}={path} does not exist")
+            given[key] = {"path": str(Path(path).resolve()), "digest": _file_digest(Path(path))}
+    return {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
+            "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
+            "image_tokenizer": given.get("image_tokenizer", dataclasses.asdict(cfg.vqgan)),
+            "shard_size": p.shard_size}
+
+
+def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
+    path = out / TEXT_TOKENIZER
+    if cfg.prepare.text_tokenizer is not None:
+        tok = TextTokenizer.load(cfg.prepare.text_tokenizer)
+    elif path.exists():  # an interrupted run with the same inputs trained it already
+        return TextTokenizer.load(path)
+    else:
+        tt = cfg.text_tokenizer
+        n = min(len(source), tt.train_captions)
+        captions = []
+        for i in np.linspace(0, len(source) - 1, n).round().astype(int):
+            try:
+                captions.append(source.caption(int(i)))
+            except BadRecord:
+                pass  # counted when the record itself is read
+        t0 = time.perf_counter()
+        tok = train_text_tokenizer(captions, cfg.vocab.text_size, model_type=tt.model_type,
+                                   byte_fallback=tt.byte_fallback,
+                                   character_coverage=tt.character_coverage)
+        log.info("text tokenizer: %d pieces from %d captions in %.1fs", tok.size, len(captions),
+                 time.perf_counter() - t0)
+    tok.save(path)
+    return tok
+
+
+def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+    path = out / IMAGE_TOKENIZER
+    bs = cfg.prepare.batch_size
+    if cfg.prepare.image_tokenizer is not None:
+        tok = ImageTokenizer.load(cfg.prepare.image_tokenizer, batch_size=bs)
+    elif path.exists():
+        return ImageTokenizer.load(path, batch_size=bs)
+    else:
+        return _train_image_tokenizer(cfg, source, out, text)
+    tmp = out / (IMAGE_TOKENIZER + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save(tmp)
+    tmp.rename(path)
+    return tok
+
+
+def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+    """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+    from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
+
+    t = cfg.vqgan_train
+    n = min(len(source), t.images)
+    _init_reader(source, text.model_proto, cfg.vqgan.resolution)
+    images = []
+    for i in np.unique(np.linspace(0, len(source) - 1, n).round().astype(int)):
+        items, _ = read_chunk(int(i), int(i) + 1)
+        images += [d["pixels"] for d in items if isinstance(d, dict)]
+    if len(images) < t.batch_size:
+        raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
+                           f"than vqgan_train.batch_size={t.batch_size}")
+    images = np.stack(images)
+    workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
+    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
+                                         progress=log.isEnabledFor(logging.INFO))
+    log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
+             summary["codebook_usage"])
+    (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
+    return ImageTokenizer.load(out / IMAGE_TOKENIZER, batch_size=cfg.prepare.batch_size)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def _claim(out: Path, inputs: dict) -> None:
+    """Mark `out` as prepared from `inputs`, or refuse when it holds another preparation."""
+    marker = out / FINGERPRINT
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old != inputs:
+            diff = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
+            raise PrepareError(f"{out} was prepared from other inputs (differs in {diff}); "
+                               "use another data.dir or delete it")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise PrepareError(f"{out} is not empty and holds no preparation of ours")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict:
+    """Prepare `cfg.data.dir` from `cfg.source`; returns the manifest."""
+    from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard  # flax: not in readers
+
+    if cfg.data.dir is None:
+        raise PrepareError("data.dir: say where the prepared documents go")
+    out = Path(cfg.data.dir)
+    inputs = _inputs(cfg)
+    _claim(out, inputs)
+    if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        log.info("%s is already prepared (%d documents)", out, manifest["documents"])
+        return manifest
+
+    started = time.perf_counter()
+    seconds = collections.Counter()
+    resolution = cfg.source.resolution or cfg.vqgan.resolution
+    if cfg.prepare.image_tokenizer is not None and cfg.source.resolution is None:
+        from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+        resolution = ImageTokenizer.load(cfg.prepare.image_tokenizer).resolution
+    source = open_source(cfg.source, resolution)
+    total = len(source)
+
+    t0 = time.perf_counter()
+    text = _text_tokenizer(cfg, source, out)
+    seconds["text_tokenizer"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    image = _image_tokenizer(cfg, source, out, text)
+    seconds["image_tokenizer"] = time.perf_counter() - t0
+    vocab = cfg.vocab.build()
+    try:
+        vocab.check_tokenizers(text.size, image.codebook_size)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    vocab.save(out / VOCAB, text_pieces=text.size, text_tokenizer=TEXT_TOKENIZER,
+               image_tokenizer=IMAGE_TOKENIZER)
+
+    shard_size = cfg.prepare.shard_size
+    n_shards = max(1, math.ceil(total / shard_size))
+    docs_dir = out / DOCUMENTS
+    todo = [i for i in range(n_shards)
+            if not (docs_dir / shard_name(i, n_shards)).exists()
+            or not (docs_dir / shard_name(i, n_shards)).with_suffix(".json").exists()]
+    batch = cfg.prepare.batch_size
+    chunks = [(s, min(s + batch, (i + 1) * shard_size, total))
+              for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
+    workers = cfg.prepare.workers
+    pool = (multiprocessing.get_context("spawn").Pool(
+        workers, _init_reader, (source, text.model_proto, image.resolution)) if workers else None)
+    if pool is None:
+        _init_reader(source, text.model_proto, image.resolution)
+    bad_allowed = cfg.prepare.max_bad_fraction * total
+    stats = _shard_stats(docs_dir, n_shards, set(todo))
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
+               desc=f"prepare {out.name}", disable=not progress)
+    try:
+        results = _ordered_chunks(pool, chunks, window=4 * max(1, workers))
+        for i in todo:
+            lo, hi = i * shard_size, min((i + 1) * shard_size, total)
+            shard = {"documents": 0, "skipped": collections.Counter(), "skipped_records": []}
+            docs = _shard_documents(results, hi - lo, image, vocab, shard, seconds, bar)
+            path = docs_dir / shard_name(i, n_shards)
+            write_shard(path, docs)
+            path.with_suffix(".json").write_text(json.dumps(shard) + "\n")
+            stats[i] = shard
+            bad = sum(sum(s["skipped"].values()) for s in stats.values())
+            if bad > bad_allowed:
+                raise PrepareError(
+                    f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
+                    f"{cfg.prepare.max_bad_fraction} allows; see {docs_dir}/*.json")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    skipped = collections.Counter()
+    with open(out / SKIPPED, "w") as f:
+        for i in range(n_shards):
+            skipped.update(stats[i]["skipped"])
+            for record_id, reason, detail in stats[i]["skipped_records"]:
+                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    documents = sum(s["documents"] for s in stats.values())
+    manifest = {
+        "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
+        "vocab": vocab.to_json(), "text_pieces": text.size,
+        "text_tokenizer": TEXT_TOKENIZER, "image_tokenizer": IMAGE_TOKENIZER,
+        "resolution": image.resolution, "tokens_per_image": image.tokens_per_image,
+        "shards": [shard_name(i, n_shards) for i in range(n_shards)],
+        "source": dataclasses.asdict(cfg.source), "inputs": inputs,
+        "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.rename(out / MANIFEST)
+    return manifest
+
+
+def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:
+    from cm3leon_jax.data.records import shard_name
+
+    stats = {}
+    for i in range(n_shards):
+        if i not in todo:
+            s = json.loads((docs_dir / shard_name(i, n_shards)).with_suffix(".json").read_text())
+            s["skipped"] = collections.Counter(s["skipped"])
+            stats[i] = s
+    return stats
+
+
+def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seconds, bar):
+    """The next `count` records from the readers as documents, images encoded per chunk."""
+    done = 0
+    while done < count:
+        t0 = time.perf_counter()
+        items, chunk_seconds = next(results)
+        seconds["wait"] += time.perf_counter() - t0
+        done += len(items)
+        seconds.update(chunk_seconds)
+        good = [d for d in items if isinstance(d, dict)]
+        for record_id, reason, detail in (d for d in items if not isinstance(d, dict)):
+            log.warning("skipped %s: %s %s", record_id, reason, detail)
+            shard["skipped"][reason] += 1
+            shard["skipped_records"].append([record_id, reason, detail])
+        if good:
+            t0 = time.perf_counter()
+            codes = image.encode(np.stack([d["pixels"] for d in good]))
+            seconds["image"] += time.perf_counter() - t0
+            for d, c in zip(good, codes):
+                shard["documents"] += 1
+                t0 = time.perf_counter()
+                yield {"id": d["id"], "caption": d["caption"], "text": vocab.text_ids(d["pieces"]),
+                       "image": vocab.image_ids(c), "pixels": d["pixels"], "meta": d["meta"]}
+                seconds["write"] += time.perf_counter() - t0  # the writer's time on it
+        bar.update(len(items))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A prepared data directory: its manifest, vocabulary and tokenizers."""
+
+    dir: Path
+    manifest: dict
+    vocab: Vocab
+    text: TextTokenizer
+
+    def image_tokenizer(self, batch_size: int = 32):
+        from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+        return ImageTokenizer.load(self.dir / self.manifest["image_tokenizer"], batch_size)
+
+
+def open_prepared(data_dir: str | Path) -> Prepared:
+    """Load what `prepare` wrote (fails when the run did not finish)."""
+    d = Path(data_dir)
+    if not (d / MANIFEST).exists():
+        raise FileNotFoundError(f"{d / MANIFEST} does not exist: run `cm3leon prepare` first "
+                                "(or let it finish)")
+    manifest = json.loads((d / MANIFEST).read_text())
+    return Prepared(d, manifest, Vocab.load(d / VOCAB),
+                    TextTokenizer.load(d / manifest["text_tokenizer"]))
