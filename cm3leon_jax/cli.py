@@ -2,6 +2,9 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
+    cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
+    cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
 """
 
 from __future__ import annotations
@@ -56,6 +59,43 @@ def cmd_params(args) -> None:
           f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
 
 
+def cmd_generate(args) -> None:
+    from cm3leon_jax.generate import command
+
+    overrides = list(args.overrides)
+    if getattr(args, "cfg", None) is not None:
+        overrides.append(f"generate.cfg_scale={args.cfg}")
+    if args.task == "image":
+        command.generate_image(args.workdir, args.prompt, args.num, args.out, overrides)
+    elif args.task == "caption":
+        command.caption_images(args.workdir, args.image, overrides)
+    else:
+        command.infill_text(args.workdir, args.before, args.after, overrides)
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="sample images, captions or infills from a run")
+    tasks = gen.add_subparsers(dest="task", required=True)
+    helps = {"image": "text -> PNG grid of images", "caption": "image files -> captions",
+             "infill": "fill the gap between two texts"}
+    for task, text in helps.items():
+        p = tasks.add_parser(task, help=text)
+        p.add_argument("--workdir", required=True, help="run directory (config.yaml + checkpoints)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="e.g. generate.temperature=0.7 generate.pool=mixed data.dir=DIR")
+        p.set_defaults(fn=cmd_generate)
+        if task == "image":
+            p.add_argument("--prompt", required=True, action="append", help="caption (repeatable)")
+            p.add_argument("--num", type=int, default=4, help="images per prompt")
+            p.add_argument("--cfg", type=float, help="guidance scale (generate.cfg_scale)")
+            p.add_argument("--out", help="PNG path (default RUN/samples/generate-STEP.png)")
+        elif task == "caption":
+            p.add_argument("--image", required=True, action="append", help="image file (repeatable)")
+        else:
+            p.add_argument("--before", required=True, help="text before the gap")
+            p.add_argument("--after", default="", help="text after the gap")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_params)
+
+    _generate_parser(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -239,3 +239,9 @@ def test_rerank_keeps_the_best_per_caption():
     np.testing.assert_allclose(scores[1], [0.71, 0.21, 0.81])
     with pytest.raises(ValueError, match="expected \\(6,\\)"):
         rerank(cands, ["A", "B"], lambda i, c: [0.0])
+
+
+def test_cli_refuses_a_directory_without_a_run(tmp_path, capsys):
+    from cm3leon_jax.cli import main
+    assert main(["generate", "image", "--workdir", str(tmp_path), "--prompt", "a"]) == 2
+    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
