@@ -4,10 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(FASHION_MNIST)
+
+# Fashion-MNIST IDX files for the fashion_mnist source and its tests (Debian package).
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y dataset-fashion-mnist
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)

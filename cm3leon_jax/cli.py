@@ -2,6 +2,8 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon prepare --config FILE [section.key=value ...]
+    cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
     cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
     cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
@@ -96,6 +98,42 @@ def _generate_parser(sub) -> None:
             p.add_argument("--after", default="", help="text after the gap")
 
 
+def cmd_prepare(args) -> None:
+    import logging
+
+    from cm3leon_jax.data.prepare import PrepareError, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    try:
+        m = prepare(cfg)
+    except PrepareError as e:
+        raise SystemExit(f"cm3leon prepare: {e}") from None
+    skipped = ", ".join(f"{k} {v}" for k, v in m["skipped"].items()) or "none"
+    print(f"prepared {cfg.data.dir}: {m['documents']:,} documents from {m['records']:,} "
+          f"records in {len(m['shards'])} shards (skipped: {skipped})")
+    print(f"vocabulary {m['vocab']['size']:,} ids ({m['text_pieces']} text pieces, "
+          f"{m['vocab']['image_size']} image codes); {m['tokens_per_image']} tokens per "
+          f"{m['resolution']}x{m['resolution']} image")
+    rates = "  ".join(f"{k} {m['records'] / v:,.0f}/s" for k, v in m["seconds"].items()
+                      if k in ("read", "resize", "text", "image", "write") and v > 0)
+    print(f"pairs per second by stage: {rates}  (wall {m['wall_seconds']:.1f}s)")
+
+
+def cmd_tokenizer_train_image(args) -> None:
+    from cm3leon_jax.train.vqgan import train_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    _, s = train_from_config(cfg, args.workdir)
+    v = cfg.vqgan
+    print(f"image tokenizer: {v.resolution}x{v.resolution} -> {v.tokens_per_image} tokens from "
+          f"{v.codebook_size} codes; {s['steps']} steps on {s['train_images']} shapes images "
+          f"in {s['train_seconds']:.0f}s")
+    print(f"held-out PSNR {s['psnr']:.2f} dB on {s['eval_images']} images, codebook usage "
+          f"{s['codebook_usage']:.1%}, {s['codes_restarted']} dead codes restarted")
+    print(f"saved {args.workdir}/image_tokenizer, reconstructions.png, metrics.jsonl")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(fn=cmd_params)
+
+    p = _with_config(sub.add_parser("prepare", help="tokenize a source into data.dir"))
+    p.set_defaults(fn=cmd_prepare)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(
+        dest="tokenizer_command", required=True)
+    p = _with_config(tok.add_parser("train-image", help="train the VQ-GAN image tokenizer "
+                                    "on shapes images"))
+    p.add_argument("--workdir", required=True, help="output: image_tokenizer/, PNG, metrics")
+    p.set_defaults(fn=cmd_tokenizer_train_image)
 
     _generate_parser(sub)
 

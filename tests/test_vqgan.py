@@ -75,7 +75,8 @@ def test_tokenizer_batching_matches_one_batch_and_save_load(tmp_path):
         np.testing.assert_array_equal(tok.encode(images[i:i + 1])[0], codes[i])
     decoded = tok.decode(codes)
     assert decoded.shape == (11, 16, 16, 3) and decoded.dtype == np.uint8
-    np.testing.assert_array_equal(whole.decode(codes), decoded)
+    # another batch shape may round a pixel the other way, never more
+    assert np.abs(whole.decode(codes).astype(int) - decoded).max() <= 1
 
     tok.save(tmp_path / "tok")
     back = ImageTokenizer.load(tmp_path / "tok", batch_size=3)

@@ -145,10 +145,13 @@ def _inputs(cfg: Config) -> dict:
             if not Path(path).exists():
                 raise PrepareError(f"prepare.{key}={path} does not exist")
             given[key] = {"path": str(Path(path).resolve()), "digest": _file_digest(Path(path))}
-    return {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
-            "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
-            "image_tokenizer": given.get("image_tokenizer", dataclasses.asdict(cfg.vqgan)),
-            "shard_size": p.shard_size}
+    inputs = {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
+              "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
+              "image_tokenizer": given.get("image_tokenizer", {
+                  "vqgan": dataclasses.asdict(cfg.vqgan),
+                  "vqgan_train": dataclasses.asdict(cfg.vqgan_train)}),
+              "shard_size": p.shard_size}
+    return json.loads(json.dumps(inputs))  # as it reads back from disk (tuples -> lists)
 
 
 def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
@@ -176,27 +179,25 @@ def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
     return tok
 
 
-def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given, progress):
+    """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
     from cm3leon_jax.tokenizers.image import ImageTokenizer
 
     path = out / IMAGE_TOKENIZER
-    bs = cfg.prepare.batch_size
-    if cfg.prepare.image_tokenizer is not None:
-        tok = ImageTokenizer.load(cfg.prepare.image_tokenizer, batch_size=bs)
-    elif path.exists():
-        return ImageTokenizer.load(path, batch_size=bs)
-    else:
-        return _train_image_tokenizer(cfg, source, out, text)
-    tmp = out / (IMAGE_TOKENIZER + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    tmp.rename(path)
-    return tok
+    if given is not None:
+        if not path.exists():
+            tmp = out / (IMAGE_TOKENIZER + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(cfg.prepare.image_tokenizer, tmp)
+            tmp.rename(path)
+        return given
+    if not path.exists():
+        _train_image_tokenizer(cfg, source, out, text, progress)
+    return ImageTokenizer.load(path, batch_size=cfg.prepare.batch_size)
 
 
-def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
+def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, progress):
     """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
-    from cm3leon_jax.tokenizers.image import ImageTokenizer
     from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
 
     t = cfg.vqgan_train
@@ -212,11 +213,10 @@ def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer):
     images = np.stack(images)
     workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
     _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
-                                         progress=log.isEnabledFor(logging.INFO))
+                                         progress=progress)
     log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
              summary["codebook_usage"])
     (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
-    return ImageTokenizer.load(out / IMAGE_TOKENIZER, batch_size=cfg.prepare.batch_size)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -253,11 +253,12 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
 
     started = time.perf_counter()
     seconds = collections.Counter()
-    resolution = cfg.source.resolution or cfg.vqgan.resolution
-    if cfg.prepare.image_tokenizer is not None and cfg.source.resolution is None:
+    given = None
+    if cfg.prepare.image_tokenizer is not None:
         from cm3leon_jax.tokenizers.image import ImageTokenizer
 
-        resolution = ImageTokenizer.load(cfg.prepare.image_tokenizer).resolution
+        given = ImageTokenizer.load(cfg.prepare.image_tokenizer, cfg.prepare.batch_size)
+    resolution = cfg.source.resolution or (given or cfg.vqgan).resolution
     source = open_source(cfg.source, resolution)
     total = len(source)
 
@@ -265,7 +266,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     text = _text_tokenizer(cfg, source, out)
     seconds["text_tokenizer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    image = _image_tokenizer(cfg, source, out, text)
+    image = _image_tokenizer(cfg, source, out, text, given, progress)
     seconds["image_tokenizer"] = time.perf_counter() - t0
     vocab = cfg.vocab.build()
     try:
@@ -286,11 +287,20 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
               for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
     workers = cfg.prepare.workers
     pool = (multiprocessing.get_context("spawn").Pool(
-        workers, _init_reader, (source, text.model_proto, image.resolution)) if workers else None)
+        workers, _init_reader, (source, text.model_proto, image.resolution))
+        if workers and chunks else None)
     if pool is None:
         _init_reader(source, text.model_proto, image.resolution)
-    bad_allowed = cfg.prepare.max_bad_fraction * total
     stats = _shard_stats(docs_dir, n_shards, set(todo))
+
+    def check_bad():  # once more are bad than allowed, no later shard can bring it back
+        bad = sum(sum(s["skipped"].values()) for s in stats.values())
+        if bad > cfg.prepare.max_bad_fraction * total:
+            _write_skipped(out, stats)
+            raise PrepareError(
+                f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
+                f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
+
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
@@ -305,21 +315,13 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             write_shard(path, docs)
             path.with_suffix(".json").write_text(json.dumps(shard) + "\n")
             stats[i] = shard
-            bad = sum(sum(s["skipped"].values()) for s in stats.values())
-            if bad > bad_allowed:
-                raise PrepareError(
-                    f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
-                    f"{cfg.prepare.max_bad_fraction} allows; see {docs_dir}/*.json")
+            check_bad()
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    skipped = collections.Counter()
-    with open(out / SKIPPED, "w") as f:
-        for i in range(n_shards):
-            skipped.update(stats[i]["skipped"])
-            for record_id, reason, detail in stats[i]["skipped_records"]:
-                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    check_bad()
+    skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
     manifest = {
         "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
@@ -335,6 +337,17 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     tmp.rename(out / MANIFEST)
     return manifest
+
+
+def _write_skipped(out: Path, stats: dict) -> collections.Counter:
+    """skipped.jsonl of the shards done so far; returns the counts per reason."""
+    skipped = collections.Counter()
+    with open(out / SKIPPED, "w") as f:
+        for i in sorted(stats):
+            skipped.update(stats[i]["skipped"])
+            for record_id, reason, detail in stats[i]["skipped_records"]:
+                f.write(json.dumps({"id": record_id, "reason": reason, "detail": detail}) + "\n")
+    return skipped
 
 
 def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:

@@ -8,6 +8,7 @@ once. A saved tokenizer is a directory with `vqgan.json` (config) and `vqgan.npz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -33,26 +34,25 @@ def to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+@functools.lru_cache(maxsize=None)
 def graphdef(cfg: VQGANConfig):
     return nnx.graphdef(nnx.eval_shape(lambda: VQGAN(cfg, rngs=nnx.Rngs(0))))
 
 
-def init_params(cfg: VQGANConfig, seed: int = 0) -> dict:
-    """Randomly initialised weights as a plain nested dict, drawn with numpy.
+def init_like(abstract: dict, seed: int) -> dict:
+    """Random weights for a tree of parameter shapes, drawn with numpy by parameter name.
 
-    Kernels ~ N(0, 1/fan_in) (LeCun normal, as flax's default), biases 0, GroupNorm scales 1,
-    codebook uniform(-1/K, 1/K) (taming). numpy, because an XLA program of ~100 random
-    initializers takes 20-60 s to compile on a small CPU, longer than the model it builds.
+    Kernels ~ N(0, 1/fan_in) (LeCun normal, as flax's default), biases 0, norm scales 1, a
+    codebook of K rows uniform(-1/K, 1/K) (taming). numpy, because an XLA program of ~100
+    random initializers takes 20-60 s to compile on a small CPU, longer than the model it
+    builds.
     """
     rng = np.random.default_rng(seed)
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: VQGAN(cfg, rngs=nnx.Rngs(0))),
-                                          nnx.Param))
 
     def draw(path, leaf):
         name, shape = str(getattr(path[-1], "key", path[-1])), leaf.shape
         if name == "codebook":
-            k = cfg.codebook_size
-            value = rng.uniform(-1.0 / k, 1.0 / k, shape)
+            value = rng.uniform(-1.0 / shape[0], 1.0 / shape[0], shape)
         elif name == "kernel":
             value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
         else:
@@ -60,6 +60,33 @@ def init_params(cfg: VQGANConfig, seed: int = 0) -> dict:
         return jnp.asarray(value, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def abstract_params(make_module) -> dict:
+    """Parameter shapes of the module `make_module(rngs)` builds, without building it."""
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))),
+                                      nnx.Param))
+
+
+def init_params(cfg: VQGANConfig, seed: int = 0) -> dict:
+    """Randomly initialised VQ-GAN weights as a plain nested dict."""
+    return init_like(abstract_params(lambda rngs: VQGAN(cfg, rngs=rngs)), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg: VQGANConfig):
+    """encode and decode programs, shared by every tokenizer of this config."""
+    gdef, side = graphdef(cfg), cfg.latent_size
+
+    def encode(p, images):
+        codes = nnx.merge(gdef, p).encode(to_float(images))
+        return codes.reshape(codes.shape[0], -1)
+
+    def decode(p, codes):
+        grid = codes.reshape(codes.shape[0], side, side)
+        return to_uint8(nnx.merge(gdef, p).decode(grid))
+
+    return jax.jit(encode), jax.jit(decode)
 
 
 def flatten(params: dict) -> dict[str, np.ndarray]:
@@ -95,17 +122,7 @@ class ImageTokenizer:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be > 0")
         self.config, self.params, self.batch_size = config, params, batch_size
-        gdef, side = graphdef(config), config.latent_size
-
-        def encode(p, images):
-            codes = nnx.merge(gdef, p).encode(to_float(images))
-            return codes.reshape(codes.shape[0], -1)
-
-        def decode(p, codes):
-            grid = codes.reshape(codes.shape[0], side, side)
-            return to_uint8(nnx.merge(gdef, p).decode(grid))
-
-        self._encode, self._decode = jax.jit(encode), jax.jit(decode)
+        self._encode, self._decode = _jitted(config)
 
     @classmethod
     def create(cls, config: VQGANConfig, seed: int = 0, batch_size: int = 32):
@@ -177,7 +194,7 @@ class ImageTokenizer:
             validate_vqgan(config)
         except (ConfigError, json.JSONDecodeError) as e:
             raise ValueError(f"{d / CONFIG_FILE}: {e}") from None
-        like = jax.eval_shape(lambda: init_params(config))
+        like = abstract_params(lambda rngs: VQGAN(config, rngs=rngs))
         with np.load(d / PARAMS_FILE) as npz:
             params = unflatten(dict(npz), like, str(d / PARAMS_FILE))
         return cls(config, params, batch_size)

@@ -2,7 +2,8 @@
 
 Loss: L1 or L2 reconstruction + codebook_weight x (codebook + beta x commitment), plus an
 optional hinge patch-GAN (generator term weighted by `disc_weight`, on from `disc_start`).
-Dead-code restarts keep the codebook in use: every `restart_every` steps, codes no batch
+Dead-code restarts keep the codebook in use: every `restart_every` steps (not after the last
+step, so the evaluated codebook is the trained one), codes no batch
 picked in that window are re-seeded from encoder outputs of the current batch. The core,
 `train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
 where they come from.
@@ -10,6 +11,7 @@ where they come from.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -21,9 +23,10 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from cm3leon_jax.config import VQGANConfig, VQGANTrainConfig
+from cm3leon_jax.config import Config, VQGANConfig, VQGANTrainConfig
 from cm3leon_jax.model.patchgan import PatchGAN
-from cm3leon_jax.tokenizers.image import ImageTokenizer, graphdef, init_params, to_float
+from cm3leon_jax.tokenizers.image import (ImageTokenizer, abstract_params, graphdef, init_like,
+                                          init_params, to_float)
 
 TOKENIZER_DIR = "image_tokenizer"
 
@@ -44,8 +47,22 @@ def save_comparison(originals: np.ndarray, reconstructions: np.ndarray, path: Pa
     Image.fromarray(grid).save(path)
 
 
-def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, opt, dopt, dgdef, gan: bool):
-    gdef = graphdef(cfg)
+def _optimizer(t: VQGANTrainConfig):
+    return optax.adam(t.lr, t.b1, t.b2)
+
+
+def _discriminator(t: VQGANTrainConfig, rngs: nnx.Rngs) -> PatchGAN:
+    return PatchGAN(t.disc_channels, t.disc_layers, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=None)
+def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
+    """The jitted train step; cached so runs with equal settings compile once.
+
+    Call it with `_step_key(t)` so fields that do not enter the step share the cache.
+    """
+    gdef, opt = graphdef(cfg), _optimizer(t)
+    dgdef = nnx.graphdef(nnx.eval_shape(lambda: _discriminator(t, nnx.Rngs(0)))) if gan else None
 
     def generator_loss(params, dparams, x):
         recon, codes, z, cb, commit = nnx.merge(gdef, params)(x)
@@ -75,12 +92,19 @@ def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, opt, dopt, dgdef, gan: boo
         if gan:
             dl, dgrads = jax.value_and_grad(discriminator_loss)(
                 dparams, x, jax.lax.stop_gradient(recon))
-            dupdates, dopt_state = dopt.update(dgrads, dopt_state, dparams)
+            dupdates, dopt_state = opt.update(dgrads, dopt_state, dparams)
             dparams = optax.apply_updates(dparams, dupdates)
             metrics["disc"] = dl
         return params, opt_state, dparams, dopt_state, metrics, codes, z
 
     return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+def _step_key(t: VQGANTrainConfig) -> VQGANTrainConfig:
+    """`t` with the fields the step does not read set to defaults."""
+    return VQGANTrainConfig(lr=t.lr, b1=t.b1, b2=t.b2, recon_loss=t.recon_loss, beta=t.beta,
+                            codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
+                            disc_channels=t.disc_channels, disc_layers=t.disc_layers)
 
 
 def restart_dead_codes(codebook: np.ndarray, counts: np.ndarray, z: np.ndarray,
@@ -123,19 +147,14 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
     rng = np.random.default_rng(t.seed)
 
     params = init_params(cfg, t.seed)
-    opt = optax.adam(t.lr, t.b1, t.b2)
-    opt_state = opt.init(params)
+    opt_state = _optimizer(t).init(params)
     gan = t.disc_weight > 0
-    dgdef, dparams, dopt, dopt_state = None, {}, None, {}
+    dparams, dopt_state = {}, {}
     if gan:
-        disc = PatchGAN(t.disc_channels, t.disc_layers, rngs=nnx.Rngs(t.seed + 1))
-        dgdef, dstate = nnx.split(disc, nnx.Param)
-        dparams = nnx.to_pure_dict(dstate)
-        dopt = optax.adam(t.lr, t.b1, t.b2)
-        dopt_state = dopt.init(dparams)
-    steps = {False: _make_step(cfg, t, opt, dopt, dgdef, False)}
-    if gan:
-        steps[True] = _make_step(cfg, t, opt, dopt, dgdef, True)
+        dparams = init_like(abstract_params(lambda rngs: _discriminator(t, rngs)), t.seed + 1)
+        dopt_state = _optimizer(t).init(dparams)
+    key = _step_key(t)
+    steps = {g: _make_step(cfg, key, g) for g in {False, gan}}
 
     counts = np.zeros(cfg.codebook_size, np.int64)
     order, pos = rng.permutation(len(images)), 0
@@ -152,7 +171,7 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
             params, opt_state, dparams, dopt_state, metrics, codes, z = steps[use_gan](
                 params, opt_state, dparams, dopt_state, batch)
             counts += np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
-            if t.restart_every and (step + 1) % t.restart_every == 0:
+            if t.restart_every and (step + 1) % t.restart_every == 0 and step + 1 < t.steps:
                 usage = float((counts > 0).mean())
                 book, n = restart_dead_codes(np.asarray(params["codebook"]), counts,
                                              np.asarray(z).reshape(-1, cfg.embed_dim), rng)
@@ -184,3 +203,22 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
     save_comparison(eval_images[:8], recon[:8], workdir / "reconstructions.png")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return tok, summary
+
+
+def shapes_images(count: int, resolution: int, seed: int, max_objects: int) -> np.ndarray:
+    """uint8 [count, R, R, 3] scenes of the built-in shapes source."""
+    from cm3leon_jax.data.sources import ShapesSource
+
+    source = ShapesSource(count, resolution, seed, max_objects)
+    return np.stack([source[i].image for i in tqdm(range(count), desc="render shapes",
+                                                    leave=False)])
+
+
+def train_from_config(cfg: Config, workdir: str | Path,
+                      progress: bool = True) -> tuple[ImageTokenizer, dict]:
+    """`cm3leon tokenizer train-image`: `vqgan_train.images` shapes scenes (seed
+    `vqgan_train.seed`), evaluated on `vqgan_train.eval_images` others (seed + 1)."""
+    v, t = cfg.vqgan, cfg.vqgan_train
+    train = shapes_images(t.images, v.resolution, t.seed, cfg.source.max_objects)
+    held_out = shapes_images(t.eval_images, v.resolution, t.seed + 1, cfg.source.max_objects)
+    return train_image_tokenizer(v, t, train, workdir, held_out, progress)
