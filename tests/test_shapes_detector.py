@@ -7,7 +7,8 @@ import pytest
 
 from cm3leon_jax.data.sources import COLOURS, ShapesSource
 from cm3leon_jax.eval.shapes_detector import (caption_matches, caption_objects, detect,
-                                              image_matches)
+                                              image_matches, match_scores)
+from cm3leon_jax.generate.rerank import rerank
 
 
 def objects(found, keys=("colour", "shape", "size", "position")):
@@ -74,3 +75,13 @@ def test_caption_parsing_and_caption_scores():
     assert detect(blank) == [] and not image_matches(blank, "one shape: a small red circle")
     with pytest.raises(ValueError, match="expected an RGB image"):
         detect(blank[:, :, 0])
+
+
+def test_match_scores_rerank_shapes_candidates():
+    src = ShapesSource(4, 48, seed=2)
+    pairs = [src[i] for i in range(4)]
+    caption = pairs[2].caption
+    best, scores = rerank([[p.image for p in pairs]], [caption], match_scores)
+    assert best.tolist() == [[2]] and scores[0, 2] == 1.0
+    n = len(caption_objects(caption))
+    assert all(s * n == round(s * n) for s in scores[0])  # fractions of the named objects

@@ -125,6 +125,17 @@ def image_matches(image: np.ndarray, caption: str) -> bool:
     return bool(wanted) and not (wanted - _pairs(detect(image)))
 
 
+def match_scores(images, captions) -> np.ndarray:
+    """Per (image, caption) pair, the fraction of the caption's (colour, shape) objects the
+    image shows: a `score` for `generate.rerank.rerank` on shapes data."""
+    out = []
+    for image, caption in zip(images, captions):
+        wanted = _pairs(caption_objects(caption))
+        missing = wanted - _pairs(detect(image))
+        out.append(1 - sum(missing.values()) / max(sum(wanted.values()), 1))
+    return np.asarray(out, np.float64)
+
+
 def caption_matches(generated: str, truth: list[dict]) -> bool:
     """Does a generated caption name exactly the true objects' colours and shapes?"""
     return _pairs(caption_objects(generated)) == _pairs(truth)
