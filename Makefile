@@ -1,5 +1,6 @@
 # make demo: install into .venv and run the main job on built-in data.
-# make test: install with the test extras and run the whole suite.
+# make test: install with the test and tpu extras (libtpu, for `cm3leon compile`) and run
+# the whole suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,7 @@ $(FASHION_MNIST):
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,interop]"
+	$(BIN)/pip install -q -e ".[test,interop,tpu]"
 	touch $@
 
 test: install

@@ -24,6 +24,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # libtpu for `cm3leon compile` (ahead-of-time compilation for TPU pods, no TPU
+        # needed): pip resolves the extra of the jax version it installs.
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # tests/test_chameleon_interop.py: parity with transformers' ChameleonVQVAE
         "interop": ["torch==2.13.0", "transformers"],
     },

@@ -1,7 +1,8 @@
 """The `cm3leon` command: one subcommand per stage of the flow.
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
-    cm3leon params --config FILE [--json] [section.key=value ...]
+    cm3leon params --config FILE [--json] [--devices N] [section.key=value ...]
+    cm3leon compile --config FILE --topology NAME [--json] [section.key=value ...]
     cm3leon prepare --config FILE [section.key=value ...]
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
@@ -28,17 +29,23 @@ def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def cmd_train(args) -> None:
     import jax
 
-    from cm3leon_jax.train.loop import train
+    from cm3leon_jax.parallel import distributed
+    from cm3leon_jax.train.loop import BadStepsError, train
 
+    distributed.initialize()  # before anything touches the devices
     cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
-    train(cfg, args.workdir)
+    try:
+        train(cfg, args.workdir)
+    except BadStepsError as e:
+        print(f"cm3leon train: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def cmd_params(args) -> None:
     from cm3leon_jax.model.size import flops_per_token, param_counts
-    from cm3leon_jax.train.state import abstract_state, tree_bytes
+    from cm3leon_jax.train.state import abstract_state, state_bytes_per_device, tree_bytes
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, num_devices=args.devices)
     vocab = cfg.vocab.build()
     counts = param_counts(cfg.model, vocab.size)
     state = abstract_state(cfg)
@@ -47,6 +54,8 @@ def cmd_params(args) -> None:
         "flops_per_token": flops_per_token(cfg.model, vocab.size, cfg.data.seq_len),
         "state_bytes": tree_bytes(state),
     }
+    if args.devices:
+        report["state_bytes_per_device"] = state_bytes_per_device(cfg, args.devices)
     if args.json:
         print(json.dumps(report))
         return
@@ -59,6 +68,33 @@ def cmd_params(args) -> None:
           f"(training: 6 x matmul params + causal attention at seq {cfg.data.seq_len})")
     print(f"state bytes       {report['state_bytes']:,} "
           f"({report['state_bytes'] / 2**30:.2f} GiB: float32 params + AdamW mu, nu)")
+    if args.devices:
+        print(f"  per device      {report['state_bytes_per_device']:,} "
+              f"(sharded over {args.devices} devices by the config's mesh)")
+
+
+def cmd_compile(args) -> None:
+    import importlib.util
+
+    from cm3leon_jax.parallel.topology import parse_topology
+    from cm3leon_jax.train.aot import DoesNotFit, advice, compile_train_step, format_report
+
+    topology = parse_topology(args.topology)
+    cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)
+    if importlib.util.find_spec("libtpu") is None:
+        print("cm3leon compile: needs libtpu, the TPU compiler: pip install -e '.[tpu]' "
+              "(it works on machines without a TPU)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        report = compile_train_step(cfg, topology)
+    except DoesNotFit as e:
+        print(f"cm3leon compile: {args.config} {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(report.to_dict()) if args.json else format_report(report, args.config))
+    if not report.fits:
+        print(f"cm3leon compile: {args.config} {advice(cfg, topology, report)}",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_generate(args) -> None:
@@ -145,8 +181,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = _with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--devices", type=int, default=None,
+                   help="also the train state bytes per device on a mesh of N devices")
     p.set_defaults(fn=cmd_params)
 
+    p = _with_config(sub.add_parser(
+        "compile", help="compile the train step for a TPU pod (no TPU needed): fit, cost"))
+    p.add_argument("--topology", required=True,
+                   help="TPU slice: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips); "
+                        "SxNAME for S slices, e.g. 2xv5p-128")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(fn=cmd_compile)
     p = _with_config(sub.add_parser("prepare", help="tokenize a source into data.dir"))
     p.set_defaults(fn=cmd_prepare)
 

@@ -100,6 +100,17 @@ class DataConfig:
     dir: Optional[str] = None  # prepared data directory; null: the built-in synthetic source
     seq_len: int = 4096
     seed: int = 0  # data order
+    # --- the prepared-data pipeline (data/pipeline.py); unused by the synthetic source ---
+    retrieval_dir: Optional[str] = None  # holds neighbors.npy; null: <data.dir>/retrieval
+    k: int = 2  # retrieved documents in front of each query (<= the table's columns)
+    retrieved_dropout: float = 0.0  # probability each retrieved document is left out
+    image_first: float = 0.0  # fraction of documents written image <break> caption
+    cm3_lambda: float = 1.0  # Poisson mean of masked spans per example; 0: plain causal LM
+    rotation: float = 0.0  # probability a masked span grows to its whole segment
+    packing: Literal["pack", "pad"] = "pack"  # first-fit packing, or one example per row
+    workers: int = 0  # grain mp_prefetch processes making examples; 0: in this process
+    sentinel_weight: float = 1.0  # loss weight on predicting <mask:i> (metaseq 1, CM3 0)
+    retrieved_weight: float = 1.0  # loss weight on retrieved documents (CM3Leon 1, RA-CM3 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +141,13 @@ class GenerateConfig:
     image_tokens: Optional[int] = None  # tokens per image; null: from the image tokenizer
     max_text_tokens: int = 32  # longest caption / infill
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    max_bad_steps: int = 5  # stop when more than this many updates in a row are skipped
+    debug_nan_steps: tuple[int, ...] = ()  # test hook: these steps get NaN gradients
+    log_example_ids: bool = False  # write each step's global example ids to metrics.jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +244,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     generate: GenerateConfig = GenerateConfig()
+    fault: FaultConfig = FaultConfig()
     source: SourceConfig = SourceConfig()
     text_tokenizer: TextTokenizerConfig = TextTokenizerConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -300,9 +319,9 @@ def _coerce(value: Any, typ: Any, key: str):
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key)
     if origin is tuple:
-        (inner, _) = typing.get_args(typ)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
+        (inner, _) = typing.get_args(typ)
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(typ)
@@ -370,6 +389,12 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.logits_chunk and d.seq_len % m.logits_chunk:
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
                           f"data.seq_len={d.seq_len}")
+    for key in ("retrieved_dropout", "image_first", "rotation"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be in [0, 1]")
+    for key in ("k", "cm3_lambda", "workers", "sentinel_weight", "retrieved_weight"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must be >= 0")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide "
                           f"train.batch_size={t.batch_size}")
@@ -380,6 +405,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _validate_generate(cfg)
+    if cfg.fault.max_bad_steps < 0:
+        raise ConfigError(f"fault.max_bad_steps={cfg.fault.max_bad_steps} must be >= 0")
+    for s in cfg.fault.debug_nan_steps:
+        if s <= 0:
+            raise ConfigError(f"fault.debug_nan_steps contains {s}: steps count from 1")
     validate_vqgan(cfg.vqgan)
     _validate_vqgan_train(cfg.vqgan_train)
     try:

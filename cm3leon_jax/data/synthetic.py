@@ -51,7 +51,8 @@ def synthetic_row(index: int, seed: int, seq_len: int, vocab: Vocab) -> dict:
 
 def synthetic_batches(vocab: Vocab, seq_len: int, global_batch: int, seed: int,
                       process_index: int = 0, process_count: int = 1):
-    """A grain iterator of this process's rows of each global batch."""
+    """A grain iterator of this process's rows of each global batch; `example_id` is the
+    row index, which the train step ignores and crash/resume audits read."""
     import grain
 
     if global_batch % process_count:
@@ -60,6 +61,7 @@ def synthetic_batches(vocab: Vocab, seq_len: int, global_batch: int, seed: int,
     ds = grain.MapDataset.range(2**40)
     # Global batch n holds rows [n*B, (n+1)*B); this process takes a contiguous block of it.
     ds = ds.map_with_index(lambda i, _: (i // local) * global_batch + process_index * local + i % local)
-    ds = ds.map(lambda row: synthetic_row(int(row), seed, seq_len, vocab))
+    ds = ds.map(lambda row: {**synthetic_row(int(row), seed, seq_len, vocab),
+                             "example_id": np.int64(row)})
     ds = ds.batch(local, drop_remainder=True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -9,11 +9,11 @@ weight's embedding dimension is (that is what makes it FSDP).
 from __future__ import annotations
 
 import jax
-import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from cm3leon_jax.config import MeshConfig
+from cm3leon_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over
@@ -40,12 +40,30 @@ RULES = (
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), in JAX's
+    topology-aware device order (on TPU, `tensor` gets the best-connected chips).
+
+    Devices of several TPU slices: the slices split `data` (else `fsdp`), so only that
+    axis's collectives cross the data-centre network.
+    """
     devices = jax.devices() if devices is None else list(devices)
     shape = cfg.shape(len(devices))
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        dcn = _across_slices(shape, slices)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [s // d for s, d in zip(shape, dcn)], dcn, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _across_slices(shape: tuple[int, ...], slices: int) -> list[int]:
+    for i in (0, 1):  # data, then fsdp
+        if shape[i] % slices == 0:
+            return [slices if j == i else 1 for j in range(len(shape))]
+    raise ConfigError(f"mesh: {slices} slices divide neither mesh.data={shape[0]} nor "
+                      f"mesh.fsdp={shape[1]}; make one of them a multiple of {slices}")
 
 
 def spec(axes: tuple[str | None, ...]) -> P:

@@ -2,13 +2,20 @@
 
 orbax's CheckpointManager writes each step asynchronously and marks it complete only when
 every item is on disk, so a run killed mid-save resumes from the previous complete step.
-The data iterator goes through grain's orbax handler (one JSON per process).
+The data iterator goes through grain's orbax handler (one JSON per process), next to an
+index-based data position (global batches consumed) that lets a run resume with a different
+number of processes. A checkpoint that fails to restore (a truncated file) is reported,
+renamed `<step>.corrupt`, and the one before it is used.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cm3leon_jax.config import Config, ConfigError
@@ -30,23 +37,40 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
+        position=ocp.args.JsonSave({"global_batches": step,
+                                    "process_count": jax.process_count()}),
         config=ocp.args.JsonSave(cfg.to_dict())), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, cfg: Config):
     """The state at `step` laid out as `abstract_state` says (any mesh), and the data
-    iterator moved to where it was; refuses a checkpoint of a different model."""
+    iterator moved to where it was (also under another process count); refuses a
+    checkpoint of a different model."""
     import grain
 
-    _check_config(mngr, step, cfg)
+    meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                      position=ocp.args.JsonRestore()))
+    saved, position = meta["config"], meta["position"]
+    _check_model(mngr, step, saved, cfg)
+    saved_workers = saved.get("data", {}).get("workers", 0)
+    if cfg.data.dir is not None and saved_workers != cfg.data.workers:
+        # grain's iterator state holds one position per worker: it fits only that count
+        raise ConfigError(
+            f"checkpoint {mngr.directory}/{step} was written with data.workers="
+            f"{saved_workers} but the config says {cfg.data.workers}; resume with the same "
+            "worker count")
+    if position["process_count"] == jax.process_count():
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        return restored["state"]
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state=ocp.args.StandardRestore(abstract_state)))
+    seek(data_iter, Path(mngr.directory) / str(step), position)
     return restored["state"]
 
 
-def _check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config) -> None:
-    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+def _check_model(mngr: ocp.CheckpointManager, step: int, saved: dict, cfg: Config) -> None:
     current = cfg.to_dict()
     for section in MUST_MATCH:
         for key, value in current[section].items():
@@ -59,6 +83,66 @@ def _check_config(mngr: ocp.CheckpointManager, step: int, cfg: Config) -> None:
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, cfg: Config):
     """The train state alone (no data iterator: for generation and export), laid out as
     `abstract_state` says; refuses a checkpoint of a different model."""
-    _check_config(mngr, step, cfg)
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    _check_model(mngr, step, saved, cfg)
     return mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+
+def seek(data_iter, step_dir: Path, position: dict) -> None:
+    """Elastic resume: move a fresh iterator to global batch `position['global_batches']`.
+
+    Works for pipelines whose iterator state is just `{"next_index": n}` with n = global
+    batches consumed on every process (a MapDataset indexed by global batch, as the
+    synthetic source); anything else needs the process count it was saved with.
+    """
+    n, count = position["global_batches"], position["process_count"]
+    fresh = data_iter.get_state()
+    saved_file = step_dir / "data" / f"process_0-of-{count}.json"
+    saved = json.loads(saved_file.read_text()) if saved_file.exists() else None
+    if set(fresh) != {"next_index"} or saved != {"next_index": n}:
+        raise ConfigError(
+            f"checkpoint {step_dir} was written by {count} processes and its data iterator "
+            f"state ({saved_file.name}: {saved}) is not an index-based position; resume it "
+            f"with {count} processes (now {jax.process_count()})")
+    data_iter.set_state({"next_index": n})
+
+
+def _everyone(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: Config):
+    """(step, state) of the newest checkpoint every process restores, or (0, None).
+
+    Incomplete saves (orbax's temporary directories) are never listed; a complete one that
+    fails to read is reported, renamed `<step>.corrupt` and skipped.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        error = None
+        try:
+            state = restore(mngr, step, abstract_state, data_iter, cfg)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
+            error = e
+        if _everyone(error is None):
+            return step, state
+        path = Path(mngr.directory) / str(step)
+        if jax.process_index() == 0:
+            aside, n = path.with_name(f"{step}.corrupt"), 0
+            while aside.exists():
+                n += 1
+                aside = path.with_name(f"{step}.corrupt{n}")
+            why = f"{type(error).__name__}: {str(error)[:300]}" if error else "on another process"
+            print(f"checkpoint {path} cannot be restored ({why}); moved to {aside.name}, "
+                  "trying the previous one", file=sys.stderr, flush=True)
+            path.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"corrupt checkpoint {step}")
+        mngr.reload()
+    return 0, None

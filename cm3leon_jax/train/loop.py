@@ -1,5 +1,6 @@
 """`cm3leon train`: build the mesh and the sharded state, resume if the work directory has a
-checkpoint, run the jitted step, log metrics, save checkpoints."""
+checkpoint, run the jitted step, log metrics, save checkpoints; stop cleanly on SIGTERM
+and on a run of non-finite steps. Only process 0 writes metrics, config and reports."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from cm3leon_jax.config import Config, save_config
+from cm3leon_jax.config import Config, save_config, validate
 from cm3leon_jax.model.size import flops_per_token
+from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
@@ -23,21 +26,53 @@ from cm3leon_jax.train.step import jit_train_step
 def make_batches(cfg: Config):
     """This process's batches: the prepared-data pipeline, or the synthetic source."""
     if cfg.data.dir is not None:
-        raise NotImplementedError(
-            f"data.dir={cfg.data.dir!r}: the prepared-data pipeline is not built yet; "
-            "leave data.dir unset to train on the built-in synthetic source")
+        from cm3leon_jax.data.pipeline import batches
+
+        return batches(cfg, jax.process_index(), jax.process_count())
     from cm3leon_jax.data.synthetic import synthetic_batches
 
     return synthetic_batches(cfg.vocab.build(), cfg.data.seq_len, cfg.train.batch_size,
                              cfg.data.seed, jax.process_index(), jax.process_count())
 
 
+class BadStepsError(RuntimeError):
+    """Too many updates in a row were skipped as non-finite; the job stopped."""
+
+
+def _id_gatherer(mesh):
+    """This process's example ids -> the step's global ids, replicated for process 0's log
+    (an on-device all-gather, so the host does not wait)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+
+    def gather(ids):
+        ids = np.asarray(ids)
+        if ids.size and ids.max() >= 2**31:
+            raise ValueError(f"example id {ids.max()} does not fit int32 (fault.log_example_ids)")
+        return replicate(jax.make_array_from_process_local_data(
+            mesh_lib.batch_sharding(mesh, 1), ids.astype(np.int32)))
+
+    return gather
+
+
 def train(cfg: Config, workdir: str | Path) -> list[dict]:
-    """Train to `cfg.train.steps` updates in total; returns this run's per-step metrics."""
+    """Train to `cfg.train.steps` updates in total; returns this run's per-step metrics.
+
+    Every process of a multi-process job calls this with the same config. SIGTERM makes
+    it finish the current step, save a checkpoint and return; more than
+    `fault.max_bad_steps` skipped (non-finite) updates in a row raise BadStepsError with
+    the last good checkpoint kept.
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    validate(cfg, jax.device_count())
+    distributed.check_same_config(cfg)
     lead = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(cfg.mesh)
+    distributed.check_batch_layout(cfg, mesh)
+    distributed.log(f"{distributed.topology()}; mesh {dict(mesh.shape)}; "
+                    f"config {cfg.digest()}")
+    workdir.mkdir(parents=True, exist_ok=True)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     mdef = model_def(cfg)
     shardings = state_shardings(cfg, mdef, tx, mesh)
@@ -50,53 +85,86 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     flops = flops_per_token(cfg.model, cfg.vocab.build().size, cfg.data.seq_len)
     peak = cfg.train.peak_tflops or device_peak_tflops()
     history: list[dict] = []
+    preempt = distributed.Preemption()
 
     with jax.set_mesh(mesh):
-        start = mngr.latest_step() or 0
-        if start:
-            state = checkpoint.restore(mngr, start, abstract_state(cfg, tx, shardings),
-                                       batches, cfg)
-        else:
+        start, state = checkpoint.restore_latest(mngr, abstract_state(cfg, tx, shardings),
+                                                 batches, cfg)
+        if state is None:
             state = create_state(cfg, tx, shardings)
         step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
+        gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
         writer = MetricsWriter(workdir, start, enabled=lead)
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
                    dynamic_ncols=True)
         t_start = last = time.perf_counter()
         pending = None  # metrics of the previous step: read after the next is dispatched
+        bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
 
-        def log(step, device_metrics):
-            nonlocal last
+        def log(step, device_metrics, ids):
+            nonlocal last, bad_run, skipped
             record = host_metrics(step, device_metrics)  # waits for that step to finish
             now = time.perf_counter()
             record["tokens_per_s"] = tokens_per_step / (now - last)
             record["mfu"] = mfu(flops, record["tokens_per_s"], peak, jax.device_count())
             last = now
+            bad_run = bad_run + 1 if record["skipped"] else 0
+            skipped += bool(record["skipped"])
+            record["skipped_steps"] = skipped
+            if ids is not None:
+                record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
             history.append(record)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if (step % cfg.train.log_every == 0 or step == cfg.train.steps
+                    or record["skipped"]):
                 writer.write(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
+                            else "non-finite")
+            if bad_run > cfg.fault.max_bad_steps:
+                raise BadStepsError(
+                    f"steps {step - bad_run + 1}..{step}: {bad_run} updates in a row skipped "
+                    f"(non-finite loss or gradient norm), more than fault.max_bad_steps="
+                    f"{cfg.fault.max_bad_steps}; stopped. The last good checkpoint is step "
+                    f"{last_saved} in {workdir / 'checkpoints'}")
 
-        for step in range(start + 1, cfg.train.steps + 1):
-            batch = mesh_lib.global_batch(next(batches), mesh)
-            state, metrics = step_fn(state, batch)
+        preempt.install()
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                local = next(batches)
+                ids = local.pop("example_id", None)
+                batch = mesh_lib.global_batch(local, mesh)
+                state, metrics = step_fn(state, batch)
+                ids = gather_ids(ids) if gather_ids and ids is not None else None
+                if pending is not None:
+                    log(*pending)
+                pending = (step, metrics, ids)
+                stop = preempt.reached(step)
+                if stop or step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    log(*pending)  # know whether this step's update was applied
+                    pending = None
+                    if bad_run == 0:  # never overwrite the last good checkpoint mid-run
+                        checkpoint.save(mngr, step, state, batches, cfg)
+                        last_saved = step
+                if stop:
+                    stopped_at = step
+                    break
             if pending is not None:
                 log(*pending)
-            pending = (step, metrics)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                checkpoint.save(mngr, step, state, batches, cfg)
-        if pending is not None:
-            log(*pending)
-        mngr.wait_until_finished()
-        bar.close()
-        writer.close()
+        finally:
+            preempt.uninstall()
+            mngr.wait_until_finished()
+            bar.close()
+            writer.close()
 
-    if lead and history:
+    if lead and stopped_at is not None:
+        print(f"preempted (SIGTERM) at step {stopped_at}: checkpoint "
+              f"{workdir / 'checkpoints' / str(last_saved)} saved; relaunch to resume")
+    elif lead and history:
         elapsed = time.perf_counter() - t_start
+        losses = [f"{m['loss']:.4f}" for m in history if m["loss"] is not None] or ["n/a"]
         print(f"trained steps {start + 1}..{cfg.train.steps} in {elapsed:.1f}s: "
-              f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, "
-              f"checkpoint {workdir / 'checkpoints' / str(cfg.train.steps)}")
+              f"loss {losses[0]} -> {losses[-1]}, {skipped} skipped, "
+              f"checkpoint {workdir / 'checkpoints' / str(last_saved)}")
     elif lead:
         print(f"{workdir} is already at step {start} of train.steps={cfg.train.steps}")
     return history

@@ -50,6 +50,14 @@ def host_metrics(step: int, device_metrics: dict) -> dict:
     return out
 
 
+def _complete(line: str) -> bool:
+    """False for the half-written last line a killed run can leave."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 class MetricsWriter:
     def __init__(self, workdir: Path, resume_step: int, enabled: bool):
         self.enabled = enabled
@@ -59,7 +67,7 @@ class MetricsWriter:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
+                    if _complete(line) and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)

@@ -10,6 +10,7 @@ inside jitted code.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -96,3 +97,20 @@ def create_state(cfg: Config, tx: optax.GradientTransformation, shardings: Train
 
 def tree_bytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def state_bytes_per_device(cfg: Config, num_devices: int) -> int:
+    """Train-state bytes one device holds on the config's mesh of `num_devices`; needs no
+    devices (an abstract mesh of that shape)."""
+    from jax.sharding import AbstractMesh, AxisType
+
+    shape = cfg.mesh.shape(num_devices)
+    mesh = AbstractMesh(shape, mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    return shard_bytes(abstract_state(cfg, tx, state_shardings(cfg, model_def(cfg), tx, mesh)))

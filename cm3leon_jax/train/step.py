@@ -4,6 +4,10 @@ ahead-of-time compiler all run.
 A batch is a dict of [B, T] arrays: `inputs`, `targets` (int32 token ids), `positions`,
 `segment_ids` (int32; packed rows, 0 = padding) and `weights` (float32 loss weight per
 target; 0 on padding).
+
+A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
+they were (metric `skipped` = 1); the step counter still advances, because its batch was
+consumed. Finite steps compute exactly what they would without the check.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     z_coef = cfg.model.z_loss
     schedule = lr_schedule(cfg.optimizer, cfg.train.steps)
     grad_specs = jax.tree.map(mesh_lib.spec, mdef.param_axes, is_leaf=mesh_lib.is_axes)
+    nan_steps = cfg.fault.debug_nan_steps
 
     def loss_fn(params, batch, total_w):
         sums = loss_sums(mdef.bind(params), batch, vocab, cfg.model.logits_chunk)
@@ -92,9 +97,16 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
                      {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.lax.with_sharding_constraint(grads, grad_specs)
+        if nan_steps:  # fault.debug_nan_steps: poison this step's gradients
+            hit = jnp.isin(state.step + 1, jnp.asarray(nan_steps, jnp.int32))
+            grads = jax.tree.map(lambda g: jnp.where(hit, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(sums["ce"]) & jnp.isfinite(sums["z"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         metrics = {
             "loss": sums["ce"] / total_w,
             "z_loss": sums["z"] / total_w,
@@ -104,6 +116,7 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             "image_tokens": sums["image_w"],
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
+            "skipped": 1.0 - finite.astype(jnp.float32),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -1,0 +1,190 @@
+"""The training input: prepared documents + neighbors -> CM3 examples -> packed batches.
+
+    range(N) -> seeded global shuffle, reshuffled each epoch -> (global position, document)
+      -> this process's share: positions p, p + P, p + 2P, ...
+      -> example (grain map): read the document and its first k neighbors, retrieved-document
+         dropout, image-first coin per document, `<eos> r1 <break> r2 <break> q <eos>`,
+         CM3 masking, cut to seq_len + 1, inputs/targets/weights
+      -> [mp_prefetch workers] -> first-fit packing into seq_len rows (or one example per
+         row) -> batch of train.batch_size / P rows -> the step's batch dict
+
+Each example's randomness comes from (data.seed, its global position) only, so an example is
+the same whatever the process count or worker count; only the split (and, per process, the
+packing of the examples it gets) changes. Workers only make examples; packing and batching
+stay in the main process, so the output does not depend on `data.workers` either. The
+returned grain iterator's state goes into the orbax checkpoint (train/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cm3leon_jax.config import Config, DataConfig
+from cm3leon_jax.data import cm3, sequences
+from cm3leon_jax.data.records import decode_document, shard_paths
+from cm3leon_jax.vocab import Vocab
+
+NEIGHBORS = "neighbors.npy"
+READ_THREADS = 2
+READ_BUFFER = 64
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _documents(data_dir: str):
+    """The ArrayRecord source, opened once per process (and once per worker)."""
+    from cm3leon_jax.data.records import open_documents
+
+    return open_documents(data_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _neighbors(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def neighbors_path(data: DataConfig) -> Path:
+    return Path(data.retrieval_dir or Path(data.dir) / "retrieval") / NEIGHBORS
+
+
+def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
+    """(documents, neighbors table or None, k) after checking the data directory against
+    the config; every problem is reported here, before any batch is made."""
+    d = cfg.data
+    root = Path(d.dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.dir={d.dir!r} is not a directory")
+    shard_paths(root)
+    vocab_file = root / "vocab.json"
+    if not vocab_file.exists():
+        raise FileNotFoundError(f"{vocab_file} is missing: data.dir must be a prepared "
+                                "directory (cm3leon prepare)")
+    saved = Vocab.load(vocab_file)
+    if saved != cfg.vocab.build():
+        raise ValueError(f"{vocab_file} says {saved} but the config's vocab section builds "
+                         f"{cfg.vocab.build()}; set vocab.* to match the prepared data")
+    n_docs = len(_documents(str(root)))
+    if n_docs == 0:
+        raise ValueError(f"{root}: the document shards hold no records")
+    if d.k == 0:
+        return n_docs, None, 0
+    path = neighbors_path(d)
+    if not path.exists():
+        return n_docs, None, 0
+    table = np.load(path, mmap_mode="r")
+    if table.ndim != 2 or table.shape[0] != n_docs or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(f"{path}: expected an integer [documents={n_docs}, k] table, got "
+                         f"{table.dtype} {list(table.shape)}")
+    if d.k > table.shape[1]:
+        raise ValueError(f"data.k={d.k} but {path} holds only {table.shape[1]} neighbors "
+                         "per document")
+    lo, hi = int(table.min(initial=-1)), int(table.max(initial=-1))
+    if lo < -1 or hi >= n_docs:
+        raise ValueError(f"{path}: neighbor ids must be in [-1, {n_docs}), found [{lo}, {hi}]")
+    return n_docs, str(path), d.k
+
+
+# --- one example -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ExampleMaker:
+    """(global position, document index) -> one masked example; picklable for workers."""
+    data_dir: str
+    neighbors: Optional[str]
+    k: int
+    vocab: Vocab
+    data: DataConfig
+
+    def document(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        doc = decode_document(_documents(self.data_dir)[index])
+        first = bool(self.data.image_first) and rng.random() < self.data.image_first
+        return sequences.document(doc["text"], doc["image"], self.vocab, first,
+                                  where=f"{self.data_dir} document {index} ({doc['id']!r})")
+
+    def __call__(self, item) -> dict:
+        pos, index = int(item[0]), int(item[1])
+        d = self.data
+        rng = np.random.default_rng([d.seed, pos])
+        retrieved = []
+        if self.k:
+            for j in _neighbors(self.neighbors)[index, :self.k]:
+                if j < 0 or (d.retrieved_dropout and rng.random() < d.retrieved_dropout):
+                    continue
+                retrieved.append(self.document(int(j), rng))
+        query = self.document(index, rng)
+        tokens, is_retrieved = sequences.example(query, retrieved, self.vocab)
+        masked, origin, cut = cm3.cm3_transform(tokens, rng, self.vocab, d.cm3_lambda,
+                                                d.seq_len + 1, d.rotation)
+        weights = cm3.target_weights(masked, origin, is_retrieved, self.vocab,
+                                     d.sentinel_weight, d.retrieved_weight)
+        return {"inputs": masked[:-1], "targets": masked[1:], "weights": weights,
+                "document": index, "retrieved": len(retrieved), "truncated": cut}
+
+
+def _position_and_document(pos: int, doc) -> tuple[int, int]:
+    return pos, int(doc)
+
+
+def examples(cfg: Config, process_index: int = 0, process_count: int = 1,
+             inputs: tuple[int, Optional[str], int] | None = None):
+    """This process's examples as a grain MapDataset (infinite: epochs reshuffle)."""
+    import grain
+
+    n_docs, table, k = inputs or check_inputs(cfg)
+    ds = grain.MapDataset.range(n_docs).seed(cfg.data.seed).shuffle().repeat(None)
+    ds = ds.map_with_index(_position_and_document)
+    ds = ds[process_index::process_count]
+    return ds.map(ExampleMaker(str(Path(cfg.data.dir)), table, k, cfg.vocab.build(), cfg.data))
+
+
+# --- batches -----------------------------------------------------------------------------
+
+def to_batch(packed: dict) -> dict:
+    """grain's packed features -> the train step's batch dict."""
+    return {"inputs": packed["inputs"], "targets": packed["targets"],
+            "positions": packed["inputs_positions"], "segment_ids": packed["inputs_segment_ids"],
+            "weights": packed["weights"]}
+
+
+def _allow_workers() -> None:
+    """grain 0.2.18 reads an absl flag in mp_prefetch; outside absl.app.run it is unparsed
+    (grain issue #1355)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=print):
+    """The grain iterator of this process's [batch_size / process_count, seq_len] batches."""
+    import grain
+
+    if cfg.train.batch_size % process_count:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                         f"{process_count} processes")
+    local = cfg.train.batch_size // process_count
+    inputs = check_inputs(cfg)
+    n_docs, table, k = inputs
+    if process_index == 0:
+        why = ("" if table else " (data.k=0)" if cfg.data.k == 0 else
+               f" (no neighbors table at {neighbors_path(cfg.data)}): training with k=0")
+        log(f"data: {n_docs} documents in {cfg.data.dir}, k={k} retrieved{why}, "
+            f"{cfg.data.packing} rows of {cfg.data.seq_len}, {local} rows per process")
+    it = examples(cfg, process_index, process_count, inputs).to_iter_dataset(
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
+    if cfg.data.workers:
+        _allow_workers()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
+    length = {key: cfg.data.seq_len for key in ("inputs", "targets", "weights")}
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct=length, num_packing_bins=local, seed=cfg.data.seed,
+        shuffle_bins=False, max_sequences_per_bin=1 if cfg.data.packing == "pad" else None)
+    it = it.batch(local, drop_remainder=True).map(to_batch)
+    return iter(it)
+
