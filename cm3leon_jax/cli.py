@@ -13,6 +13,9 @@
     cm3leon fit-scaling RUNS_DIR [--out DIR]
     cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
     cm3leon score  (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
+    cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
+    cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
+    cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
 """
 
 from __future__ import annotations
@@ -143,6 +146,41 @@ def cmd_neighbors(args) -> None:
           f"found ({m['filled_fraction']:.1%} filled), mean score {m['mean_score']}, skipped "
           f"{m['skipped']}, {m['documents_per_second']:,} documents/s; saved to "
           f"{retrieval_dir(cfg)}")
+def cmd_generate(args) -> None:
+    from cm3leon_jax.generate import command
+
+    overrides = list(args.overrides)
+    if getattr(args, "cfg", None) is not None:
+        overrides.append(f"generate.cfg_scale={args.cfg}")
+    if args.task == "image":
+        command.generate_image(args.workdir, args.prompt, args.num, args.out, overrides)
+    elif args.task == "caption":
+        command.caption_images(args.workdir, args.image, overrides)
+    else:
+        command.infill_text(args.workdir, args.before, args.after, overrides)
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="sample images, captions or infills from a run")
+    tasks = gen.add_subparsers(dest="task", required=True)
+    helps = {"image": "text -> PNG grid of images", "caption": "image files -> captions",
+             "infill": "fill the gap between two texts"}
+    for task, text in helps.items():
+        p = tasks.add_parser(task, help=text)
+        p.add_argument("--workdir", required=True, help="run directory (config.yaml + checkpoints)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="e.g. generate.temperature=0.7 generate.pool=mixed data.dir=DIR")
+        p.set_defaults(fn=cmd_generate)
+        if task == "image":
+            p.add_argument("--prompt", required=True, action="append", help="caption (repeatable)")
+            p.add_argument("--num", type=int, default=4, help="images per prompt")
+            p.add_argument("--cfg", type=float, help="guidance scale (generate.cfg_scale)")
+            p.add_argument("--out", help="PNG path (default RUN/samples/generate-STEP.png)")
+        elif task == "caption":
+            p.add_argument("--image", required=True, action="append", help="image file (repeatable)")
+        else:
+            p.add_argument("--before", required=True, help="text before the gap")
+            p.add_argument("--after", default="", help="text after the gap")
 
 
 def cmd_prepare(args) -> None:
@@ -363,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: the run's model.dtype)")
     p.set_defaults(fn=cmd_score)
+
+    _generate_parser(sub)
 
     args = parser.parse_args(argv)
     try:

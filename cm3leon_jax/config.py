@@ -127,6 +127,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k best tokens; 0: off
+    top_p: float = 0.9  # nucleus; 1.0: off
+    cfg_scale: float = 3.0  # alpha_c in uncond + alpha_c (cond - uncond); 1.0: no guidance
+    image_cfg_scale: float = 1.5  # two-scale guidance (image + text conditioned generation)
+    text_cfg_scale: float = 7.5
+    cd_alpha: float = 0.1  # CD-K head: p_cond >= cd_alpha * (k-th largest p_cond)
+    cd_k: int = 5
+    cd_sample: bool = True  # sample from the CD-K scores; false: take the best
+    pool: Literal["topp", "cdk", "mixed"] = "topp"  # how image candidates are drawn
+    candidates: int = 1  # candidates per output image, reranked when > 1 (needs a scorer)
+    image_tokens: Optional[int] = None  # tokens per image; null: from the image tokenizer
+    max_text_tokens: int = 32  # longest caption / infill
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class FaultConfig:
     max_bad_steps: int = 5  # stop when more than this many updates in a row are skipped
     debug_nan_steps: tuple[int, ...] = ()  # test hook: these steps get NaN gradients
@@ -293,6 +311,7 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
     fault: FaultConfig = FaultConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     source: SourceConfig = SourceConfig()
@@ -466,6 +485,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
             raise ConfigError(f"mesh.{name}={v} must be a positive size or -1")
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _validate_generate(cfg)
     if cfg.fault.max_bad_steps < 0:
         raise ConfigError(f"fault.max_bad_steps={cfg.fault.max_bad_steps} must be >= 0")
     for s in cfg.fault.debug_nan_steps:
@@ -533,6 +553,27 @@ def _validate_retrieval(r: RetrievalConfig) -> None:
         raise ConfigError(f"retrieval.embeddings={r.embeddings!r} must be one directory name")
     if r.train_batch_size < 2:
         raise ConfigError("retrieval.train_batch_size must be >= 2 (contrastive negatives)")
+
+
+def _validate_generate(cfg: Config) -> None:
+    g = cfg.generate
+    _positive(cfg, "generate.cfg_scale", "generate.cd_alpha", "generate.cd_k",
+              "generate.candidates", "generate.image_tokens", "generate.max_text_tokens")
+    for key, value in {"generate.temperature": g.temperature, "generate.top_k": g.top_k,
+                       "generate.image_cfg_scale": g.image_cfg_scale,
+                       "generate.text_cfg_scale": g.text_cfg_scale}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1]")
+    if g.cd_alpha > 1:
+        raise ConfigError(f"generate.cd_alpha={g.cd_alpha} must be in (0, 1]")
+    if g.pool == "mixed" and g.candidates < 2:
+        raise ConfigError("generate.pool=mixed needs generate.candidates >= 2 "
+                          f"(got {g.candidates}): half top-p, half CD-K")
+    if g.image_tokens is not None and g.image_tokens + 2 > cfg.model.max_seq_len:
+        raise ConfigError(f"generate.image_tokens={g.image_tokens} does not fit "
+                          f"model.max_seq_len={cfg.model.max_seq_len} with its prompt")
 
 
 def _validate_prepare(cfg: Config) -> None:

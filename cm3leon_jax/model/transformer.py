@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from cm3leon_jax.config import ModelConfig
 from cm3leon_jax.parallel.mesh import constrain
@@ -26,6 +26,7 @@ REMAT_POLICIES = {
 }
 ACT = ("act_batch", "act_seq", "act_embed")
 ACT_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")
+CACHE = ("layers",) + ACT_HEADS
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
@@ -56,14 +57,29 @@ class Attention(nnx.Module):
             self.k_scale = _param(rngs, jax.nn.initializers.ones, (h, hd), ("heads", "head_dim"))
         self.qk_norm = cfg.qk_norm
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def _project(self, x: jax.Array):
         q, k, v = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(x.dtype))
         if self.qk_norm:
             q = layer_norm(q) * self.q_scale[...].astype(x.dtype)
             k = layer_norm(k) * self.k_scale[...].astype(x.dtype)
-        q, k, v = (constrain(a, ACT_HEADS) for a in (q, k, v))
+        return tuple(constrain(a, ACT_HEADS) for a in (q, k, v))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        q, k, v = self._project(x)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype))
+
+    def extend(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, start,
+               mask: jax.Array):
+        """Attention of T new tokens written at cache column `start`; returns the output
+        and the new keys and values [B, T, H, hd] (the caller writes them into the cache)."""
+        q, k, v = self._project(x)
+        k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k, start, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache_v, v, start, axis=1)
+        o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                         mask=mask)
+        return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype)), k, v
 
 
 class FeedForward(nnx.Module):
@@ -85,14 +101,44 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, rngs)
         self.swin_norm = cfg.swin_norm
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def _apply(self, x: jax.Array, attend) -> jax.Array:
         if self.swin_norm:
-            x = x + layer_norm(self.attn(x, mask))
+            x = x + layer_norm(attend(x))
             x = x + layer_norm(self.ffn(x))
         else:
-            x = x + self.attn(layer_norm(x), mask)
+            x = x + attend(layer_norm(x))
             x = x + self.ffn(layer_norm(x))
         return constrain(x, ACT)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        return self._apply(x, lambda h: self.attn(h, mask))
+
+    def extend(self, x, cache_k, cache_v, start, mask):
+        new = {}
+
+        def attend(h):
+            o, new["k"], new["v"] = self.attn.extend(h, cache_k, cache_v, start, mask)
+            return o
+
+        return self._apply(x, attend), new["k"], new["v"]
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S columns, and the segment id of each column.
+
+    Column j of row b holds that row's j-th token; segment 0 marks padding (never attended
+    to by real tokens), so prompts of different lengths share one static-shape cache.
+    """
+    k: jax.Array  # [layers, B, S, heads, head_dim]
+    v: jax.Array
+    segment_ids: jax.Array  # [B, S] int32
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
+        kv = constrain(jnp.zeros(shape, cfg.dtype), CACHE)
+        return cls(kv, kv, jnp.zeros((batch, length), jnp.int32))
 
 
 class Transformer(nnx.Module):
@@ -137,6 +183,33 @@ class Transformer(nnx.Module):
                                  prevent_cse=False)
         x = nnx.scan(block_fn, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
         return layer_norm(x)
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache, start) -> tuple[jax.Array, KVCache]:
+        """Hidden states of T new tokens per row placed at cache columns [start, start+T),
+        attending to the cached columns before them (and each other, causally) of their own
+        segment; returns them and the cache with their keys and values written in.
+
+        The same layer code as `__call__`, so prefill (T = prompt) and each decoding step
+        (T = 1) compute what the full forward pass computes for those positions.
+        """
+        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos[...], positions, axis=0)
+        x = constrain(x.astype(self.dtype), ACT)
+        T, S = tokens.shape[1], cache.segment_ids.shape[1]
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, 1)
+        causal = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
+        mask = causal[None, None] & (segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
+        graphdef, blocks = nnx.split(self.blocks)
+
+        def layer(x, xs):
+            params, ck, cv = xs
+            x, k, v = nnx.merge(graphdef, params).extend(x, ck, cv, start, mask)
+            return x, (k, v)
+
+        x, (k, v) = jax.lax.scan(layer, x, (blocks, cache.k, cache.v))
+        write = lambda c, n: constrain(
+            jax.lax.dynamic_update_slice_in_dim(c, n, start, axis=2), CACHE)
+        return layer_norm(x), KVCache(write(cache.k, k), write(cache.v, v), kv_seg)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 scores over the whole (padded) vocabulary."""

@@ -59,13 +59,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
     meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                       position=ocp.args.JsonRestore()))
     saved, position = meta["config"], meta["position"]
-    current = cfg.to_dict()
-    for section in MUST_MATCH:
-        for key, value in current[section].items():
-            if saved.get(section, {}).get(key) != value:
-                raise ConfigError(
-                    f"checkpoint {mngr.directory}/{step} was written with {section}.{key}="
-                    f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
+    _check_model(mngr, step, saved, cfg)
     saved_workers = saved.get("data", {}).get("workers", 0)
     if cfg.data.dir is not None and saved_workers != cfg.data.workers:
         # grain's iterator state holds one position per worker: it fits only that count
@@ -82,6 +76,25 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
         state=ocp.args.StandardRestore(abstract_state)))
     seek(data_iter, Path(mngr.directory) / str(step), position)
     return restored["state"]
+
+
+def _check_model(mngr: ocp.CheckpointManager, step: int, saved: dict, cfg: Config) -> None:
+    current = cfg.to_dict()
+    for section in MUST_MATCH:
+        for key, value in current[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise ConfigError(
+                    f"checkpoint {mngr.directory}/{step} was written with {section}.{key}="
+                    f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, cfg: Config):
+    """The train state alone (no data iterator: for generation and export), laid out as
+    `abstract_state` says; refuses a checkpoint of a different model."""
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    _check_model(mngr, step, saved, cfg)
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
 
 
 def seek(data_iter, step_dir: Path, position: dict) -> None:

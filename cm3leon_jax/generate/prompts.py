@@ -1,0 +1,72 @@
+"""Prompt layouts for generation, matching the training sequences (DESIGN.md, Sequences).
+
+A training document is `<eos> caption <break> image <eos>`; CM3 masking replaces a span by
+`<mask:i>` and appends `<mask:i> span <eoss>` after the document. So:
+
+- text -> image: `<eos> caption <break>`, then the image tokens; the unconditional stream
+  is the same document with the caption masked, `<eos> <mask:0> <break>` (CM3Leon §3.1).
+- image -> text: the caption masked and asked back, `<eos> <mask:0> <break> image <eos>
+  <mask:0>`, decoded until `<eoss>` (CM3Leon: "Image of <mask>: [image] <infill>").
+- text infilling: `<eos> before <mask:0> after <eos> <mask:0>`, decoded until `<eoss>`.
+- two-scale guidance (image + text conditioned image): full `<eos> caption <break> source
+  <break>`, image-only `<eos> <mask:0> <break> source <break>`, unconditional as above.
+
+Callers pass ids already in the unified vocabulary (`Vocab.text_ids`, `Vocab.image_ids`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cm3leon_jax.vocab import Vocab
+
+
+def _check(vocab: Vocab, ids, kind: str, where: str) -> np.ndarray:
+    a = np.asarray(ids, np.int32).reshape(-1)
+    ok = vocab.is_text(a) if kind == "text" else vocab.is_image(a)
+    if not np.all(ok):
+        bad = a[~np.asarray(ok)][0]
+        raise ValueError(f"{where}: id {bad} ({vocab.token_name(int(bad))}) is not a "
+                         f"{kind} id")
+    return a
+
+
+def text_to_image(vocab: Vocab, caption) -> tuple[np.ndarray, np.ndarray]:
+    """(conditional, unconditional) prompts; the image follows the final <break>."""
+    caption = _check(vocab, caption, "text", "caption")
+    cond = np.concatenate([[vocab.eos], caption, [vocab.brk]])
+    return cond.astype(np.int32), unconditional_image(vocab)
+
+
+def unconditional_image(vocab: Vocab) -> np.ndarray:
+    return np.array([vocab.eos, vocab.sentinel(0), vocab.brk], np.int32)
+
+
+def edit_image(vocab: Vocab, caption, source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(full, unconditional, image-only) prompts for two-scale guidance."""
+    caption = _check(vocab, caption, "text", "caption")
+    source = _check(vocab, source, "image", "source image")
+    tail = np.concatenate([[vocab.brk], source, [vocab.brk]])
+    full = np.concatenate([[vocab.eos], caption, tail])
+    image_only = np.concatenate([[vocab.eos, vocab.sentinel(0)], tail])
+    return full.astype(np.int32), unconditional_image(vocab), image_only.astype(np.int32)
+
+
+def image_to_text(vocab: Vocab, image) -> np.ndarray:
+    image = _check(vocab, image, "image", "image")
+    m = vocab.sentinel(0)
+    return np.concatenate([[vocab.eos, m, vocab.brk], image, [vocab.eos, m]]).astype(np.int32)
+
+
+def infill(vocab: Vocab, before, after) -> np.ndarray:
+    before = _check(vocab, before, "text", "text before the gap")
+    after = _check(vocab, after, "text", "text after the gap")
+    m = vocab.sentinel(0)
+    return np.concatenate([[vocab.eos], before, [m], after, [vocab.eos, m]]).astype(np.int32)
+
+
+def text_answer(vocab: Vocab, tokens) -> np.ndarray:
+    """Generated text-mode tokens -> the text ids before the first stop or special id."""
+    a = np.asarray(tokens)
+    stop = np.flatnonzero(~np.asarray(vocab.is_text(a)))
+    return a[:stop[0]] if stop.size else a

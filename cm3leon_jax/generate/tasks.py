@@ -1,0 +1,107 @@
+"""The generation tasks on a loaded model: text -> image (with CFG, CD-K or the mixed
+candidate pool), image + text -> image (two-scale guidance), image -> text, text infilling.
+
+Everything here works on token ids of the unified vocabulary; turning text into ids and
+image codes into pixels is the tokenizers' job (see `cm3leon_jax/cli.py`, `generate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cm3leon_jax.config import GenerateConfig
+from cm3leon_jax.generate import prompts
+from cm3leon_jax.generate.decode import Decoding, Scales, decode
+from cm3leon_jax.vocab import Vocab
+
+TEXT_STOP = ("eoss", "eos", "brk")  # a caption or infill ends at the first of these
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What decoding needs: the model graph, its parameters, vocabulary and mesh."""
+    graphdef: Any
+    params: dict
+    vocab: Vocab
+    max_seq_len: int
+    mesh: Any = None  # a jax Mesh: decode sharded like training; None: one device
+
+
+def _sampling(g: GenerateConfig) -> dict:
+    return dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+
+
+def candidate_methods(g: GenerateConfig) -> np.ndarray:
+    """Per candidate of one prompt: True = CD-K, False = top-p (+ CFG). `mixed` fills the
+    first half with top-p and the rest with CD-K (the paper's "1/2 TopP + 1/2 CD-K")."""
+    m = g.candidates
+    if g.pool == "topp":
+        return np.zeros(m, bool)
+    if g.pool == "cdk":
+        return np.ones(m, bool)
+    return np.arange(m) >= m // 2
+
+
+def _run(model: Model, streams, d: Decoding, seed: int, scales=Scales(),
+         use_cdk=None) -> np.ndarray:
+    return decode(model.graphdef, model.params, model.vocab, streams, d, scales, seed=seed,
+                  use_cdk=use_cdk, mesh=model.mesh, max_seq_len=model.max_seq_len)
+
+
+def text_to_image(model: Model, captions: list, num_tokens: int, g: GenerateConfig,
+                  seed: int | None = None) -> np.ndarray:
+    """[n, g.candidates, num_tokens] image codes for n captions (text ids).
+
+    Guidance runs when cfg_scale != 1 or any candidate uses CD-K (which needs the
+    unconditional stream); candidates of one caption differ by their sampling keys.
+    """
+    vocab, m = model.vocab, g.candidates
+    methods = np.tile(candidate_methods(g), len(captions))
+    guided = g.cfg_scale != 1.0 or methods.any()
+    pairs = [prompts.text_to_image(vocab, c) for c in captions for _ in range(m)]
+    streams = [[p[0] for p in pairs]] + ([[p[1] for p in pairs]] if guided else [])
+    d = Decoding("image", num_tokens, guidance="cfg" if guided else "none", cd_k=g.cd_k,
+                 cd_sample=g.cd_sample, **_sampling(g))
+    scales = Scales(cfg=g.cfg_scale, cd_alpha=g.cd_alpha)
+    ids = _run(model, streams, d, g.seed if seed is None else seed, scales, methods)
+    return vocab.to_codes(ids).reshape(len(captions), m, num_tokens)
+
+
+def edit_image(model: Model, captions: list, sources: list, num_tokens: int,
+               g: GenerateConfig, seed: int | None = None) -> np.ndarray:
+    """[n, num_tokens] codes of a new image from a caption and a source image (codes),
+    with separate image and text guidance scales (CM3Leon §4.1: 1.5 and 7.5)."""
+    if len(captions) != len(sources):
+        raise ValueError(f"{len(captions)} captions but {len(sources)} source images")
+    vocab = model.vocab
+    triples = [prompts.edit_image(vocab, c, vocab.image_ids(s))
+               for c, s in zip(captions, sources)]
+    streams = [[t[i] for t in triples] for i in range(3)]
+    d = Decoding("image", num_tokens, guidance="two_scale", **_sampling(g))
+    scales = Scales(image=g.image_cfg_scale, text=g.text_cfg_scale)
+    return vocab.to_codes(_run(model, streams, d, g.seed if seed is None else seed, scales))
+
+
+def _text(model: Model, rows: list, g: GenerateConfig, seed: int | None) -> list[np.ndarray]:
+    vocab = model.vocab
+    d = Decoding("text", g.max_text_tokens, stop=tuple(getattr(vocab, s) for s in TEXT_STOP),
+                 **_sampling(g))
+    out = _run(model, [rows], d, g.seed if seed is None else seed)
+    return [prompts.text_answer(vocab, r) for r in out]
+
+
+def image_to_text(model: Model, images: list, g: GenerateConfig,
+                  seed: int | None = None) -> list[np.ndarray]:
+    """Caption text ids for each image (its codes), by infilling a masked caption."""
+    vocab = model.vocab
+    return _text(model, [prompts.image_to_text(vocab, vocab.image_ids(c)) for c in images],
+                 g, seed)
+
+
+def infill(model: Model, gaps: list[tuple], g: GenerateConfig,
+           seed: int | None = None) -> list[np.ndarray]:
+    """Text ids for each (before, after) pair of text ids."""
+    return _text(model, [prompts.infill(model.vocab, b, a) for b, a in gaps], g, seed)
