@@ -9,6 +9,7 @@
     cm3leon prepare --config FILE [section.key=value ...]
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
+    cm3leon sft    --config FILE --init RUN_OR_EXPORT --workdir DIR [section.key=value ...]
     cm3leon sweep  --config FILE --runs DIR [section.key=value ...]
     cm3leon fit-scaling RUNS_DIR [--out DIR]
     cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
@@ -260,6 +261,23 @@ def cmd_sft_data(args) -> None:
             Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"{task}.png")
     print(f"wrote {args.per_task} examples per task to {out}/samples.jsonl and "
           f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
+def cmd_sft(args) -> None:
+    """`cm3leon train` on the SFT mixture from --init's weights (sft.enabled, train.init_from)."""
+    import jax
+
+    from cm3leon_jax.parallel import distributed
+    from cm3leon_jax.train.loop import BadStepsError, train
+
+    distributed.initialize()
+    overrides = [*args.overrides, "sft.enabled=true", f"train.init_from={args.init}"]
+    cfg = load_config(args.config, overrides, num_devices=jax.device_count())
+    try:
+        train(cfg, args.workdir)
+    except BadStepsError as e:
+        print(f"cm3leon sft: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
 def cmd_export(args) -> None:
     from cm3leon_jax.export.write import export
 
@@ -369,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-task", type=int, default=4, help="sample examples per task")
     p.add_argument("--draws", type=int, default=10000, help="mixture draws for the drawn share")
     p.set_defaults(fn=cmd_sft_data)
+
+    p = _with_config(sub.add_parser("sft", help="fine-tune on the SFT mixture from a run or "
+                                    "export (resumes from DIR)"))
+    p.add_argument("--init", required=True, help="run directory (latest checkpoint's "
+                   "parameters) or safetensors export to start from")
+    p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics")
+    p.set_defaults(fn=cmd_sft)
 
     p = _with_config(sub.add_parser("sweep", help="scaling sweep: train and evaluate a "
                                     "family of sizes (resumes from DIR)"))

@@ -123,7 +123,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
-    init_from: Optional[str] = None  # safetensors export dir: a fresh run starts from its weights
+    init_from: Optional[str] = None  # export or run dir: a fresh run starts from its weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +280,10 @@ class SFTConfig:
     seed: int = 0  # shapes scenes, phrasings and the mixture draws
     resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
     max_objects: int = 3  # shapes: 1..max_objects objects per scene
+    # --- training on the mixture (cm3leon sft; data/sft_batches.py) ---
+    enabled: bool = False  # train on the SFT mixture instead of data.dir / synthetic rows
+    loss: Literal["cm3", "response"] = "cm3"  # CM3 objective (CM3Leon) or response only (Chameleon)
+    tokenizers: Optional[str] = None  # dir with text_tokenizer.model, image_tokenizer/; null: the init's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,6 +640,8 @@ def _validate_sft(s: SFTConfig) -> None:
         raise ConfigError(f"sft.resolution={s.resolution}: shapes needs >= 24 pixels")
     if not 1 <= s.max_objects <= 9:
         raise ConfigError(f"sft.max_objects={s.max_objects} must be in [1, 9]")
+    if s.tokenizers is not None and not s.tokenizers.strip():
+        raise ConfigError("sft.tokenizers must be a directory or null")
 
 
 def validate_vqgan(v: VQGANConfig) -> None:

@@ -12,11 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, save_config, validate
-from cm3leon_jax.export import safetensors as init_from
 from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
-from cm3leon_jax.train import checkpoint
+from cm3leon_jax.train import checkpoint, init_source
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.optimizer import make_optimizer
 from cm3leon_jax.train.state import (abstract_state, create_state, model_def,
@@ -25,7 +24,12 @@ from cm3leon_jax.train.step import jit_train_step
 
 
 def make_batches(cfg: Config):
-    """This process's batches: the prepared-data pipeline, or the synthetic source."""
+    """This process's batches: the SFT mixture (sft.enabled), the prepared-data pipeline,
+    or the synthetic source."""
+    if cfg.sft.enabled:
+        from cm3leon_jax.data.sft_batches import sft_batches
+
+        return sft_batches(cfg, jax.process_index(), jax.process_count())
     if cfg.data.dir is not None:
         from cm3leon_jax.data.pipeline import batches
 
@@ -77,10 +81,10 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
     mdef = model_def(cfg)
     shardings = state_shardings(cfg, mdef, tx, mesh)
-    batches = make_batches(cfg)
     mngr = checkpoint.manager(workdir / "checkpoints", cfg.train.keep_checkpoints)
     if cfg.train.init_from and not mngr.latest_step():
-        init_from.check_init_from(cfg)  # before any compile
+        init_source.check_init(cfg)  # before any compile or data
+    batches = make_batches(cfg)
     if lead:
         save_config(cfg, workdir / "config.yaml")
 
@@ -94,7 +98,7 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
         start, state = checkpoint.restore_latest(mngr, abstract_state(cfg, tx, shardings),
                                                  batches, cfg)
         if state is None and cfg.train.init_from:
-            params = init_from.read_params(cfg.train.init_from, mdef, shardings.params)
+            params = init_source.read_init(cfg, mdef, shardings.params)
             state = state_from_params(params, tx, shardings)
         elif state is None:
             state = create_state(cfg, tx, shardings)

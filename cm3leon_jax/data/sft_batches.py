@@ -1,0 +1,169 @@
+"""`cm3leon sft`'s training batches: SFT mixture draws -> tokenized -> packed rows, served by
+grain by global row index (the same iterator, checkpoint state and elastic resume as the
+synthetic source).
+
+Row r is a pure function of (config, r): it packs draws r*(seq_len+1), r*(seq_len+1)+1, ...
+of the mixture in order until the next one does not fit (that draw is dropped; draws are
+with replacement, so skipping ids changes no task share). A row holds at most
+(seq_len+1)/3 examples, so the draw ranges of different rows never overlap.
+
+Two objectives (`sft.loss`):
+- `cm3`: CM3Leon's SFT (§6: the pretraining objective on instruction + output): each
+  `<eos> example <eos>` goes through the CM3 span transform of data/cm3.py with
+  data.cm3_lambda / data.rotation / data.sentinel_weight, seeded by (data.seed, draw).
+- `response`: Chameleon's prompt masking (data/sft_examples.sft_row): only targets after
+  the example's last `<break>` count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.data import cm3
+from cm3leon_jax.data.sft_examples import response_mask
+from cm3leon_jax.vocab import Vocab
+
+TEXT_TOKENIZER = "text_tokenizer.model"  # data/prepare.py's layout of a prepared directory
+IMAGE_TOKENIZER = "image_tokenizer"
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    """Where the SFT data's tokenizers are: sft.tokenizers, else the init's (an export's
+    tokenizers/ or a run's data.dir), else data.dir."""
+    if cfg.sft.tokenizers:
+        return Path(cfg.sft.tokenizers)
+    init = cfg.train.init_from
+    if init:
+        if (Path(init) / "checkpoints").is_dir():
+            from cm3leon_jax.export.source import run_config
+
+            run_dir = run_config(init)[0].data.dir
+            if run_dir:
+                return Path(run_dir)
+        elif (Path(init) / "tokenizers").is_dir():
+            return Path(init) / "tokenizers"
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    raise ConfigError("sft: no tokenizers: set sft.tokenizers to a directory holding "
+                      f"{TEXT_TOKENIZER} and {IMAGE_TOKENIZER}/ (a prepared data.dir or an "
+                      "export's tokenizers/)")
+
+
+def load_tokenizers(cfg: Config):
+    """(text, image) tokenizers, checked against the vocabulary and sft.resolution."""
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+    from cm3leon_jax.tokenizers.text import TextTokenizer
+
+    d = tokenizer_dir(cfg)
+    for name in (TEXT_TOKENIZER, IMAGE_TOKENIZER):
+        if not (d / name).exists():
+            raise ConfigError(f"sft tokenizers: {d / name} does not exist (sft.tokenizers)")
+    text, image = TextTokenizer.load(d / TEXT_TOKENIZER), ImageTokenizer.load(d / IMAGE_TOKENIZER)
+    v = cfg.vocab
+    if text.size > v.text_size:
+        raise ConfigError(f"{d / TEXT_TOKENIZER} has {text.size} pieces, more than "
+                          f"vocab.text_size={v.text_size}")
+    if image.codebook_size != v.image_size:
+        raise ConfigError(f"{d / IMAGE_TOKENIZER} has {image.codebook_size} codes but "
+                          f"vocab.image_size={v.image_size}")
+    if cfg.sft.resolution is not None and cfg.sft.resolution != image.resolution:
+        raise ConfigError(f"sft.resolution={cfg.sft.resolution} but {d / IMAGE_TOKENIZER} "
+                          f"encodes {image.resolution} px images")
+    return text, image
+
+
+def framed_example(ids: np.ndarray, vocab: Vocab, loss: str, rng: np.random.Generator,
+                   cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, weights of predicting tokens[1:]) of `<eos> ids <eos>` under `loss`."""
+    framed = np.concatenate([[vocab.eos], np.asarray(ids, np.int32), [vocab.eos]]).astype(np.int32)
+    if loss == "response":
+        counted = np.concatenate([[False], response_mask(ids, vocab), [True]])
+        return framed, counted[1:].astype(np.float32)
+    d = cfg.data
+    masked, origin, _ = cm3.cm3_transform(framed, rng, vocab, d.cm3_lambda, d.seq_len + 1,
+                                          d.rotation)
+    weights = cm3.target_weights(masked, origin, np.zeros(framed.size, bool), vocab,
+                                 d.sentinel_weight, 1.0)
+    return masked, weights
+
+
+def pack_row(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, vocab: Vocab) -> dict:
+    """The train step's row from framed examples and their target weights (segment ids 1..,
+    positions restarting per example, no loss across an example boundary)."""
+    tokens = np.full(seq_len + 1, vocab.pad, np.int32)
+    segments = np.zeros(seq_len + 1, np.int32)
+    positions = np.zeros(seq_len + 1, np.int32)
+    weights = np.zeros(seq_len, np.float32)
+    at = 0
+    for seg, (toks, w) in enumerate(examples, start=1):
+        n = len(toks)
+        tokens[at:at + n], segments[at:at + n], positions[at:at + n] = toks, seg, np.arange(n)
+        weights[at:at + n - 1] = w
+        at += n
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "positions": positions[:-1],
+            "segment_ids": segments[:-1], "weights": weights}
+
+
+@dataclasses.dataclass
+class SFTRows:
+    """Global row index -> one packed training row."""
+    cfg: Config
+    source: object  # data.sft_source.SFTSource
+    text: object
+    image: object
+    vocab: Vocab
+
+    def example(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.source.tokens(k, self.text, self.image, self.vocab)
+        n, limit = len(ids) + 2, self.cfg.data.seq_len + 1
+        if n > limit:
+            raise ValueError(f"SFT draw {k} (task {self.source[k].task!r}) has {n} tokens with "
+                             f"its <eos> frame, more than data.seq_len + 1 = {limit}")
+        rng = np.random.default_rng([self.cfg.data.seed, k])
+        return framed_example(ids, self.vocab, self.cfg.sft.loss, rng, self.cfg)
+
+    def __call__(self, r: int) -> dict:
+        stride = limit = self.cfg.data.seq_len + 1
+        row, used = [], 0
+        for k in range(r * stride, (r + 1) * stride):
+            toks, w = self.example(k)
+            if used + len(toks) > limit:
+                break
+            row.append((toks, w))
+            used += len(toks)
+        return pack_row(row, self.cfg.data.seq_len, self.vocab)
+
+
+def sft_rows(cfg: Config) -> SFTRows:
+    from cm3leon_jax.data.sft_source import SFTSource
+
+    text, image = load_tokenizers(cfg)
+    return SFTRows(cfg, SFTSource(cfg.sft, image.resolution), text, image, cfg.vocab.build())
+
+
+def sft_batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=print):
+    """A grain iterator of this process's rows of each global batch (global batch n holds
+    rows [n*B, (n+1)*B)); `example_id` is the global row index."""
+    import grain
+
+    from cm3leon_jax.data.sft_mixture import mixture_report
+
+    global_batch = cfg.train.batch_size
+    if global_batch % process_count:
+        raise ValueError(f"train.batch_size={global_batch} not divisible by {process_count} "
+                         "processes")
+    local = global_batch // process_count
+    rows = sft_rows(cfg)
+    if process_index == 0:
+        log(f"sft: loss={cfg.sft.loss}, tokenizers {tokenizer_dir(cfg)}, "
+            f"{cfg.sft.source} tasks:\n{mixture_report(rows.source.shares)}")
+    ds = grain.MapDataset.range(2**40)
+    ds = ds.map_with_index(
+        lambda i, _: (i // local) * global_batch + process_index * local + i % local)
+    ds = ds.map(lambda r: {**rows(int(r)), "example_id": np.int64(r)})
+    ds = ds.batch(local, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -1,0 +1,130 @@
+"""`cm3leon sft`: fine-tuning on the SFT mixture from a run directory, through train().
+
+The init is a real run checkpoint with random std-0.3 parameters (test_export.write_run);
+the tokenizers are a real sentencepiece model and a randomly initialised VQ-GAN (4x4 codes
+per 32 px image) saved in data/prepare.py's layout.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from cm3leon_jax.cli import main as cli
+from cm3leon_jax.config import ConfigError, VQGANConfig, load_config
+from cm3leon_jax.data.cm3 import unmask
+from cm3leon_jax.data.sft_batches import (IMAGE_TOKENIZER, TEXT_TOKENIZER, framed_example,
+                                          sft_rows)
+from cm3leon_jax.data.sft_examples import response_mask, sft_row
+from cm3leon_jax.data.sft_shapes import ShapesSFT
+from cm3leon_jax.data.sft_tasks import TASKS
+from cm3leon_jax.export import source
+from cm3leon_jax.train.loop import make_batches, train
+from cm3leon_jax.train.metrics import read_metrics
+from cm3leon_jax.train.step import loss_sums
+from conftest import CONFIGS
+from test_export import host, mesh_of, write_run
+
+VQ = VQGANConfig(resolution=32, base_channels=8, channel_mult=(1, 2, 4, 8), num_res_blocks=1,
+                 mid_attn=False, norm_groups=4, z_channels=8, embed_dim=8, codebook_size=512)
+SHAPE = ["model.max_seq_len=256", "data.seq_len=256"]  # room for the longest examples
+BASE = [*SHAPE, "optimizer.warmup_steps=1", "optimizer.decay_steps=4",
+        "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+    from cm3leon_jax.tokenizers.text import train_text_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizers")
+    suite = ShapesSFT(seed=0, resolution=VQ.resolution)
+    texts = [s for t in TASKS for i in range(10)
+             for s in suite.example(t, "train", i).segments if isinstance(s, str)]
+    train_text_tokenizer(texts, 320).save(d / TEXT_TOKENIZER)
+    ImageTokenizer.create(VQ, seed=0, batch_size=4).save(d / IMAGE_TOKENIZER)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return write_run(load_config(CONFIGS / "tiny.yaml", SHAPE), tmp_path_factory.mktemp("pre"))
+
+
+def sft_cfg(toks, pretrained, *more):
+    return load_config(CONFIGS / "tiny.yaml", [*BASE, "sft.enabled=true", f"sft.tokenizers={toks}",
+                                               f"train.init_from={pretrained}", *more])
+
+
+def test_sft_starts_from_the_run_weights_at_step_0(toks, pretrained, tmp_path):
+    assert cli(["sft", "--config", str(CONFIGS / "tiny.yaml"), "--init", str(pretrained),
+                "--workdir", str(tmp_path / "ft"), *BASE, "train.steps=1",
+                f"sft.tokenizers={toks}"]) == 0
+    (first,) = read_metrics(tmp_path / "ft")
+    assert first["step"] == 1  # the run's optimizer state (step 3) was not carried over
+    cfg = sft_cfg(toks, pretrained, "train.steps=1")
+    batch = next(make_batches(cfg))
+    assert batch.pop("example_id").tolist() == list(range(8))
+    weights = source.from_run(pretrained, mesh=mesh_of(1, 1, 1))
+    sums = loss_sums(weights.mdef.bind(host(weights.params)),
+                     jax.tree.map(np.asarray, batch), cfg.vocab.build())
+    np.testing.assert_allclose(first["loss"], sums["ce"] / sums["w"], rtol=1e-5)
+
+
+def test_sft_resume_gives_identical_losses(toks, pretrained, tmp_path):
+    full = train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "full")
+    a = train(sft_cfg(toks, pretrained, "train.steps=1"), tmp_path / "split")
+    b = train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "split")
+    assert [m["step"] for m in a + b] == [1, 2, 3]
+    assert [m["loss"] for m in a + b] == [m["loss"] for m in full]
+
+
+def test_response_loss_counts_only_the_response(toks, pretrained):
+    cfg = sft_cfg(toks, pretrained, "sft.loss=response")
+    rows = sft_rows(cfg)
+    vocab = rows.vocab
+    for r in range(3):
+        row = rows(r)
+        k0, n = r * (cfg.data.seq_len + 1), int(row["segment_ids"].max())
+        ids = [rows.source.tokens(k, rows.text, rows.image, vocab) for k in range(k0, k0 + n)]
+        want = sft_row(ids, cfg.data.seq_len, vocab, "response")
+        for key in want:
+            np.testing.assert_array_equal(row[key], want[key], err_msg=key)
+        # independently: a target counts iff it is after its example's last <break>
+        for seg, x in enumerate(ids, start=1):
+            at = np.flatnonzero(row["segment_ids"] == seg)[0]
+            w = row["weights"][at:at + len(x) + 1]  # predicting x and the closing <eos>
+            after = np.append(response_mask(x, vocab), True)
+            np.testing.assert_array_equal(w, after.astype(np.float32))
+            assert after.sum() < len(x) + 1  # the prompt is there and does not count
+        assert row["weights"][row["segment_ids"] == 0].sum() == 0
+
+
+def test_cm3_loss_without_spans_is_the_plain_objective(toks, pretrained):
+    cfg = sft_cfg(toks, pretrained, "data.cm3_lambda=0")
+    rows = sft_rows(cfg)
+    for r in range(2):
+        row = rows(r)
+        k0, n = r * (cfg.data.seq_len + 1), int(row["segment_ids"].max())
+        ids = [rows.source.tokens(k, rows.text, rows.image, rows.vocab) for k in range(k0, k0 + n)]
+        want = sft_row(ids, cfg.data.seq_len, rows.vocab, "all")
+        for key in want:
+            np.testing.assert_array_equal(row[key], want[key], err_msg=key)
+    cfg = sft_cfg(toks, pretrained)  # data.cm3_lambda=1: spans moved, and they invert
+    rows = sft_rows(cfg)
+    row, x = rows(0), rows.source.tokens(0, rows.text, rows.image, rows.vocab)
+    toks0, w = framed_example(x, rows.vocab, "cm3", np.random.default_rng([cfg.data.seed, 0]), cfg)
+    np.testing.assert_array_equal(row["inputs"][:len(toks0)], toks0)
+    np.testing.assert_array_equal(unmask(toks0, rows.vocab),
+                                  np.concatenate([[rows.vocab.eos], x, [rows.vocab.eos]]))
+    assert any(rows.vocab.is_sentinel(rows(r)["inputs"]).any() for r in range(4))
+
+
+def test_bad_init_fails_before_compiling(toks, tmp_path, capsys):
+    code = cli(["sft", "--config", str(CONFIGS / "tiny.yaml"), "--init", str(tmp_path / "no"),
+                "--workdir", str(tmp_path / "ft"), f"sft.tokenizers={toks}"])
+    assert code == 2
+    assert f"train.init_from={tmp_path / 'no'}: does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "ft" / "checkpoints").exists() or \
+        not any((tmp_path / "ft" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"sft.loss='prefix' is not one of \['cm3', 'response'\]"):
+        load_config(CONFIGS / "tiny.yaml", ["sft.loss=prefix"])
