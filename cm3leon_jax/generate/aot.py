@@ -90,6 +90,9 @@ def generate_shape(cfg: Config, chips_for_batch: int, batch: int | None = None,
     if cfg_on is None:
         cfg_on = g.cfg_scale != 1.0 or bool(candidate_methods(g).any())
     max_len = cfg.model.max_seq_len
+    if image_tokens >= max_len:
+        raise ConfigError(f"--image-tokens={image_tokens} leaves no room for a prompt: it "
+                          f"must be less than model.max_seq_len={max_len}")
     if prompt_tokens is None:
         prompt_tokens = (max_len - image_tokens) // PROMPT_ALIGN * PROMPT_ALIGN
     for name, value in (("--batch", batch), ("--image-tokens", image_tokens),
