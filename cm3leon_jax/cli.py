@@ -91,12 +91,19 @@ def cmd_compile(args) -> None:
 
     topology = parse_topology(args.topology)
     cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)
+    shape_of = None
+    if args.step == "generate":
+        from cm3leon_jax.generate.aot import generate_shape
+
+        shape_of = lambda chips: generate_shape(
+            cfg, chips, args.batch, args.image_tokens, args.prompt_tokens, args.cfg)
+        shape_of(1)  # bad sizes fail here, before libtpu or the compiler start
     if importlib.util.find_spec("libtpu") is None:
         print("cm3leon compile: needs libtpu, the TPU compiler: pip install -e '.[tpu]' "
               "(it works on machines without a TPU)", file=sys.stderr)
         raise SystemExit(2)
-    if args.step == "generate":
-        return _compile_generate(args, cfg, topology)
+    if shape_of is not None:
+        return _compile_generate(args, cfg, topology, shape_of)
     try:
         report = compile_train_step(cfg, topology)
     except DoesNotFit as e:
@@ -109,13 +116,10 @@ def cmd_compile(args) -> None:
         raise SystemExit(1)
 
 
-def _compile_generate(args, cfg, topology) -> None:
+def _compile_generate(args, cfg, topology, shape_of) -> None:
     from cm3leon_jax.generate import aot
     from cm3leon_jax.train.aot import DoesNotFit
 
-    shape_of = lambda chips: aot.generate_shape(
-        cfg, chips, args.batch, args.image_tokens, args.prompt_tokens, args.cfg)
-    shape_of(1)  # bad sizes fail here, before the topology or the compiler start
     try:
         report = aot.compile_generate_step(cfg, topology, shape_of)
     except DoesNotFit as e:
