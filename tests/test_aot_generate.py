@@ -78,3 +78,18 @@ def test_compile_generate_tiny_for_v5e_4(tiny, capsys):
     assert r["flops_per_chip_per_step"] == r["flops_per_image_token"] * 4 / 4
     assert flops_per_image_token(cfg, vocab, generate_shape(cfg, 4, cfg_on=False)) * 2 == \
         r["flops_per_image_token"]
+
+
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_generate_too_big_for_its_pod_fails_clearly(capsys):
+    pytest.importorskip("libtpu")
+    # 2 layers of 64 x 2^26 FFN matrices: 16 GiB per chip of float32 parameters on v5e-4
+    code, out, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+                              "--topology", "v5e-4", "--step", "generate",
+                              "model.d_ff=67108864")
+    assert code == 1 and out == ""
+    assert "configs/tiny.yaml generation does not fit v5e-4" in err
+    assert "GiB of HBM (over by" in err
+    assert "parameters 16.00 GiB, KV cache 128.00 KiB for 4 rows x 128 columns" in err
+    assert "mesh.fsdp=4" in err and "mesh.tensor=2" in err
+    assert "--batch" not in err and "--prompt-tokens" not in err  # they would not help

@@ -184,12 +184,12 @@ def advice(cfg: Config, topology: Topology, mesh: dict, shape: GenerateShape,
     lines = [
         f"generation does not fit {topology.name}: it needs {need / GiB:.2f} GiB per chip, "
         f"the chip has {have / GiB:.2f} GiB of HBM (over by {(need - have) / GiB:.2f} GiB)",
-        f"  per chip: parameters {per_chip['param_bytes'] / GiB:.2f} GiB, KV cache "
-        f"{per_chip['kv_cache_bytes'] / GiB:.2f} GiB for {shape.rows} rows x "
+        f"  per chip: parameters {human_bytes(per_chip['param_bytes'])}, KV cache "
+        f"{human_bytes(per_chip['kv_cache_bytes'])} for {shape.rows} rows x "
         f"{shape.cache_len} columns (mesh data={mesh['data']} fsdp={mesh['fsdp']} "
         f"tensor={mesh['tensor']})",
         "  what would help:"]
-    if shape.padded_batch > 1:
+    if shape.batch > 1:
         lines.append(f"  - a smaller --batch (now {shape.batch}): the KV cache and logits "
                      "grow with it")
     if per_chip["param_bytes"] > have / 2:
@@ -198,7 +198,8 @@ def advice(cfg: Config, topology: Topology, mesh: dict, shape: GenerateShape,
     if mesh["tensor"] == 1:
         lines.append("  - mesh.tensor=2 or more: splits the KV cache's heads and the logits' "
                      "vocabulary too")
-    lines.append(f"  - shorter prompts: --prompt-tokens (now {shape.prompt_tokens})")
+    if per_chip["kv_cache_bytes"] > have / 8:
+        lines.append(f"  - shorter prompts: --prompt-tokens (now {shape.prompt_tokens})")
     return "\n".join(lines)
 
 
