@@ -2,7 +2,7 @@
 
     cm3leon train  --config FILE --workdir DIR [section.key=value ...]
     cm3leon params --config FILE [--json] [--devices N] [section.key=value ...]
-    cm3leon compile --config FILE --topology NAME [--json] [section.key=value ...]
+    cm3leon compile --config FILE --topology NAME [--step train|generate] [--json] [section.key=value ...]
     cm3leon retrieval train-encoder --config FILE [section.key=value ...]
     cm3leon index  --config FILE [section.key=value ...]
     cm3leon neighbors --config FILE [--shard I --num-shards N | --merge N] [section.key=value ...]
@@ -91,10 +91,19 @@ def cmd_compile(args) -> None:
 
     topology = parse_topology(args.topology)
     cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)
+    shape_of = None
+    if args.step == "generate":
+        from cm3leon_jax.generate.aot import generate_shape
+
+        shape_of = lambda chips: generate_shape(
+            cfg, chips, args.batch, args.image_tokens, args.prompt_tokens, args.cfg)
+        shape_of(1)  # bad sizes fail here, before libtpu or the compiler start
     if importlib.util.find_spec("libtpu") is None:
         print("cm3leon compile: needs libtpu, the TPU compiler: pip install -e '.[tpu]' "
               "(it works on machines without a TPU)", file=sys.stderr)
         raise SystemExit(2)
+    if shape_of is not None:
+        return _compile_generate(args, cfg, topology, shape_of)
     try:
         report = compile_train_step(cfg, topology)
     except DoesNotFit as e:
@@ -103,6 +112,22 @@ def cmd_compile(args) -> None:
     print(json.dumps(report.to_dict()) if args.json else format_report(report, args.config))
     if not report.fits:
         print(f"cm3leon compile: {args.config} {advice(cfg, topology, report)}",
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _compile_generate(args, cfg, topology, shape_of) -> None:
+    from cm3leon_jax.generate import aot
+    from cm3leon_jax.train.aot import DoesNotFit
+
+    try:
+        report = aot.compile_generate_step(cfg, topology, shape_of)
+    except DoesNotFit as e:
+        print(f"cm3leon compile: {args.config} {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(report.to_dict()) if args.json else aot.format_report(report, args.config))
+    if not report.fits:
+        print(f"cm3leon compile: {args.config} {aot.fit_advice(cfg, topology, report)}",
               file=sys.stderr)
         raise SystemExit(1)
 
@@ -355,6 +380,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="TPU slice: v4-N, v5p-N (N TensorCores), v5e-N, v6e-N (N chips); "
                         "SxNAME for S slices, e.g. 2xv5p-128")
     p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--step", choices=("train", "generate"), default="train",
+                   help="the train step, or image generation (prefill + KV-cache decoding)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="generate: images per step (default generate.candidates)")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="generate: tokens per image (default generate.image_tokens, else "
+                        "the vqgan section's)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="generate: prompt length (default: the rest of model.max_seq_len)")
+    p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="generate: with the classifier-free-guidance stream (default: as "
+                        "the generate section would)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("retrieval", help="retrieval encoder tasks")
