@@ -3,7 +3,8 @@
     DIR/data              prepare: text + image tokenizers, document shards
     DIR/data/retrieval    encoder, index, neighbors (the training table)
     DIR/run               the CM3Leon run (checkpoints, metrics.jsonl)
-    DIR/report.md, report.json, loss.png, samples-*.png
+    DIR/evaluation.json   generated-sample scores (reused while the config is the same)
+    DIR/report.md, report.json, loss.png, samples.png
 
 Each stage calls the stage's own Python function and is skipped when its output is
 complete (prepare and train also resume a half-done run themselves), so a re-run reuses
@@ -21,6 +22,7 @@ import numpy as np
 
 from cm3leon_jax.config import Config, load_config
 
+EVALUATION = "evaluation.json"  # scores and examples of the last evaluation, with its config
 MODES = {  # report key -> (classifier-free guidance, retrieval)
     "t2i_accuracy": (False, False),
     "t2i_accuracy_cfg": (True, False),
@@ -33,7 +35,7 @@ def demo_config(config_path: str | Path, workdir: str | Path, overrides=()) -> C
     """The demo's config with every stage's outputs under `workdir`."""
     import jax
 
-    return load_config(config_path, [f"data.dir={Path(workdir) / 'data'}", *overrides], num_devices=jax.device_count())
+    return load_config(config_path, [f"data.dir={Path(workdir).resolve() / 'data'}", *overrides], num_devices=jax.device_count())
 
 
 def held_out(cfg: Config, resolution: int) -> list:
@@ -203,8 +205,14 @@ def demo(config_path: str | Path, workdir: str | Path, overrides=(), log=print) 
         raise ValueError(f"source.kind={cfg.source.kind!r}: the demo scores shapes scenes only")
     stages = run_stages(cfg, workdir, log)
     losses = plot_loss(workdir / "run", workdir / "loss.png")
-    result = evaluate(cfg, workdir, log)
-    stages["evaluate"] = "ran"
+    saved = workdir / EVALUATION
+    result = json.loads(saved.read_text()) if saved.exists() else None
+    reuse = result is not None and result["digest"] == cfg.digest()
+    log(f"demo: evaluate {'reused' if reuse else 'running'}")
+    if not reuse:
+        result = {"digest": cfg.digest(), **evaluate(cfg, workdir, log)}
+        saved.write_text(json.dumps(result, indent=1) + "\n")
+    stages["evaluate"] = "reused" if reuse else "ran"
     report = write_report(workdir, cfg, result, stages, (time.perf_counter() - t0) / 60, losses)
     log(f"demo: {json.dumps({k: v for k, v in report.items() if k != 'stages'})}")
     log(f"demo: wrote {workdir / 'report.md'}")

@@ -44,11 +44,8 @@ def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
     stamps = (ckpt.stat().st_mtime_ns, encoder.stat().st_mtime_ns)
 
     second = demo.demo(CONFIGS / "demo.yaml", work, overrides, log=lambda *_: None)
-    assert second["stages"] == {**{s: "reused" for s in ("prepare", "encoder", "index",
-                                                         "neighbors", "train")},
-                                "evaluate": "ran"}
+    assert second["stages"] == {s: "reused" for s in first["stages"]}
     assert (ckpt.stat().st_mtime_ns, encoder.stat().st_mtime_ns) == stamps
-    # the same checkpoint and seeds give the same samples, hence the same scores
     for key in (*demo.MODES, "caption_accuracy"):
         assert second[key] == first[key]
 
