@@ -112,7 +112,8 @@ def evaluate(cfg: Config, workdir: Path, log=print) -> dict:
     scenes = held_out(cfg, image_tok.resolution)
     captions = [p.caption for p in scenes]
     text_ids = [model.vocab.text_ids(prepared.text.encode(c)) for c in captions]
-    retrieved = Retriever(cfg).documents(text_ids, cfg.data.k)
+    retrieved = (Retriever(cfg).documents(text_ids, cfg.data.k) if cfg.data.k
+                 else [[] for _ in text_ids])  # k = 0: the retrieval modes equal the others
     g = dataclasses.replace(cfg.generate, candidates=1)
     scores, images = {}, {}
     for key, (guided, retrieval) in MODES.items():
