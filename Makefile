@@ -26,7 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/cm3leon train --config configs/tiny.yaml --workdir runs/demo
+	$(BIN)/cm3leon demo --config configs/demo.yaml --workdir runs/demo
 
 bench: install
 	$(BIN)/python bench/train_step.py --config configs/tiny.yaml --steps 20

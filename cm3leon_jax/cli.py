@@ -17,6 +17,7 @@
     cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
     cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
     cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
+    cm3leon demo --workdir DIR [--config configs/demo.yaml] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -359,6 +360,12 @@ def cmd_fit_scaling(args) -> None:
         raise SystemExit(f"cm3leon fit-scaling: {e}") from None
 
 
+def cmd_demo(args) -> None:
+    from cm3leon_jax.demo import demo
+
+    demo(args.config, args.workdir, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -465,6 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_score)
 
     _generate_parser(sub)
+
+    p = sub.add_parser("demo", help="the main job on shapes: prepare, retrieval, train, "
+                       "generate, report (reuses finished stages)")
+    p.add_argument("--workdir", required=True, help="everything goes here; report.md, report.json")
+    p.add_argument("--config", default="configs/demo.yaml", help="every stage's settings")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config values, e.g. train.steps=50")
+    p.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)
     try:

@@ -308,6 +308,13 @@ class SweepConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`cm3leon demo`: evaluation on held-out shapes scenes (indices after source.size)."""
+    eval_scenes: int = 64  # held-out captions (text -> image) and images (image -> text)
+    grid_rows: int = 8  # captions shown in each sample grid
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     vocab: VocabConfig = VocabConfig()
     model: ModelConfig = ModelConfig()
@@ -325,6 +332,7 @@ class Config:
     vqgan_train: VQGANTrainConfig = VQGANTrainConfig()
     sft: SFTConfig = SFTConfig()
     sweep: SweepConfig = SweepConfig()
+    demo: DemoConfig = DemoConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -504,6 +512,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
         raise ConfigError(str(e)) from None
     _validate_prepare(cfg)
     _validate_sft(cfg.sft)
+    for key in ("eval_scenes", "grid_rows"):
+        if getattr(cfg.demo, key) < 1:
+            raise ConfigError(f"demo.{key}={getattr(cfg.demo, key)} must be >= 1")
     if num_devices is not None:
         data, fsdp, tensor = cfg.mesh.shape(num_devices)
         micro = t.batch_size // t.grad_accum

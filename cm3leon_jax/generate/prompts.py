@@ -23,7 +23,8 @@ from cm3leon_jax.vocab import Vocab
 
 def _check(vocab: Vocab, ids, kind: str, where: str) -> np.ndarray:
     a = np.asarray(ids, np.int32).reshape(-1)
-    ok = vocab.is_text(a) if kind == "text" else vocab.is_image(a)
+    ok = {"text": vocab.is_text, "image": vocab.is_image,
+          "document": lambda x: vocab.is_text(x) | vocab.is_image(x) | (x == vocab.brk)}[kind](a)
     if not np.all(ok):
         bad = a[~np.asarray(ok)][0]
         raise ValueError(f"{where}: id {bad} ({vocab.token_name(int(bad))}) is not a "
@@ -36,6 +37,15 @@ def text_to_image(vocab: Vocab, caption) -> tuple[np.ndarray, np.ndarray]:
     caption = _check(vocab, caption, "text", "caption")
     cond = np.concatenate([[vocab.eos], caption, [vocab.brk]])
     return cond.astype(np.int32), unconditional_image(vocab)
+
+
+def with_retrieved(vocab: Vocab, prompt: np.ndarray, retrieved) -> np.ndarray:
+    """`prompt` (which starts with `<eos>`) with retrieved documents in front, as in training:
+    `<eos> r1 <break> ... rk <break> rest` (data/sequences.py `example`)."""
+    parts = [prompt[:1]]
+    for r in retrieved:
+        parts += [_check(vocab, r, "document", "retrieved document"), [vocab.brk]]
+    return np.concatenate(parts + [prompt[1:]]).astype(np.int32)
 
 
 def unconditional_image(vocab: Vocab) -> np.ndarray:

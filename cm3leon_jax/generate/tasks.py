@@ -52,16 +52,23 @@ def _run(model: Model, streams, d: Decoding, seed: int, scales=Scales(),
 
 
 def text_to_image(model: Model, captions: list, num_tokens: int, g: GenerateConfig,
-                  seed: int | None = None) -> np.ndarray:
+                  seed: int | None = None, retrieved: list | None = None) -> np.ndarray:
     """[n, g.candidates, num_tokens] image codes for n captions (text ids).
 
     Guidance runs when cfg_scale != 1 or any candidate uses CD-K (which needs the
     unconditional stream); candidates of one caption differ by their sampling keys.
+    `retrieved`: per caption, documents (ids) put in front of the conditional prompt
+    (retrieval at inference); the unconditional prompt stays `<eos> <mask:0> <break>`.
     """
     vocab, m = model.vocab, g.candidates
     methods = np.tile(candidate_methods(g), len(captions))
     guided = g.cfg_scale != 1.0 or methods.any()
+    if retrieved is not None and len(retrieved) != len(captions):
+        raise ValueError(f"{len(captions)} captions but {len(retrieved)} retrieved lists")
     pairs = [prompts.text_to_image(vocab, c) for c in captions for _ in range(m)]
+    if retrieved is not None:
+        docs = [r for r in retrieved for _ in range(m)]
+        pairs = [(prompts.with_retrieved(vocab, c, r), u) for (c, u), r in zip(pairs, docs)]
     streams = [[p[0] for p in pairs]] + ([[p[1] for p in pairs]] if guided else [])
     d = Decoding("image", num_tokens, guidance="cfg" if guided else "none", cd_k=g.cd_k,
                  cd_sample=g.cd_sample, **_sampling(g))

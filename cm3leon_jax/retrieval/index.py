@@ -101,7 +101,7 @@ def build_index(bank: np.ndarray, out_dir: str | Path, cfg: RetrievalConfig,
     t0 = time.perf_counter()
     searcher = build_searcher(bank, cfg)
     build_s = time.perf_counter() - t0
-    searcher.serialize(str(out_dir))
+    searcher.serialize(str(out_dir.resolve()))  # ScaNN cannot load relative asset paths
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(bank), min(cfg.recall_queries, len(bank)), replace=False)
     queries = bank[np.sort(sample)]

@@ -1,0 +1,56 @@
+"""Retrieval at inference: the memory bank's best documents for new captions.
+
+A caption is embedded by the text tower of the index's encoder (a text-only query, so its
+vector is the unit text embedding, CM3Leon §2.1) and searched in the index that
+`cm3leon index` built; the hits come back as document token ids, ready to be put in front
+of a generation prompt (`generate.prompts.with_retrieved`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from cm3leon_jax.config import Config
+from cm3leon_jax.data import records, sequences
+from cm3leon_jax.retrieval import embed, index
+from cm3leon_jax.retrieval.neighbors import INDEX, bank_dir, retrieval_dir
+
+
+class Retriever:
+    """Search the run's index with captions given as text ids of the unified vocabulary."""
+
+    def __init__(self, cfg: Config):
+        r, out = cfg.retrieval, retrieval_dir(cfg)
+        if r.encoder == "npy":
+            raise ValueError("retrieval.encoder=npy: vectors computed elsewhere cannot embed "
+                             "new captions; use the builtin or minilm encoder")
+        self.encoder = embed.make_encoder(r, out)
+        built = json.loads((out / INDEX / index.MANIFEST).read_text())["encoder_fingerprint"]
+        if self.encoder.fingerprint != built:
+            raise ValueError(f"{out / INDEX}: built with encoder {built}, the encoder now is "
+                             f"{self.encoder.fingerprint}; rerun `cm3leon index`")
+        self.searcher = index.load_searcher(out / INDEX)
+        self.docs = records.open_documents(bank_dir(cfg))
+        self.vocab = cfg.vocab.build()
+
+    def search(self, captions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n, k], scores [n, k]) of the bank documents nearest each caption."""
+        tokens = [self.encoder.text_tokens({"text": c, "caption": "", "image": []})
+                  for c in captions]
+        queries = embed.unit(self.encoder.embed_texts(tokens))
+        return index.search(self.searcher, queries, k)
+
+    def documents(self, captions: list[np.ndarray], k: int) -> list[list[np.ndarray]]:
+        """Per caption, its k retrieved documents as `caption <break> image` ids."""
+        ids, _ = self.search(captions, k)
+        out = []
+        for row in ids:
+            found = []
+            for i in row[row >= 0]:
+                doc = records.decode_document(self.docs[int(i)])
+                found.append(sequences.document(doc["text"], doc["image"], self.vocab,
+                                                where=f"bank document {int(i)}"))
+            out.append(found)
+        return out
