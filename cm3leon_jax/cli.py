@@ -37,19 +37,24 @@ def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args) -> None:
+def _run_training(command: str, config: str, overrides: list[str], workdir: str) -> None:
+    """Start the multi-process runtime, load the config, train; bad steps exit 3."""
     import jax
 
     from cm3leon_jax.parallel import distributed
     from cm3leon_jax.train.loop import BadStepsError, train
 
     distributed.initialize()  # before anything touches the devices
-    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    cfg = load_config(config, overrides, num_devices=jax.device_count())
     try:
-        train(cfg, args.workdir)
+        train(cfg, workdir)
     except BadStepsError as e:
-        print(f"cm3leon train: {e}", file=sys.stderr)
+        print(f"cm3leon {command}: {e}", file=sys.stderr)
         sys.exit(3)
+
+
+def cmd_train(args) -> None:
+    _run_training("train", args.config, args.overrides, args.workdir)
 
 
 def cmd_params(args) -> None:
@@ -289,19 +294,9 @@ def cmd_sft_data(args) -> None:
           f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
 def cmd_sft(args) -> None:
     """`cm3leon train` on the SFT mixture from --init's weights (sft.enabled, train.init_from)."""
-    import jax
-
-    from cm3leon_jax.parallel import distributed
-    from cm3leon_jax.train.loop import BadStepsError, train
-
-    distributed.initialize()
-    overrides = [*args.overrides, "sft.enabled=true", f"train.init_from={args.init}"]
-    cfg = load_config(args.config, overrides, num_devices=jax.device_count())
-    try:
-        train(cfg, args.workdir)
-    except BadStepsError as e:
-        print(f"cm3leon sft: {e}", file=sys.stderr)
-        sys.exit(3)
+    _run_training("sft", args.config,
+                  [*args.overrides, "sft.enabled=true", f"train.init_from={args.init}"],
+                  args.workdir)
 
 
 def cmd_export(args) -> None:

@@ -24,7 +24,7 @@ from cm3leon_jax.generate.tasks import candidate_methods
 from cm3leon_jax.model.transformer import CACHE
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.parallel.topology import GiB, Topology
-from cm3leon_jax.train.aot import DoesNotFit, _parse_oom, human_bytes
+from cm3leon_jax.train.aot import DoesNotFit, compile_or_explain, human_bytes
 from cm3leon_jax.train.optimizer import make_optimizer
 from cm3leon_jax.train.state import model_def, shard_bytes, state_shardings
 
@@ -152,15 +152,9 @@ def compile_generate_step(cfg: Config, topology: Topology, shape_of, devices=Non
     with jax.set_mesh(mesh):
         lowered = decode_cached.lower(mdef.graphdef, params, tokens, lengths, use_cdk, scales,
                                       key, vocab=vocab, d=d)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # the TPU compiler's out-of-memory is a JaxRuntimeError
-            oom = _parse_oom(str(e))
-            if oom is None:
-                raise
-            _, need, have = oom
-            raise DoesNotFit(advice(cfg, topology, dict(mesh.shape), shape, per_chip, need,
-                                    have)) from None
+        compiled = compile_or_explain(
+            lowered, lambda _, need, have: advice(cfg, topology, dict(mesh.shape), shape,
+                                                  per_chip, need, have))
     compile_seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

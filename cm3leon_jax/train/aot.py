@@ -78,13 +78,9 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = jit_train_step(cfg, mdef, tx, shardings, mesh).lower(state, batch)
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # the TPU compiler's out-of-memory is a JaxRuntimeError
-            oom = _parse_oom(str(e))
-            if oom is None:
-                raise
-            raise DoesNotFit(_advice(cfg, topology, dict(mesh.shape), per_chip, *oom)) from None
+        compiled = compile_or_explain(
+            lowered, lambda what, need, have: _advice(cfg, topology, dict(mesh.shape),
+                                                      per_chip, what, need, have))
     compile_seconds = time.perf_counter() - start
 
     mem = compiled.memory_analysis()
@@ -121,6 +117,18 @@ _OOM = (  # libtpu's two ways of saying it; (what, needed, available)
                 rf"\({_SIZE}\)"), "temporaries (activations, gradients, updates) alone need"),
     (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"), "the train step needs"),
 )
+
+
+def compile_or_explain(lowered, explain):
+    """`lowered.compile()`; the TPU compiler's out-of-memory error (a JaxRuntimeError)
+    becomes DoesNotFit with `explain(what, bytes needed, bytes available)` as its message."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory message is translated
+        oom = _parse_oom(str(e))
+        if oom is None:
+            raise
+        raise DoesNotFit(explain(*oom)) from None
 
 
 def _parse_oom(message: str) -> tuple[str, int, int] | None:
