@@ -10,6 +10,7 @@
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
     cm3leon sft-data --config FILE --out DIR [--per-task N] [section.key=value ...]
     cm3leon sft    --config FILE --init RUN_OR_EXPORT --workdir DIR [section.key=value ...]
+    cm3leon eval-sft --config FILE --workdir RUN [--workdir RUN ...] [--out DIR] [section.key=value ...]
     cm3leon sweep  --config FILE --runs DIR [section.key=value ...]
     cm3leon fit-scaling RUNS_DIR [--out DIR]
     cm3leon export --workdir RUN [--step N] --format safetensors|hf-opt --out DIR
@@ -299,6 +300,15 @@ def cmd_sft(args) -> None:
                   args.workdir)
 
 
+def cmd_eval_sft(args) -> None:
+    import jax
+
+    from cm3leon_jax.eval.sft import evaluate
+
+    cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
+    evaluate(cfg, args.workdir, args.out or args.workdir[-1])
+
+
 def cmd_export(args) -> None:
     from cm3leon_jax.export.write import export
 
@@ -433,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
                    "parameters) or safetensors export to start from")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics")
     p.set_defaults(fn=cmd_sft)
+
+    p = _with_config(sub.add_parser("eval-sft", help="score runs on held-out SFT tasks "
+                                    "(caption, VQA, edit, grounding, control)"))
+    p.add_argument("--workdir", required=True, action="append", help="a run directory; repeat "
+                   "to compare runs (e.g. the pretrained run, then the fine-tuned one)")
+    p.add_argument("--out", help="where eval_sft.{json,md,png} go (default: the last run)")
+    p.set_defaults(fn=cmd_eval_sft)
 
     p = _with_config(sub.add_parser("sweep", help="scaling sweep: train and evaluate a "
                                     "family of sizes (resumes from DIR)"))

@@ -85,7 +85,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     lr: float = 6e-4  # peak learning rate
-    warmup_steps: int = 1500
+    warmup_steps: int = 100  # linear from 0; the paper uses 1500 of a much longer run
     decay_steps: Optional[int] = None  # schedule length; null: train.steps
     final_lr_ratio: float = 0.1  # linear decay to this fraction of the peak
     b1: float = 0.9
@@ -101,7 +101,6 @@ class DataConfig:
     seq_len: int = 4096
     seed: int = 0  # data order
     # --- the prepared-data pipeline (data/pipeline.py); unused by the synthetic source ---
-    retrieval_dir: Optional[str] = None  # holds neighbors.npy; null: <data.dir>/retrieval
     k: int = 2  # retrieved documents in front of each query (<= the table's columns)
     retrieved_dropout: float = 0.0  # probability each retrieved document is left out
     image_first: float = 0.0  # fraction of documents written image <break> caption
@@ -141,6 +140,7 @@ class GenerateConfig:
     candidates: int = 1  # candidates per output image, reranked when > 1 (needs a scorer)
     image_tokens: Optional[int] = None  # tokens per image; null: from the image tokenizer
     max_text_tokens: int = 32  # longest caption / infill
+    min_text_tokens: int = 0  # captions / infills / answers: at least this many text pieces
     seed: int = 0
 
 
@@ -153,7 +153,7 @@ class FaultConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
-    dir: Optional[str] = None  # retrieval outputs; null: <data.dir>/retrieval
+    dir: Optional[str] = None  # encoder, index, neighbors.npy (read by training); null: <data.dir>/retrieval
     bank: Optional[str] = None  # memory-bank prepared directory; null: data.dir itself
     encoder: Literal["builtin", "minilm", "npy"] = "builtin"
     embeddings: str = "embeddings"  # npy encoder: <prepared dir>/<this>/{text,image}.npy
@@ -284,6 +284,7 @@ class SFTConfig:
     enabled: bool = False  # train on the SFT mixture instead of data.dir / synthetic rows
     loss: Literal["cm3", "response"] = "cm3"  # CM3 objective (CM3Leon) or response only (Chameleon)
     tokenizers: Optional[str] = None  # dir with text_tokenizer.model, image_tokenizer/; null: the init's
+    eval_examples: int = 64  # cm3leon eval-sft: held-out shapes examples per task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +372,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     return cfg
 
 
+# Keys that were removed, and what took their place: run directories and checkpoints written
+# before still load when the old key is null; a set one is an error naming its replacement.
+REMOVED_KEYS = {("data", "retrieval_dir"): "retrieval.dir"}
+
+
 def from_dict(raw: dict) -> Config:
+    for (section, key), replacement in REMOVED_KEYS.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            if values[key] is not None:
+                raise ConfigError(f"{section}.{key} was replaced by {replacement}; set that "
+                                  f"instead (got {section}.{key}={values[key]!r})")
+            raw = {**raw, section: {k: v for k, v in values.items() if k != key}}
     return _build(Config, raw, "")
 
 
@@ -581,6 +594,9 @@ def _validate_generate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1]")
+    if not 0 <= g.min_text_tokens <= g.max_text_tokens:
+        raise ConfigError(f"generate.min_text_tokens={g.min_text_tokens} must be in "
+                          f"[0, generate.max_text_tokens={g.max_text_tokens}]")
     if g.cd_alpha > 1:
         raise ConfigError(f"generate.cd_alpha={g.cd_alpha} must be in (0, 1]")
     if g.pool == "mixed" and g.candidates < 2:
@@ -653,6 +669,9 @@ def _validate_sft(s: SFTConfig) -> None:
         raise ConfigError(f"sft.max_objects={s.max_objects} must be in [1, 9]")
     if s.tokenizers is not None and not s.tokenizers.strip():
         raise ConfigError("sft.tokenizers must be a directory or null")
+    if s.eval_examples < 2:
+        raise ConfigError(f"sft.eval_examples={s.eval_examples} must be >= 2 (chance compares "
+                          "each example with the others)")
 
 
 def validate_vqgan(v: VQGANConfig) -> None:

@@ -71,11 +71,18 @@ def test_missing_file_and_bad_top_level(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["tiny", "cm3leon_350m", "cm3leon_760m", "cm3leon_7b"])
-def test_shipped_configs_load(name):
-    load_config(CONFIGS / f"{name}.yaml")
+@pytest.mark.parametrize("name", [None, *sorted(str(p.relative_to(CONFIGS))
+                                                for p in CONFIGS.rglob("*.yaml"))])
+def test_shipped_configs_and_the_defaults_load(name):
+    load_config(CONFIGS / name if name else None)
 
 
 def test_digest_changes_with_any_value(tiny):
     assert tiny().digest() == tiny().digest()
     assert tiny().digest() != tiny("data.seed=1").digest()
+
+
+def test_removed_key_loads_when_null_and_names_its_replacement(tiny):
+    assert tiny("data.retrieval_dir=null") == tiny()
+    with pytest.raises(ConfigError, match="data.retrieval_dir was replaced by retrieval.dir"):
+        tiny("data.retrieval_dir=/somewhere")

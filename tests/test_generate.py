@@ -185,6 +185,28 @@ def test_text_mode_never_emits_image_ids_and_stops(setup):
             assert (row[:ends[0] + 1 if ends.size else None] != vocab.pad).all()
 
 
+def test_min_tokens_defers_every_stop_and_special_id(setup):
+    """Hand-set logits ranking <eoss>, then <mask:0>, then one text piece: before min_tokens
+    only the text piece is allowed; from then on the stop wins."""
+    from cm3leon_jax.generate.decode import _next
+
+    vocab = setup[3]
+    piece = int(vocab.text_ids(np.array([7]))[0])
+    logits = jnp.full((1, vocab.size), -5.0).at[0, vocab.eoss].set(9.0)
+    logits = logits.at[0, vocab.sentinel(0)].set(8.0).at[0, piece].set(1.0)
+    d = Decoding("text", 4, temperature=0.0, stop=(vocab.eoss,), min_tokens=2)
+    allowed = jnp.asarray(allowed_ids(vocab, "text"))
+    done = jnp.zeros(1, bool)
+    got = []
+    for t in range(4):
+        token, done = _next(logits, t, jax.random.key(0), jnp.zeros(1, bool), Scales(), done,
+                            allowed, vocab, d)
+        got.append(int(token[0]))
+    assert got == [piece, piece, vocab.eoss, vocab.pad]
+    with pytest.raises(ValueError, match="min_tokens=5 must be in"):
+        Decoding("text", 4, min_tokens=5)
+
+
 # --- prompts, tasks, reranking -------------------------------------------------------------
 
 def test_prompt_layouts(setup):

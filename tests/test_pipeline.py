@@ -157,7 +157,7 @@ def test_state_after_37_batches_resumes_exactly(data, tmp_path):
 
 
 def test_missing_table_trains_with_k0_and_bad_inputs_fail(data, tmp_path):
-    cfg, _, _ = data(f"data.retrieval_dir={tmp_path / 'nowhere'}")
+    cfg, _, _ = data(f"retrieval.dir={tmp_path / 'nowhere'}")
     lines = []
     pipeline.batches(cfg, log=lines.append)
     assert "no neighbors table" in lines[0] and "training with k=0" in lines[0]

@@ -10,10 +10,11 @@ import pytest
 from cm3leon_jax.config import ConfigError, VQGANConfig, load_config
 from cm3leon_jax.data.sft_mixture import (config_shares, mixture_draw, mixture_report,
                                           mixture_weights)
-from cm3leon_jax.data.sft_shapes import (SEGMENT_COLOURS, ShapesSFT, edge_map, reference)
+from cm3leon_jax.data.sft_shapes import (SEGMENT_COLOURS, ShapesSFT, edge_map, plural,
+                                         reference)
 from cm3leon_jax.data.sft_tasks import (PHRASINGS, TASKS, SFTDataError, format_example,
                                         jsonl_example, read_sft_jsonl, tokenize_example)
-from cm3leon_jax.data.sources import COLOURS, POSITIONS, render_shapes, shape_mask
+from cm3leon_jax.data.sources import COLOURS, POSITIONS, SHAPES, render_shapes, shape_mask
 from cm3leon_jax.vocab import Vocab
 
 RES = 32
@@ -169,8 +170,9 @@ def test_vqa_answers_are_exact_from_pixels():
             row, col = int((y0 + y1) / 2 // (RES / 3)), int((x0 + x1) / 2 // (RES / 3))
             assert a == POSITIONS[row][col]
         else:
-            m = re.match(r"How many (?:shapes|(\w+) shapes|(\w+)s) are there\?", q)
-            colour, shape = m.group(1), m.group(2)
+            m = re.match(r"How many (?:shapes|(\w+) shapes|(\w+)) are there\?", q)
+            colour = m.group(1)
+            shape = m.group(2) and {plural(s): s for s in SHAPES}[m.group(2)]  # "crosses"
             if colour is None and shape is None:
                 n = len(objs)
             elif colour:  # count the objects of that colour in the pixels

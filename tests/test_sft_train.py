@@ -16,7 +16,7 @@ from cm3leon_jax.data.sft_batches import (IMAGE_TOKENIZER, TEXT_TOKENIZER, frame
                                           sft_rows)
 from cm3leon_jax.data.sft_examples import response_mask, sft_row
 from cm3leon_jax.data.sft_shapes import ShapesSFT
-from cm3leon_jax.data.sft_tasks import TASKS
+from cm3leon_jax.data.sft_tasks import TASKS, tokenize_example
 from cm3leon_jax.export import source
 from cm3leon_jax.train.loop import make_batches, train
 from cm3leon_jax.train.metrics import read_metrics
@@ -117,6 +117,28 @@ def test_cm3_loss_without_spans_is_the_plain_objective(toks, pretrained):
     np.testing.assert_array_equal(unmask(toks0, rows.vocab),
                                   np.concatenate([[rows.vocab.eos], x, [rows.vocab.eos]]))
     assert any(rows.vocab.is_sentinel(rows(r)["inputs"]).any() for r in range(4))
+
+
+def test_token_cache_changes_no_row(toks, pretrained, monkeypatch):
+    """Rows read with a warm cache (and across a cache flush) equal rows read cold."""
+    cfg = sft_cfg(toks, pretrained)
+    warm = sft_rows(cfg)
+    order = [0, 1, 0, 2, 1, 3, 0]
+    got = [warm(r) for r in order]
+    assert 0 < len(warm.encoded) < sum(int(g["segment_ids"].max()) + 1 for g in got)
+    for (task, index), ids in warm.encoded.items():  # a kept entry is that example's ids
+        assert not ids.flags.writeable
+        example = warm.source.suite.example(task, "train", index)
+        np.testing.assert_array_equal(ids, tokenize_example(example, warm.text.encode,
+                                                            warm.image.encode, warm.vocab))
+    monkeypatch.setattr("cm3leon_jax.data.sft_batches.TOKEN_CACHE", 3)
+    flushing = sft_rows(cfg)
+    for r, row in zip(order, got):
+        for rows in (sft_rows(cfg), flushing):
+            cold = rows(r)
+            for key in row:
+                np.testing.assert_array_equal(row[key], cold[key], err_msg=key)
+    assert len(flushing.encoded) <= 3
 
 
 def test_bad_init_fails_before_compiling(toks, tmp_path, capsys):

@@ -49,8 +49,9 @@ def _neighbors(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def neighbors_path(data: DataConfig) -> Path:
-    return Path(data.retrieval_dir or Path(data.dir) / "retrieval") / NEIGHBORS
+def neighbors_path(cfg: Config) -> Path:
+    """`<retrieval.dir>/neighbors.npy`, where `cm3leon neighbors` writes it."""
+    return Path(cfg.retrieval.dir or Path(cfg.data.dir) / "retrieval") / NEIGHBORS
 
 
 def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
@@ -74,7 +75,7 @@ def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
         raise ValueError(f"{root}: the document shards hold no records")
     if d.k == 0:
         return n_docs, None, 0
-    path = neighbors_path(d)
+    path = neighbors_path(cfg)
     if not path.exists():
         return n_docs, None, 0
     table = np.load(path, mmap_mode="r")
@@ -173,7 +174,7 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
     n_docs, table, k = inputs
     if process_index == 0:
         why = ("" if table else " (data.k=0)" if cfg.data.k == 0 else
-               f" (no neighbors table at {neighbors_path(cfg.data)}): training with k=0")
+               f" (no neighbors table at {neighbors_path(cfg)}): training with k=0")
         log(f"data: {n_docs} documents in {cfg.data.dir}, k={k} retrieved{why}, "
             f"{cfg.data.packing} rows of {cfg.data.seq_len}, {local} rows per process")
     it = examples(cfg, process_index, process_count, inputs).to_iter_dataset(

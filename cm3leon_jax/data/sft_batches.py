@@ -29,6 +29,7 @@ from cm3leon_jax.vocab import Vocab
 
 TEXT_TOKENIZER = "text_tokenizer.model"  # data/prepare.py's layout of a prepared directory
 IMAGE_TOKENIZER = "image_tokenizer"
+TOKEN_CACHE = 1 << 16  # tokenized shapes examples kept per process
 
 
 def tokenizer_dir(cfg: Config) -> Path:
@@ -117,8 +118,25 @@ class SFTRows:
     image: object
     vocab: Vocab
 
+    encoded: dict = dataclasses.field(default_factory=dict, repr=False)  # example key -> ids
+
+    def tokens(self, k: int) -> np.ndarray:
+        """Draw k's ids. Shapes draws repeat (with replacement), and the VQ-GAN encode is most
+        of a row's cost, so their ids are kept (up to TOKEN_CACHE examples) by example key."""
+        key = self.source.example_key(k)
+        if key is None:
+            return self.source.tokens(k, self.text, self.image, self.vocab)
+        ids = self.encoded.get(key)
+        if ids is None:
+            if len(self.encoded) >= TOKEN_CACHE:
+                self.encoded.clear()
+            ids = self.source.tokens(k, self.text, self.image, self.vocab)
+            ids.setflags(write=False)
+            self.encoded[key] = ids
+        return ids
+
     def example(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.source.tokens(k, self.text, self.image, self.vocab)
+        ids = self.tokens(k)
         n, limit = len(ids) + 2, self.cfg.data.seq_len + 1
         if n > limit:
             raise ValueError(f"SFT draw {k} (task {self.source[k].task!r}) has {n} tokens with "

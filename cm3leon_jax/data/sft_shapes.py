@@ -91,6 +91,11 @@ def edge_map(image: np.ndarray) -> np.ndarray:
     return np.where(diff[..., None], 0, 255).astype(np.uint8).repeat(3, axis=2)
 
 
+def plural(noun: str) -> str:
+    """`circles`, `crosses`."""
+    return noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def plain_caption(objects: list[dict]) -> str:
     """`two shapes: a small red circle and a large blue cross` (no positions)."""
     parts = [f"a {o['size']} {o['colour']} {o['shape']}" for o in objects]
@@ -165,7 +170,7 @@ class ShapesSFT:
                 n = sum(o["colour"] == colour for o in objects)
             else:
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
-                question = f"How many {shape}s are there?"
+                question = f"How many {plural(shape)} are there?"
                 n = sum(o["shape"] == shape for o in objects)
             answer = NUMBERS[n]
         return ({"question": question, "answer": answer},

@@ -33,6 +33,11 @@ class SFTSource:
             return self.suite.example(task, "train", index)
         return jsonl_example(self.records[task][index], self.resolution, int(k))
 
+    def example_key(self, k: int) -> tuple[str, int] | None:
+        """(task, index) of draw k when that alone fixes its example (shapes); None for
+        JSONL, whose phrasing also follows k."""
+        return mixture_draw(self.shares, self.cfg.seed, int(k)) if self.cfg.source == "shapes" else None
+
     def tokens(self, k: int, text, image, vocab) -> np.ndarray:
         """Draw k as vocabulary ids, through the prepared text and image tokenizers."""
         return tokenize_example(self[k], text.encode, image.encode, vocab)

@@ -45,10 +45,13 @@ class Decoding:
     cd_k: int = 5
     cd_sample: bool = True
     stop: tuple[int, ...] = ()  # text mode: a row ends after producing one of these
+    min_tokens: int = 0  # text mode: the first this many tokens are text pieces
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if not 0 <= self.min_tokens <= self.steps:
+            raise ValueError(f"min_tokens={self.min_tokens} must be in [0, steps={self.steps}]")
         if self.guidance not in STREAMS:
             raise ValueError(f"guidance={self.guidance!r} is not one of {list(STREAMS)}")
 
@@ -147,6 +150,9 @@ def choose(logits: jax.Array, key, use_cdk: jax.Array, allowed: jax.Array, d: De
 
 
 def _next(logits, t, key, use_cdk, scales, done, allowed, vocab: Vocab, d: Decoding):
+    if d.mode == "text" and d.min_tokens:  # no stop or special id before min_tokens pieces
+        text = jnp.asarray(vocab.is_text(np.arange(allowed.shape[0])))
+        allowed = allowed & (text | (t >= d.min_tokens))
     token = choose(logits, jax.random.fold_in(key, t), use_cdk, allowed, d, scales)
     if d.mode == "image":
         return token, done

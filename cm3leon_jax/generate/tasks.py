@@ -86,16 +86,31 @@ def edit_image(model: Model, captions: list, sources: list, num_tokens: int,
     vocab = model.vocab
     triples = [prompts.edit_image(vocab, c, vocab.image_ids(s))
                for c, s in zip(captions, sources)]
-    streams = [[t[i] for t in triples] for i in range(3)]
-    d = Decoding("image", num_tokens, guidance="two_scale", **_sampling(g))
-    scales = Scales(image=g.image_cfg_scale, text=g.text_cfg_scale)
-    return vocab.to_codes(_run(model, streams, d, g.seed if seed is None else seed, scales))
+    return image_from_streams(model, [[t[i] for t in triples] for i in range(3)], num_tokens,
+                              g, seed)
 
 
-def _text(model: Model, rows: list, g: GenerateConfig, seed: int | None) -> list[np.ndarray]:
+def image_from_streams(model: Model, streams: list, num_tokens: int, g: GenerateConfig,
+                       seed: int | None = None) -> np.ndarray:
+    """[n, num_tokens] image codes from prompts given per guidance stream: [cond] (none),
+    [cond, uncond] (CFG at g.cfg_scale) or [full, uncond, image_only] (two-scale guidance
+    at g.image_cfg_scale and g.text_cfg_scale); each stream is a list of n prompts."""
+    guidance = {1: "none", 2: "cfg", 3: "two_scale"}.get(len(streams))
+    if guidance is None:
+        raise ValueError(f"{len(streams)} prompt streams: give 1 (no guidance), 2 (CFG) or 3 "
+                         "(two-scale)")
+    d = Decoding("image", num_tokens, guidance=guidance, **_sampling(g))
+    scales = Scales(cfg=g.cfg_scale, image=g.image_cfg_scale, text=g.text_cfg_scale)
+    return model.vocab.to_codes(_run(model, streams, d, g.seed if seed is None else seed,
+                                     scales))
+
+
+def complete_text(model: Model, rows: list, g: GenerateConfig,
+                  seed: int | None = None) -> list[np.ndarray]:
+    """The text ids each prompt continues with, up to the first `<eoss>`, `<eos>` or `<break>`."""
     vocab = model.vocab
     d = Decoding("text", g.max_text_tokens, stop=tuple(getattr(vocab, s) for s in TEXT_STOP),
-                 **_sampling(g))
+                 min_tokens=g.min_text_tokens, **_sampling(g))
     out = _run(model, [rows], d, g.seed if seed is None else seed)
     return [prompts.text_answer(vocab, r) for r in out]
 
@@ -104,11 +119,11 @@ def image_to_text(model: Model, images: list, g: GenerateConfig,
                   seed: int | None = None) -> list[np.ndarray]:
     """Caption text ids for each image (its codes), by infilling a masked caption."""
     vocab = model.vocab
-    return _text(model, [prompts.image_to_text(vocab, vocab.image_ids(c)) for c in images],
-                 g, seed)
+    return complete_text(model, [prompts.image_to_text(vocab, vocab.image_ids(c))
+                                 for c in images], g, seed)
 
 
 def infill(model: Model, gaps: list[tuple], g: GenerateConfig,
            seed: int | None = None) -> list[np.ndarray]:
     """Text ids for each (before, after) pair of text ids."""
-    return _text(model, [prompts.infill(model.vocab, b, a) for b, a in gaps], g, seed)
+    return complete_text(model, [prompts.infill(model.vocab, b, a) for b, a in gaps], g, seed)

@@ -32,9 +32,10 @@ def heldout_batches(cfg: Config, process_index: int = 0, process_count: int = 1)
     if cfg.data.dir is not None:
         from cm3leon_jax.data.pipeline import batches
 
-        data = dataclasses.replace(cfg.data, dir=cfg.sweep.eval_dir, retrieval_dir=None,
-                                   workers=0)
-        it = batches(dataclasses.replace(cfg, data=data), process_index, process_count)
+        data = dataclasses.replace(cfg.data, dir=cfg.sweep.eval_dir, workers=0)
+        own = dataclasses.replace(cfg.retrieval, dir=None)  # the held-out set's own neighbors
+        it = batches(dataclasses.replace(cfg, data=data, retrieval=own), process_index,
+                     process_count)
         return [next(it) for _ in range(n)]
     local = batch // process_count
     vocab = cfg.vocab.build()
