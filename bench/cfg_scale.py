@@ -3,7 +3,7 @@
     python bench/cfg_scale.py --workdir runs/demo --scenes 256 --scales 1 1.5 2 3 5 --seeds 0 1 \
         [--temperatures 1.0 0.7] [--retrieval]
 
-Held-out scenes as the demo's (indices after source.size; `--first` shifts them), scored
+Held-out scenes after the demo's reported ones (indices source.size + `--first` on), scored
 from pixels by eval/shapes_detector.py; each (temperature, scale, seed) samples every scene
 once. Prints one JSON line per run and a table of the accuracy per seed and its mean.
 """
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--workdir", required=True, help="a `cm3leon demo` directory")
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--scenes", type=int, default=256)
-    ap.add_argument("--first", type=int, default=0, help="skip this many held-out scenes")
+    ap.add_argument("--first", type=int, default=None, help="skip this many held-out scenes "
+                    "(default demo.eval_scenes: tune on scenes the demo does not report)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 5.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
@@ -45,6 +46,8 @@ def main() -> None:
     prepared = open_tokenizers(cfg, model.vocab)
     tok = prepared.image_tokenizer()
     s = cfg.source
+    if args.first is None:
+        args.first = cfg.demo.eval_scenes
     start = s.size + args.first
     source = ShapesSource(start + args.scenes, s.resolution or tok.resolution, s.seed,
                           s.max_objects)

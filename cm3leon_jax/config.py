@@ -372,19 +372,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     return cfg
 
 
-# Keys that were removed, and what took their place: run directories and checkpoints written
-# before still load when the old key is null; a set one is an error naming its replacement.
-REMOVED_KEYS = {("data", "retrieval_dir"): "retrieval.dir"}
+# Keys that were replaced, and by what: run directories and checkpoints written before load
+# with the old value moved to the new key; an error only when both are set and differ.
+RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir")}
 
 
 def from_dict(raw: dict) -> Config:
-    for (section, key), replacement in REMOVED_KEYS.items():
+    for (section, key), (new_section, new_key) in RENAMED_KEYS.items():
         values = raw.get(section)
-        if isinstance(values, dict) and key in values:
-            if values[key] is not None:
-                raise ConfigError(f"{section}.{key} was replaced by {replacement}; set that "
-                                  f"instead (got {section}.{key}={values[key]!r})")
-            raw = {**raw, section: {k: v for k, v in values.items() if k != key}}
+        if not (isinstance(values, dict) and key in values):
+            continue
+        old = values[key]
+        raw = {**raw, section: {k: v for k, v in values.items() if k != key}}
+        if old is None:
+            continue
+        target = raw.get(new_section)
+        target = dict(target) if isinstance(target, dict) else {}
+        if target.get(new_key) not in (None, old):
+            raise ConfigError(f"{section}.{key}={old!r} (the old name of {new_section}.{new_key}) "
+                              f"and {new_section}.{new_key}={target[new_key]!r} disagree")
+        raw = {**raw, new_section: {**target, new_key: old}}
     return _build(Config, raw, "")
 
 

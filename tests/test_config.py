@@ -82,7 +82,9 @@ def test_digest_changes_with_any_value(tiny):
     assert tiny().digest() != tiny("data.seed=1").digest()
 
 
-def test_removed_key_loads_when_null_and_names_its_replacement(tiny):
+def test_renamed_key_moves_to_its_new_name(tiny):
     assert tiny("data.retrieval_dir=null") == tiny()
-    with pytest.raises(ConfigError, match="data.retrieval_dir was replaced by retrieval.dir"):
-        tiny("data.retrieval_dir=/somewhere")
+    assert tiny("data.retrieval_dir=/a").retrieval.dir == "/a"
+    assert tiny("data.retrieval_dir=/a", "retrieval.dir=/a").retrieval.dir == "/a"
+    with pytest.raises(ConfigError, match="old name of retrieval.dir.*disagree"):
+        tiny("data.retrieval_dir=/a", "retrieval.dir=/b")

@@ -209,6 +209,25 @@ def test_min_tokens_defers_every_stop_and_special_id(setup):
 
 # --- prompts, tasks, reranking -------------------------------------------------------------
 
+def test_image_from_streams_at_neutral_scales_is_the_conditional_stream(setup):
+    """Scale 1 mixes back to the conditional logits, so the extra streams are not decoded;
+    at other scales they are (the result differs)."""
+    cfg, graphdef, params, vocab, captions = setup
+    model = tasks.Model(graphdef, params, vocab, cfg.model.max_seq_len)
+    pairs = [prompts.text_to_image(vocab, c) for c in captions]
+    cond, uncond = [p[0] for p in pairs], [p[1] for p in pairs]
+    g = GenerateConfig(temperature=0, cfg_scale=1.0, image_cfg_scale=1.0, text_cfg_scale=1.0)
+    alone = tasks.image_from_streams(model, [cond], 6, g)
+    np.testing.assert_array_equal(tasks.image_from_streams(model, [cond, uncond], 6, g), alone)
+    np.testing.assert_array_equal(
+        tasks.image_from_streams(model, [cond, uncond, uncond], 6, g), alone)
+    guided = tasks.image_from_streams(model, [cond, uncond], 6,
+                                      dataclasses.replace(g, cfg_scale=3.0))
+    assert guided.shape == alone.shape and not np.array_equal(guided, alone)
+    with pytest.raises(ValueError, match="4 prompt streams"):
+        tasks.image_from_streams(model, [cond] * 4, 6, g)
+
+
 def test_prompt_layouts(setup):
     vocab = setup[3]
     t = vocab.text_ids([4, 5])

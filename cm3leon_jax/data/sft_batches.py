@@ -29,7 +29,7 @@ from cm3leon_jax.vocab import Vocab
 
 TEXT_TOKENIZER = "text_tokenizer.model"  # data/prepare.py's layout of a prepared directory
 IMAGE_TOKENIZER = "image_tokenizer"
-TOKEN_CACHE = 1 << 16  # tokenized shapes examples kept per process
+TOKEN_CACHE = 1 << 16  # tokenized shapes examples kept per process (~4 bytes per token each)
 
 
 def tokenizer_dir(cfg: Config) -> Path:

@@ -36,7 +36,9 @@ class SFTSource:
     def example_key(self, k: int) -> tuple[str, int] | None:
         """(task, index) of draw k when that alone fixes its example (shapes); None for
         JSONL, whose phrasing also follows k."""
-        return mixture_draw(self.shares, self.cfg.seed, int(k)) if self.cfg.source == "shapes" else None
+        if self.cfg.source != "shapes":
+            return None
+        return mixture_draw(self.shares, self.cfg.seed, int(k))
 
     def tokens(self, k: int, text, image, vocab) -> np.ndarray:
         """Draw k as vocabulary ids, through the prepared text and image tokenizers."""

@@ -14,7 +14,7 @@ Text answers are decoded greedily (exact-answer benchmarks are); images are samp
 `generate` section's settings and guidance scales.
 
 Writes `eval_sft.json`, `eval_sft.md` (the table) and `eval_sft.png` (per image task:
-condition, truth, then each run's image) under `--out`.
+condition (white for grounding), truth, then each run's image) under `--out`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.data import sft_scores
 from cm3leon_jax.data.sft_shapes import ShapesSFT
 from cm3leon_jax.data.sft_tasks import SFTExample
-from cm3leon_jax.eval.sft_prompts import (answer_text, condition_image, target_image,
-                                          task_prompt)
+from cm3leon_jax.eval.sft_prompts import (answer_text, condition_image, instruction_prefix,
+                                          target_image, task_prompt)
 
 OUTPUT = "eval_sft.json"
 TEXT_TASKS = ("caption", "vqa")
@@ -136,7 +136,7 @@ def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> di
               "chance": {n: chance(examples[t], m) for n, t, m in metrics(examples)},
               "ceiling": {n: ceiling(examples[t], runs[0][4], m)
                           for n, t, m in metrics(examples)},
-              "runs": {}, "samples": {t: [] for t in examples}}
+              "runs": {}, "samples": {t: [] for t in examples if t in TEXT_TASKS}}
     answers = {}
     bar = tqdm(total=len(runs) * len(examples), desc="eval-sft", unit="task")
     for name, model, step, text_tok, image_tok in runs:
@@ -151,7 +151,7 @@ def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> di
     for task, ex in examples.items():
         if task in TEXT_TASKS:
             result["samples"][task] = [
-                {"prompt": e.segments[0], "truth": truth(e),
+                {"prompt": instruction_prefix(e), "truth": truth(e),
                  **{name: answers[name, task][i] for name, *_ in runs}}
                 for i, e in enumerate(ex[:SAMPLE_ROWS * 2])]
     out = Path(out)

@@ -56,8 +56,10 @@ def task_prompt(example: SFTExample, encode_text: Callable[[str], np.ndarray],
                 encode_images: Callable[[np.ndarray], np.ndarray], vocab: Vocab) -> TaskPrompt:
     """The prompt(s) asking `example`'s answer (its last text or image segment)."""
     segs = example.segments
-    images = [s for s in segs if not isinstance(s, str)]
-    codes = [vocab.image_ids(c).astype(np.int32) for c in encode_images(np.stack(images))]
+    shown = segs if example.task in ANSWER_FIELD else segs[:-1]  # not the image asked for
+    images = [s for s in shown if not isinstance(s, str)]
+    codes = ([vocab.image_ids(c).astype(np.int32) for c in encode_images(np.stack(images))]
+             if images else [])
     eos, brk, m0, m1 = vocab.eos, vocab.brk, vocab.sentinel(0), vocab.sentinel(1)
     if example.task in ANSWER_FIELD:
         full = _text_ids(encode_text, vocab, segs[0])

@@ -99,6 +99,10 @@ def image_from_streams(model: Model, streams: list, num_tokens: int, g: Generate
     if guidance is None:
         raise ValueError(f"{len(streams)} prompt streams: give 1 (no guidance), 2 (CFG) or 3 "
                          "(two-scale)")
+    neutral = {"none": True, "cfg": g.cfg_scale == 1.0,
+               "two_scale": g.image_cfg_scale == 1.0 and g.text_cfg_scale == 1.0}[guidance]
+    if neutral:  # scale 1 mixes back to the conditional logits: decode that stream alone
+        streams, guidance = streams[:1], "none"
     d = Decoding("image", num_tokens, guidance=guidance, **_sampling(g))
     scales = Scales(cfg=g.cfg_scale, image=g.image_cfg_scale, text=g.text_cfg_scale)
     return model.vocab.to_codes(_run(model, streams, d, g.seed if seed is None else seed,
