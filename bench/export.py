@@ -20,16 +20,13 @@ from cm3leon_jax.export.write import export
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.loop import make_batches
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import create_state, model_def, state_shardings
+from cm3leon_jax.train.state import create_state, state_layout
 
 
 def write_checkpoint(cfg, workdir: Path) -> int:
     """A run directory holding one checkpoint with random (std 0.02) parameters."""
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    shardings = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
         state = create_state(cfg, tx, shardings)
         leaves, tree = jax.tree.flatten(mdef.abstract_params)

@@ -27,8 +27,7 @@ from cm3leon_jax.config import load_config  # noqa: E402
 from cm3leon_jax.model.size import flops_per_token, param_counts  # noqa: E402
 from cm3leon_jax.parallel import mesh as mesh_lib  # noqa: E402
 from cm3leon_jax.train.metrics import device_peak_tflops  # noqa: E402
-from cm3leon_jax.train.optimizer import make_optimizer  # noqa: E402
-from cm3leon_jax.train.state import create_state, model_def, state_shardings  # noqa: E402
+from cm3leon_jax.train.state import create_state, state_layout  # noqa: E402
 from cm3leon_jax.train.step import jit_train_step  # noqa: E402
 
 
@@ -68,9 +67,7 @@ def main(argv=None) -> dict:
 
     cfg = load_config(args.config, args.overrides, num_devices=jax.device_count())
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    shardings = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     rng = np.random.default_rng(0)
     batches = [random_batch(cfg, rng) for _ in range(2)]
 

@@ -25,3 +25,15 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 def tiny():
     """The tiny config with overrides: tiny("train.steps=5", ...)."""
     return lambda *overrides: load_config(CONFIGS / "tiny.yaml", list(overrides))
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `cm3leon ARGV`, argparse's own exits included."""
+    from cm3leon_jax import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

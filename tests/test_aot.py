@@ -6,13 +6,13 @@ import math
 import jax
 import pytest
 
-from cm3leon_jax import cli
 from cm3leon_jax.config import ConfigError, MeshConfig
 from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import platform
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.parallel.topology import parse_topology, slice_grid
 from cm3leon_jax.train.state import abstract_state, tree_bytes
+from conftest import run_cli
 
 # Cloud TPU's standard slice shapes (the ones MaxText's accelerator_to_spec_map lists).
 STANDARD = {
@@ -75,21 +75,12 @@ def test_multislice_mesh_puts_slices_on_data():
         make_mesh(MeshConfig(data=1, fsdp=1, tensor=8), devices)
 
 
-def _run_cli(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 # conftest's persistent cache stores compile-only executables but cannot load them back
 # without a TPU client; jax then warns and compiles, which is what we want.
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 def test_compile_tiny_for_v5e_4(tiny, capsys):
     pytest.importorskip("libtpu")
-    code, out, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                               "--topology", "v5e-4", "--json")
     assert code == 0, err
     r = json.loads(out)
@@ -97,7 +88,7 @@ def test_compile_tiny_for_v5e_4(tiny, capsys):
         4, "TPU v5 lite", {"data": 1, "fsdp": 4, "tensor": 1})
 
     # parameters + optimizer state per chip: what `cm3leon params` says for 4 devices ...
-    code, out, _ = _run_cli(capsys, "params", "--config", "configs/tiny.yaml",
+    code, out, _ = run_cli(capsys, "params", "--config", "configs/tiny.yaml",
                             "--devices", "4", "--json")
     assert code == 0
     assert r["param_bytes"] + r["optimizer_bytes"] == json.loads(out)["state_bytes_per_device"]
@@ -137,7 +128,7 @@ def test_compile_tiny_for_v5e_4(tiny, capsys):
 def test_too_big_for_its_pod_fails_clearly(capsys):
     pytest.importorskip("libtpu")
     # 2 layers of 64 x 2^24 FFN matrices: 4 GiB per chip of parameters alone on v5e-4
-    code, out, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                               "--topology", "v5e-4", "model.d_ff=16777216")
     assert code == 1 and out == ""
     assert "configs/tiny.yaml does not fit v5e-4" in err
@@ -147,9 +138,9 @@ def test_too_big_for_its_pod_fails_clearly(capsys):
 
 
 def test_compile_rejects_bad_input_before_compiling(capsys):
-    code, _, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, _, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                             "--topology", "v5e-12")
     assert code == 2 and "power of two" in err
-    code, _, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, _, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                             "--topology", "v5e-16", "mesh.tensor=3")
     assert code == 2 and "mesh" in err

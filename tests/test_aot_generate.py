@@ -4,19 +4,10 @@ import json
 
 import pytest
 
-from cm3leon_jax import cli
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.generate.aot import flops_per_image_token, generate_shape
 from cm3leon_jax.train.state import abstract_state, tree_bytes
-
-
-def _run_cli(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli
 
 
 def test_generate_shape_defaults_and_padding(tiny):
@@ -37,7 +28,7 @@ def test_generate_shape_defaults_and_padding(tiny):
 
 
 def test_compile_generate_rejects_bad_sizes_before_compiling(capsys):
-    code, _, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml", "--topology",
+    code, _, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml", "--topology",
                             "v5e-4", "--step", "generate", "--image-tokens", "1024")
     assert code == 2 and "--image-tokens=1024 leaves no room for a prompt" in err
 
@@ -45,7 +36,7 @@ def test_compile_generate_rejects_bad_sizes_before_compiling(capsys):
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 def test_compile_generate_tiny_for_v5e_4(tiny, capsys):
     pytest.importorskip("libtpu")
-    code, out, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                               "--topology", "v5e-4", "--step", "generate", "--batch", "3",
                               "--json")
     assert code == 0, err
@@ -84,7 +75,7 @@ def test_compile_generate_tiny_for_v5e_4(tiny, capsys):
 def test_generate_too_big_for_its_pod_fails_clearly(capsys):
     pytest.importorskip("libtpu")
     # 2 layers of 64 x 2^26 FFN matrices: 16 GiB per chip of float32 parameters on v5e-4
-    code, out, err = _run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                               "--topology", "v5e-4", "--step", "generate",
                               "model.d_ff=67108864")
     assert code == 1 and out == ""

@@ -21,8 +21,7 @@ from cm3leon_jax.export.write import export
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.loop import make_batches, train
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import create_state, init_params, model_def, state_shardings
+from cm3leon_jax.train.state import create_state, init_params, model_def, state_layout
 from cm3leon_jax.train.step import loss_sums
 from test_step import batch_of
 
@@ -42,9 +41,7 @@ def host(tree):
 def write_run(cfg, workdir, seed=0, std=0.3):
     """A run directory whose checkpoint at STEP holds random parameters."""
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    shardings = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
         state = create_state(cfg, tx, shardings)
     rng = np.random.default_rng(seed)

@@ -220,15 +220,12 @@ def test_skipped_update_keeps_the_state(tiny):
     from test_step import batch_of
 
     from cm3leon_jax.parallel.mesh import global_batch, make_mesh
-    from cm3leon_jax.train.optimizer import make_optimizer
-    from cm3leon_jax.train.state import create_state, model_def, state_shardings
+    from cm3leon_jax.train.state import create_state, state_layout
     from cm3leon_jax.train.step import jit_train_step
 
     cfg = small(tiny, *NAN_RUN)  # the loop test's program: compiled once for both
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    sh = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, sh = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
         state = create_state(cfg, tx, sh)
         state = state.replace(step=jax.device_put(np.int32(2), sh.step))  # next is step 3

@@ -7,8 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from cm3leon_jax.config import MeshConfig
 from cm3leon_jax.parallel.mesh import make_mesh, spec
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import create_state, model_def, state_shardings
+from cm3leon_jax.train.state import create_state, state_layout
 from test_step import batch_of, one_step
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
@@ -37,10 +36,9 @@ def test_sharded_step_equals_single_device(reference, shape):
 def test_layout_follows_the_rule_table(tiny):
     cfg = tiny("model.qk_norm=true", "model.tie_embeddings=false")
     mesh = make_mesh(MeshConfig(2, 2, 2))
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
-        state = create_state(cfg, tx, state_shardings(cfg, mdef, tx, mesh))
+        state = create_state(cfg, tx, shardings)
     expected = {
         "embed": P("tensor", "fsdp"),
         "pos": P(None, "fsdp"),

@@ -6,8 +6,8 @@ import pytest
 from cm3leon_jax.data.synthetic import synthetic_row
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.config import MeshConfig
-from cm3leon_jax.train.optimizer import lr_schedule, make_optimizer
-from cm3leon_jax.train.state import create_state, model_def, state_shardings
+from cm3leon_jax.train.optimizer import lr_schedule
+from cm3leon_jax.train.state import create_state, model_def, state_layout
 from cm3leon_jax.train.step import jit_train_step, loss_sums
 
 
@@ -18,9 +18,7 @@ def batch_of(cfg, n=8, start=0):
 
 def one_step(cfg, batch, mesh_cfg=MeshConfig(1, 1, 1), devices=None):
     mesh = make_mesh(mesh_cfg, devices or jax.devices()[:1])
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    sh = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, sh = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
         state = create_state(cfg, tx, sh)
         new, metrics = jit_train_step(cfg, mdef, tx, sh, mesh)(state, batch)

@@ -24,9 +24,8 @@ from cm3leon_jax.generate.tasks import candidate_methods
 from cm3leon_jax.model.transformer import CACHE
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.parallel.topology import GiB, Topology
-from cm3leon_jax.train.aot import DoesNotFit, compile_or_explain, human_bytes
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import model_def, shard_bytes, state_shardings
+from cm3leon_jax.train.aot import compile_or_explain, human_bytes
+from cm3leon_jax.train.state import shard_bytes, state_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +126,8 @@ def compile_generate_step(cfg: Config, topology: Topology, shape_of, devices=Non
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     shape = shape_of(mesh.shape["data"] * mesh.shape["fsdp"])
     vocab = cfg.vocab.build()
-    mdef = model_def(cfg)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    shardings = state_shardings(cfg, mdef, tx, mesh).params
+    _, mdef, state = state_layout(cfg, mesh)
+    shardings = state.params
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           mdef.abstract_params, shardings)
     replicated = NamedSharding(mesh, P())

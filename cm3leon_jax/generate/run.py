@@ -11,8 +11,7 @@ from cm3leon_jax.config import Config, ConfigError, load_config
 from cm3leon_jax.generate.tasks import Model
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.train import checkpoint
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import abstract_state, model_def, state_shardings
+from cm3leon_jax.train.state import abstract_state, state_layout
 
 
 def load_run(workdir: str | Path, overrides: list[str] = ()) -> tuple[Config, Model, int]:
@@ -29,10 +28,9 @@ def load_run(workdir: str | Path, overrides: list[str] = ()) -> tuple[Config, Mo
     if step is None:
         raise ConfigError(f"{workdir}/checkpoints: no complete checkpoint to generate from")
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     with jax.set_mesh(mesh):
-        abstract = abstract_state(cfg, tx, state_shardings(cfg, mdef, tx, mesh))
+        abstract = abstract_state(cfg, tx, shardings)
         state = checkpoint.restore_state(mngr, step, abstract, cfg)
     mngr.close()
     model = Model(mdef.graphdef, state.params, cfg.vocab.build(), cfg.model.max_seq_len, mesh)

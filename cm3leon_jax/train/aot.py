@@ -20,8 +20,7 @@ from cm3leon_jax.config import Config
 from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.parallel.topology import GiB, Topology
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import abstract_state, model_def, shard_bytes, state_shardings
+from cm3leon_jax.train.state import abstract_state, shard_bytes, state_layout
 from cm3leon_jax.train.step import abstract_batch, jit_train_step
 
 
@@ -67,9 +66,7 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
     """Lower and compile the train step of `cfg` for `topology`; raises DoesNotFit."""
     devices = topology.devices() if devices is None else devices
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    shardings = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     state = abstract_state(cfg, tx, shardings)
     batch = abstract_batch(cfg, mesh)
     per_chip = {"param_bytes": shard_bytes(state.params),

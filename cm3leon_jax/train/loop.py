@@ -17,9 +17,8 @@ from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint, init_source
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
-from cm3leon_jax.train.optimizer import make_optimizer
-from cm3leon_jax.train.state import (abstract_state, create_state, model_def,
-                                     state_from_params, state_shardings)
+from cm3leon_jax.train.state import (abstract_state, create_state, state_from_params,
+                                     state_layout)
 from cm3leon_jax.train.step import jit_train_step
 
 
@@ -78,9 +77,7 @@ def train(cfg: Config, workdir: str | Path) -> list[dict]:
     distributed.log(f"{distributed.topology()}; mesh {dict(mesh.shape)}; "
                     f"config {cfg.digest()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    mdef = model_def(cfg)
-    shardings = state_shardings(cfg, mdef, tx, mesh)
+    tx, mdef, shardings = state_layout(cfg, mesh)
     mngr = checkpoint.manager(workdir / "checkpoints", cfg.train.keep_checkpoints)
     if cfg.train.init_from and not mngr.latest_step():
         init_source.check_init(cfg)  # before any compile or data

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,21 @@ def state_shardings(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
     return TrainState(step=replicated, params=params, opt_state=opt)
 
 
+class StateLayout(NamedTuple):
+    """What building, restoring or compiling a config's train state on a mesh needs."""
+    tx: optax.GradientTransformation
+    mdef: ModelDef
+    shardings: TrainState
+
+
+def state_layout(cfg: Config, mesh) -> StateLayout:
+    """The optimizer, the model definition and the train state's shardings on `mesh` (a
+    Mesh or an AbstractMesh)."""
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    mdef = model_def(cfg)
+    return StateLayout(tx, mdef, state_shardings(cfg, mdef, tx, mesh))
+
+
 def abstract_state(cfg: Config, tx: optax.GradientTransformation | None = None,
                    shardings: TrainState | None = None) -> TrainState:
     """ShapeDtypeStructs of the whole train state (with shardings when given)."""
@@ -124,5 +139,5 @@ def state_bytes_per_device(cfg: Config, num_devices: int) -> int:
 
     shape = cfg.mesh.shape(num_devices)
     mesh = AbstractMesh(shape, mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    return shard_bytes(abstract_state(cfg, tx, state_shardings(cfg, model_def(cfg), tx, mesh)))
+    tx, _, shardings = state_layout(cfg, mesh)
+    return shard_bytes(abstract_state(cfg, tx, shardings))
