@@ -51,7 +51,6 @@ def choose_spans(tokens: np.ndarray, n: int, rng: np.random.Generator, vocab: Vo
     n = min(n, (m + 1) // 2)
     if n == 0:
         return []
-    cuts = np.append(maskable, maskable[-1] + 1)  # m + 1 cut points: before each token, end
     picks = np.sort(rng.choice(m + 1, 2 * n, replace=False))
     label = np.cumsum(boundary)[maskable]  # segment of each maskable token (non-decreasing)
     spans: list[tuple[int, int]] = []

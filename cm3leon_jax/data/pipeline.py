@@ -22,14 +22,16 @@ import functools
 from pathlib import Path
 from typing import Optional
 
+import grain
 import numpy as np
 
+from cm3leon_jax import layout
 from cm3leon_jax.config import Config, DataConfig
 from cm3leon_jax.data import cm3, sequences
-from cm3leon_jax.data.records import decode_document, shard_paths
+from cm3leon_jax.data.records import decode_document, open_documents, shard_paths
+from cm3leon_jax.data.synthetic import synthetic_batches
 from cm3leon_jax.vocab import Vocab
 
-NEIGHBORS = "neighbors.npy"
 READ_THREADS = 2
 READ_BUFFER = 64
 
@@ -39,19 +41,12 @@ READ_BUFFER = 64
 @functools.lru_cache(maxsize=4)
 def _documents(data_dir: str):
     """The ArrayRecord source, opened once per process (and once per worker)."""
-    from cm3leon_jax.data.records import open_documents
-
     return open_documents(data_dir)
 
 
 @functools.lru_cache(maxsize=4)
 def _neighbors(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
-
-
-def neighbors_path(cfg: Config) -> Path:
-    """`<retrieval.dir>/neighbors.npy`, where `cm3leon neighbors` writes it."""
-    return Path(cfg.retrieval.dir or Path(cfg.data.dir) / "retrieval") / NEIGHBORS
 
 
 def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
@@ -62,7 +57,7 @@ def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
     if not root.is_dir():
         raise FileNotFoundError(f"data.dir={d.dir!r} is not a directory")
     shard_paths(root)
-    vocab_file = root / "vocab.json"
+    vocab_file = layout.DataDir(root).vocab
     if not vocab_file.exists():
         raise FileNotFoundError(f"{vocab_file} is missing: data.dir must be a prepared "
                                 "directory (cm3leon prepare)")
@@ -75,7 +70,7 @@ def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
         raise ValueError(f"{root}: the document shards hold no records")
     if d.k == 0:
         return n_docs, None, 0
-    path = neighbors_path(cfg)
+    path = layout.retrieval_dir(cfg).neighbors
     if not path.exists():
         return n_docs, None, 0
     table = np.load(path, mmap_mode="r")
@@ -135,8 +130,6 @@ def _position_and_document(pos: int, doc) -> tuple[int, int]:
 def examples(cfg: Config, process_index: int = 0, process_count: int = 1,
              inputs: tuple[int, Optional[str], int] | None = None):
     """This process's examples as a grain MapDataset (infinite: epochs reshuffle)."""
-    import grain
-
     n_docs, table, k = inputs or check_inputs(cfg)
     ds = grain.MapDataset.range(n_docs).seed(cfg.data.seed).shuffle().repeat(None)
     ds = ds.map_with_index(_position_and_document)
@@ -164,8 +157,6 @@ def _allow_workers() -> None:
 
 def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=print):
     """The grain iterator of this process's [batch_size / process_count, seq_len] batches."""
-    import grain
-
     if cfg.train.batch_size % process_count:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                          f"{process_count} processes")
@@ -174,7 +165,8 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
     n_docs, table, k = inputs
     if process_index == 0:
         why = ("" if table else " (data.k=0)" if cfg.data.k == 0 else
-               f" (no neighbors table at {neighbors_path(cfg)}): training with k=0")
+               f" (no neighbors table at {layout.retrieval_dir(cfg).neighbors}): training "
+               "with k=0")
         log(f"data: {n_docs} documents in {cfg.data.dir}, k={k} retrieved{why}, "
             f"{cfg.data.packing} rows of {cfg.data.seq_len}, {local} rows per process")
     it = examples(cfg, process_index, process_count, inputs).to_iter_dataset(
@@ -189,3 +181,12 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
     it = it.batch(local, drop_remainder=True).map(to_batch)
     return iter(it)
 
+
+
+def train_batches(cfg: Config, process_index: int = 0, process_count: int = 1):
+    """This process's pretraining batches: the prepared data (`data.dir`), else the
+    built-in synthetic source."""
+    if cfg.data.dir is not None:
+        return batches(cfg, process_index, process_count)
+    return synthetic_batches(cfg.vocab.build(), cfg.data.seq_len, cfg.train.batch_size,
+                             cfg.data.seed, process_index, process_count)

@@ -31,97 +31,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from cm3leon_jax.config import Config
-from cm3leon_jax.data.sources import BadRecord, check_caption, open_source
+from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.data import readers
+from cm3leon_jax.data.records import shard_name, write_shard
+from cm3leon_jax.data.sources import BadRecord, open_source
+from cm3leon_jax.layout import DataDir
+from cm3leon_jax.tokenizers.image import ImageTokenizer
+from cm3leon_jax.tokenizers import image_train
+from cm3leon_jax.tokenizers.image_train import train_image_tokenizer
 from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
 from cm3leon_jax.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-VOCAB = "vocab.json"
-TEXT_TOKENIZER = "text_tokenizer.model"
-IMAGE_TOKENIZER = "image_tokenizer"
-SKIPPED = "skipped.jsonl"
-FINGERPRINT = ".inputs.json"  # what this directory is being prepared from
-
 
 class PrepareError(RuntimeError):
     """The inputs cannot be prepared (too many bad records, a foreign data.dir, ...)."""
-
-
-def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize the short side to `resolution` (Lanczos) and centre-crop a square."""
-    h, w = image.shape[:2]
-    if (h, w) == (resolution, resolution):
-        return image
-    from PIL import Image
-
-    scale = resolution / min(h, w)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    resized = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
-    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
-    return resized[top:top + resolution, left:left + resolution]
-
-
-# --- reader processes -----------------------------------------------------------------
-
-_reader: dict = {}
-
-
-def _init_reader(source, text_model: bytes, resolution: int) -> None:
-    _reader.update(source=source, text=TextTokenizer(text_model), resolution=resolution)
-
-
-def read_chunk(start: int, stop: int) -> tuple[list, dict]:
-    """Records [start, stop) as document dicts (no image tokens yet) or skip tuples."""
-    source, text, res = _reader["source"], _reader["text"], _reader["resolution"]
-    seconds = collections.Counter()
-    out = []
-    for i in range(start, stop):
-        t0 = time.perf_counter()
-        try:
-            try:
-                pair = source[i]
-            except BadRecord:
-                raise
-            except Exception as e:  # a reader bug or an unreadable record: name the record
-                raise BadRecord("corrupt_image", f"index {i}", f"{type(e).__name__}: {e}") from e
-            t1 = time.perf_counter()
-            seconds["read"] += t1 - t0
-            caption = check_caption(pair.caption, pair.id)
-            if pair.image.dtype != np.uint8 or pair.image.ndim != 3 or pair.image.shape[2] != 3:
-                raise BadRecord("wrong_shape", pair.id, f"image {pair.image.dtype} {pair.image.shape}")
-            pixels = fit_image(pair.image, res)
-            t2 = time.perf_counter()
-            seconds["resize"] += t2 - t1
-            pieces = text.encode(caption)
-            if text.decode(pieces) != caption:
-                raise BadRecord("lossy_text", pair.id, "caption does not survive encode/decode")
-            seconds["text"] += time.perf_counter() - t2
-            out.append({"id": pair.id, "caption": caption, "pieces": pieces, "pixels": pixels,
-                        "meta": json.dumps(pair.meta)})
-        except BadRecord as e:
-            seconds["read"] += time.perf_counter() - t0
-            out.append((e.record_id, e.reason, e.detail))
-    return out, dict(seconds)
-
-
-def _ordered_chunks(pool, chunks: list[tuple[int, int]], window: int):
-    """pool results of read_chunk in order, at most `window` chunks in flight (bounded memory)."""
-    pending = collections.deque()
-    it = iter(chunks)
-    for chunk in it:
-        pending.append(pool.apply_async(read_chunk, chunk) if pool else chunk)
-        if len(pending) >= window:
-            break
-    while pending:
-        head = pending.popleft()
-        yield head.get() if pool else read_chunk(*head)
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.apply_async(read_chunk, nxt) if pool else nxt)
 
 
 # --- tokenizers -------------------------------------------------------------------------
@@ -154,8 +81,8 @@ def _inputs(cfg: Config) -> dict:
     return json.loads(json.dumps(inputs))  # as it reads back from disk (tuples -> lists)
 
 
-def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
-    path = out / TEXT_TOKENIZER
+def _text_tokenizer(cfg: Config, source, out: DataDir) -> TextTokenizer:
+    path = out.text_tokenizer
     if cfg.prepare.text_tokenizer is not None:
         tok = TextTokenizer.load(cfg.prepare.text_tokenizer)
     elif path.exists():  # an interrupted run with the same inputs trained it already
@@ -179,14 +106,12 @@ def _text_tokenizer(cfg: Config, source, out: Path) -> TextTokenizer:
     return tok
 
 
-def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given, progress):
+def _image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, given, progress):
     """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
-    from cm3leon_jax.tokenizers.image import ImageTokenizer
-
-    path = out / IMAGE_TOKENIZER
+    path = out.image_tokenizer
     if given is not None:
         if not path.exists():
-            tmp = out / (IMAGE_TOKENIZER + ".tmp")
+            tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(cfg.prepare.image_tokenizer, tmp)
             tmp.rename(path)
@@ -196,67 +121,60 @@ def _image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, given,
     return ImageTokenizer.load(path, batch_size=cfg.prepare.batch_size)
 
 
-def _train_image_tokenizer(cfg: Config, source, out: Path, text: TextTokenizer, progress):
+def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, progress):
     """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
-    from cm3leon_jax.train.vqgan import TOKENIZER_DIR, train_image_tokenizer
-
     t = cfg.vqgan_train
     n = min(len(source), t.images)
-    _init_reader(source, text.model_proto, cfg.vqgan.resolution)
+    readers.init(source, text.model_proto, cfg.vqgan.resolution)
     images = []
     for i in np.unique(np.linspace(0, len(source) - 1, n).round().astype(int)):
-        items, _ = read_chunk(int(i), int(i) + 1)
+        items, _ = readers.read_chunk(int(i), int(i) + 1)
         images += [d["pixels"] for d in items if isinstance(d, dict)]
     if len(images) < t.batch_size:
         raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
                            f"than vqgan_train.batch_size={t.batch_size}")
     images = np.stack(images)
-    workdir = out / "image_tokenizer_training"  # metrics.jsonl, summary.json, reconstructions.png
-    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir,
-                                         progress=progress)
+    workdir = out.image_tokenizer_training  # metrics.jsonl, summary.json, reconstructions.png
+    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir, progress=progress)
     log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
              summary["codebook_usage"])
-    (workdir / TOKENIZER_DIR).rename(out / IMAGE_TOKENIZER)
+    (workdir / image_train.TOKENIZER_DIR).rename(out.image_tokenizer)
 
 
 # --- the run ------------------------------------------------------------------------------
 
-def _claim(out: Path, inputs: dict) -> None:
+def _claim(out: DataDir, inputs: dict) -> None:
     """Mark `out` as prepared from `inputs`, or refuse when it holds another preparation."""
-    marker = out / FINGERPRINT
+    marker = out.inputs
     if marker.exists():
         old = json.loads(marker.read_text())
         if old != inputs:
             diff = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
-            raise PrepareError(f"{out} was prepared from other inputs (differs in {diff}); "
+            raise PrepareError(f"{out.root} was prepared from other inputs (differs in {diff}); "
                                "use another data.dir or delete it")
         return
-    if out.exists() and any(out.iterdir()):
-        raise PrepareError(f"{out} is not empty and holds no preparation of ours")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.root.exists() and any(out.root.iterdir()):
+        raise PrepareError(f"{out.root} is not empty and holds no preparation of ours")
+    out.root.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
 
 
 def prepare(cfg: Config, progress: bool = True) -> dict:
     """Prepare `cfg.data.dir` from `cfg.source`; returns the manifest."""
-    from cm3leon_jax.data.records import DOCUMENTS, shard_name, write_shard  # flax: not in readers
-
     if cfg.data.dir is None:
         raise PrepareError("data.dir: say where the prepared documents go")
-    out = Path(cfg.data.dir)
+    out = DataDir(Path(cfg.data.dir))
     inputs = _inputs(cfg)
     _claim(out, inputs)
-    if (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
-        log.info("%s is already prepared (%d documents)", out, manifest["documents"])
+    if out.manifest.exists():
+        manifest = json.loads(out.manifest.read_text())
+        log.info("%s is already prepared (%d documents)", out.root, manifest["documents"])
         return manifest
 
     started = time.perf_counter()
     seconds = collections.Counter()
     given = None
     if cfg.prepare.image_tokenizer is not None:
-        from cm3leon_jax.tokenizers.image import ImageTokenizer
-
         given = ImageTokenizer.load(cfg.prepare.image_tokenizer, cfg.prepare.batch_size)
     resolution = cfg.source.resolution or (given or cfg.vqgan).resolution
     source = open_source(cfg.source, resolution)
@@ -273,25 +191,24 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         vocab.check_tokenizers(text.size, image.codebook_size)
     except ValueError as e:
         raise PrepareError(str(e)) from None
-    vocab.save(out / VOCAB, text_pieces=text.size, text_tokenizer=TEXT_TOKENIZER,
-               image_tokenizer=IMAGE_TOKENIZER)
+    vocab.save(out.vocab, text_pieces=text.size, text_tokenizer=out.text_tokenizer.name,
+               image_tokenizer=out.image_tokenizer.name)
 
     shard_size = cfg.prepare.shard_size
     n_shards = max(1, math.ceil(total / shard_size))
-    docs_dir = out / DOCUMENTS
+    shard_path = lambda i: out.documents / shard_name(i, n_shards)
     todo = [i for i in range(n_shards)
-            if not (docs_dir / shard_name(i, n_shards)).exists()
-            or not (docs_dir / shard_name(i, n_shards)).with_suffix(".json").exists()]
+            if not shard_path(i).exists() or not shard_path(i).with_suffix(".json").exists()]
     batch = cfg.prepare.batch_size
     chunks = [(s, min(s + batch, (i + 1) * shard_size, total))
               for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
     workers = cfg.prepare.workers
     pool = (multiprocessing.get_context("spawn").Pool(
-        workers, _init_reader, (source, text.model_proto, image.resolution))
+        workers, readers.init, (source, text.model_proto, image.resolution))
         if workers and chunks else None)
     if pool is None:
-        _init_reader(source, text.model_proto, image.resolution)
-    stats = _shard_stats(docs_dir, n_shards, set(todo))
+        readers.init(source, text.model_proto, image.resolution)
+    stats = {i: _shard_stats(shard_path(i)) for i in range(n_shards) if i not in todo}
 
     def check_bad():  # once more are bad than allowed, no later shard can bring it back
         bad = sum(sum(s["skipped"].values()) for s in stats.values())
@@ -299,21 +216,18 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
             _write_skipped(out, stats)
             raise PrepareError(
                 f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
-                f"{cfg.prepare.max_bad_fraction} allows; see {out / SKIPPED}")
-
-    from tqdm import tqdm
+                f"{cfg.prepare.max_bad_fraction} allows; see {out.skipped}")
 
     bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
-               desc=f"prepare {out.name}", disable=not progress)
+               desc=f"prepare {out.root.name}", disable=not progress)
     try:
-        results = _ordered_chunks(pool, chunks, window=4 * max(1, workers))
+        results = readers.ordered_chunks(pool, chunks, window=4 * max(1, workers))
         for i in todo:
             lo, hi = i * shard_size, min((i + 1) * shard_size, total)
             shard = {"documents": 0, "skipped": collections.Counter(), "skipped_records": []}
             docs = _shard_documents(results, hi - lo, image, vocab, shard, seconds, bar)
-            path = docs_dir / shard_name(i, n_shards)
-            write_shard(path, docs)
-            path.with_suffix(".json").write_text(json.dumps(shard) + "\n")
+            write_shard(shard_path(i), docs)
+            shard_path(i).with_suffix(".json").write_text(json.dumps(shard) + "\n")
             stats[i] = shard
             check_bad()
     finally:
@@ -326,23 +240,23 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     manifest = {
         "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
         "vocab": vocab.to_json(), "text_pieces": text.size,
-        "text_tokenizer": TEXT_TOKENIZER, "image_tokenizer": IMAGE_TOKENIZER,
+        "text_tokenizer": out.text_tokenizer.name, "image_tokenizer": out.image_tokenizer.name,
         "resolution": image.resolution, "tokens_per_image": image.tokens_per_image,
         "shards": [shard_name(i, n_shards) for i in range(n_shards)],
         "source": dataclasses.asdict(cfg.source), "inputs": inputs,
         "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    tmp = out / (MANIFEST + ".tmp")
+    tmp = out.manifest.with_name(out.manifest.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(out / MANIFEST)
+    tmp.rename(out.manifest)
     return manifest
 
 
-def _write_skipped(out: Path, stats: dict) -> collections.Counter:
+def _write_skipped(out: DataDir, stats: dict) -> collections.Counter:
     """skipped.jsonl of the shards done so far; returns the counts per reason."""
     skipped = collections.Counter()
-    with open(out / SKIPPED, "w") as f:
+    with open(out.skipped, "w") as f:
         for i in sorted(stats):
             skipped.update(stats[i]["skipped"])
             for record_id, reason, detail in stats[i]["skipped_records"]:
@@ -350,16 +264,11 @@ def _write_skipped(out: Path, stats: dict) -> collections.Counter:
     return skipped
 
 
-def _shard_stats(docs_dir: Path, n_shards: int, todo: set) -> dict:
-    from cm3leon_jax.data.records import shard_name
-
-    stats = {}
-    for i in range(n_shards):
-        if i not in todo:
-            s = json.loads((docs_dir / shard_name(i, n_shards)).with_suffix(".json").read_text())
-            s["skipped"] = collections.Counter(s["skipped"])
-            stats[i] = s
-    return stats
+def _shard_stats(path: Path) -> dict:
+    """The counts and skipped records of a finished shard."""
+    s = json.loads(path.with_suffix(".json").read_text())
+    s["skipped"] = collections.Counter(s["skipped"])
+    return s
 
 
 def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seconds, bar):
@@ -389,27 +298,56 @@ def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seco
         bar.update(len(items))
 
 
+# --- reading a prepared directory ----------------------------------------------------------
+
 @dataclasses.dataclass
 class Prepared:
-    """A prepared data directory: its manifest, vocabulary and tokenizers."""
+    """A prepared data directory: its manifest, vocabulary and text tokenizer."""
 
-    dir: Path
+    dir: DataDir
     manifest: dict
     vocab: Vocab
     text: TextTokenizer
 
-    def image_tokenizer(self, batch_size: int = 32):
-        from cm3leon_jax.tokenizers.image import ImageTokenizer
-
-        return ImageTokenizer.load(self.dir / self.manifest["image_tokenizer"], batch_size)
+    def image_tokenizer(self, batch_size: int = 32) -> ImageTokenizer:
+        return ImageTokenizer.load(self.dir.image_tokenizer, batch_size)
 
 
 def open_prepared(data_dir: str | Path) -> Prepared:
     """Load what `prepare` wrote (fails when the run did not finish)."""
-    d = Path(data_dir)
-    if not (d / MANIFEST).exists():
-        raise FileNotFoundError(f"{d / MANIFEST} does not exist: run `cm3leon prepare` first "
+    d = DataDir(Path(data_dir))
+    if not d.manifest.exists():
+        raise FileNotFoundError(f"{d.manifest} does not exist: run `cm3leon prepare` first "
                                 "(or let it finish)")
-    manifest = json.loads((d / MANIFEST).read_text())
-    return Prepared(d, manifest, Vocab.load(d / VOCAB),
-                    TextTokenizer.load(d / manifest["text_tokenizer"]))
+    return Prepared(d, json.loads(d.manifest.read_text()), Vocab.load(d.vocab),
+                    TextTokenizer.load(d.text_tokenizer))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizers:
+    """A model's text and image tokenizers, checked against its vocabulary."""
+    text: TextTokenizer
+    image: ImageTokenizer
+    vocab: Vocab
+
+
+def load_tokenizers(directory: str | Path, vocab: Vocab, batch_size: int = 32,
+                    where: str = "tokenizers") -> Tokenizers:
+    """The tokenizers of a prepared data directory or an export's tokenizers/, refused
+    unless every text piece and image code has its id in `vocab`. `where` names the config
+    key the directory came from, for the errors."""
+    d = DataDir(Path(directory))
+    for path in (d.text_tokenizer, d.image_tokenizer):
+        if not path.exists():
+            raise ConfigError(f"{where}: {path} does not exist (expected a prepared data "
+                              "directory or an export's tokenizers/)")
+    if d.vocab.exists() and Vocab.load(d.vocab) != vocab:
+        raise ConfigError(f"{where}: {d.vocab} {Vocab.load(d.vocab)} differs from the model's "
+                          f"vocabulary {vocab}")
+    text, image = TextTokenizer.load(d.text_tokenizer), ImageTokenizer.load(d.image_tokenizer,
+                                                                            batch_size)
+    try:
+        vocab.check_tokenizers(text.size, image.codebook_size)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return Tokenizers(text, image, vocab)

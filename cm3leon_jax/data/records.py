@@ -24,11 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
+from cm3leon_jax.layout import DataDir
+
 FIELDS = ("id", "caption", "text", "image", "pixels", "meta")
-DOCUMENTS = "documents"
 
 
 def encode_document(doc: dict) -> bytes:
@@ -54,16 +57,15 @@ def shard_name(i: int, n: int) -> str:
 
 
 def shard_paths(data_dir: str | Path) -> list[Path]:
-    paths = sorted((Path(data_dir) / DOCUMENTS).glob("shard-*.array_record"))
+    documents = DataDir(Path(data_dir)).documents
+    paths = sorted(documents.glob("shard-*.array_record"))
     if not paths:
-        raise FileNotFoundError(f"{data_dir}: no document shards under {DOCUMENTS}/")
+        raise FileNotFoundError(f"{data_dir}: no document shards under {documents.name}/")
     return paths
 
 
 def write_shard(path: str | Path, docs: Iterable[dict]) -> int:
     """Write one shard atomically (temp file, then rename); returns the record count."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -79,8 +81,6 @@ def write_shard(path: str | Path, docs: Iterable[dict]) -> int:
 
 def open_documents(data_dir: str | Path):
     """Random access to every document by global index (a grain data source of bytes)."""
-    import grain
-
     return grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(data_dir)])
 
 

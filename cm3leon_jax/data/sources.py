@@ -11,10 +11,9 @@ an image and a text feature, through `tfds.data_source`), `jsonl` (image path + 
 line); `open_source(cfg.source)` picks one. Large data is loaded lazily, once per process,
 so a source pickles as its few settings when it is sent to a prepare worker.
 
-`shapes` is procedural: scene i depends only on (seed, i), so a dataset of any size and
-resolution needs no files, and its `meta` lets later stages score generated images from
-pixels (flat colours on a flat background, objects one per cell of a 3x3 grid, never
-touching).
+`shapes` serves the built-in world of cm3leon_jax/shapes/: scene i depends only on (seed,
+i), and its `meta` (the scene's objects) lets later stages score generated images from
+pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +26,10 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
+from PIL import Image
+
+from cm3leon_jax.shapes.world import (BACKGROUND, MIN_RESOLUTION, render_shapes, shapes_caption,
+                                      shapes_scene)
 
 # Why a record was skipped (manifest.json `skipped` keys).
 REASONS = ("missing_file", "corrupt_image", "wrong_mode", "wrong_shape", "empty_caption",
@@ -81,89 +84,19 @@ def to_rgb(image, record_id: str) -> np.ndarray:
     return image
 
 
+def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize the short side to `resolution` (Lanczos) and centre-crop a square."""
+    h, w = image.shape[:2]
+    if (h, w) == (resolution, resolution):
+        return image
+    scale = resolution / min(h, w)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
+    top, left = (size[1] - resolution) // 2, (size[0] - resolution) // 2
+    return resized[top:top + resolution, left:left + resolution]
+
+
 # --- shapes --------------------------------------------------------------------------
-
-COLOURS = {  # far apart in RGB and from the background, so a pixel can be told by colour
-    "red": (230, 30, 30),
-    "green": (30, 180, 60),
-    "blue": (40, 80, 230),
-    "yellow": (240, 210, 30),
-    "magenta": (210, 50, 210),
-    "cyan": (40, 200, 220),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = ("small", "large")
-POSITIONS = (("top left", "top middle", "top right"),
-             ("middle left", "center", "middle right"),
-             ("bottom left", "bottom middle", "bottom right"))
-BACKGROUND = (235, 235, 235)
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SIZE_FRACTION = {"small": 0.5, "large": 0.95}  # of the free width of a grid cell
-MIN_RESOLUTION = 24
-
-
-def shape_mask(shape: str, cx: float, cy: float, half: float, resolution: int) -> np.ndarray:
-    """bool [R, R]: pixels whose centres lie inside the shape (no anti-aliasing)."""
-    y, x = np.mgrid[:resolution, :resolution] + 0.5
-    dx, dy = x - cx, y - cy
-    if shape == "circle":
-        return dx * dx + dy * dy <= half * half
-    if shape == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if shape == "triangle":  # apex up, base at the bottom of the box
-        return (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
-    if shape == "cross":  # a plus sign with arms a third of the box wide
-        arm = half / 3
-        return (((np.abs(dx) <= half) & (np.abs(dy) <= arm))
-                | ((np.abs(dy) <= half) & (np.abs(dx) <= arm)))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def shapes_scene(index: int, seed: int, resolution: int, max_objects: int) -> list[dict]:
-    """The objects of scene `index` (no pixels): cheap, for captions and ground truth."""
-    rng = np.random.default_rng([seed, index])
-    count = int(rng.integers(1, max_objects + 1))
-    cells = sorted(rng.choice(9, size=count, replace=False).tolist())
-    cell = resolution / 3
-    margin = max(1.0, 0.05 * cell)  # >= 2 px between objects in neighbouring cells
-    free = cell - 2 * margin
-    objects = []
-    for c in cells:
-        row, col = divmod(c, 3)
-        size = SIZES[int(rng.integers(len(SIZES)))]
-        diameter = SIZE_FRACTION[size] * free
-        slack = (free - diameter) / 2
-        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
-        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
-        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))], "colour": colour,
-                        "rgb": list(COLOURS[colour]), "size": size,
-                        "position": POSITIONS[row][col], "cell": [row, col],
-                        "center": [round(cx, 3), round(cy, 3)],
-                        "half": round(diameter / 2, 3)})
-    return objects
-
-
-def shapes_caption(objects: list[dict]) -> str:
-    """`two shapes: a small red circle at the top left and a large blue cross at the center`."""
-    n = len(objects)
-    parts = [f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
-    listing = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: {listing}"
-
-
-def render_shapes(objects: list[dict], resolution: int) -> tuple[np.ndarray, list[list[int]]]:
-    """uint8 [R, R, 3] image and each object's pixel bbox [x0, y0, x1, y1) (end exclusive)."""
-    image = np.empty((resolution, resolution, 3), np.uint8)
-    image[:] = BACKGROUND
-    boxes = []
-    for o in objects:
-        mask = shape_mask(o["shape"], *o["center"], o["half"], resolution)
-        image[mask] = o["rgb"]
-        ys, xs = np.nonzero(mask)
-        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
-    return image, boxes
-
 
 @dataclasses.dataclass(frozen=True)
 class ShapesSource:
@@ -290,7 +223,7 @@ class FashionMnistSource:
 
 @functools.lru_cache(maxsize=4)
 def _tfds_source(name: str, split: str, data_dir: Optional[str]):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # optional and slow to import: the tfds source only
 
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
@@ -350,8 +283,6 @@ def _jsonl_lines(path: str) -> tuple[bytes, ...]:
 
 def read_image(path: Path, record_id: str) -> np.ndarray:
     """An image file as uint8 RGB, or BadRecord (missing_file, corrupt_image, wrong_mode)."""
-    from PIL import Image
-
     if not path.is_file():
         raise BadRecord("missing_file", record_id, str(path))
     try:

@@ -10,6 +10,7 @@ state and checkpoint interface of the real pipeline.
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 
 from cm3leon_jax.vocab import Vocab
@@ -53,8 +54,6 @@ def synthetic_batches(vocab: Vocab, seq_len: int, global_batch: int, seed: int,
                       process_index: int = 0, process_count: int = 1):
     """A grain iterator of this process's rows of each global batch; `example_id` is the
     row index, which the train step ignores and crash/resume audits read."""
-    import grain
-
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
     local = global_batch // process_count

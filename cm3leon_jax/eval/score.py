@@ -14,11 +14,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, ConfigError
-from cm3leon_jax.export.source import Weights
 from cm3leon_jax.parallel import mesh as mesh_lib
+from cm3leon_jax.train.weights import Weights
 
 
 def check_tokens(tokens: np.ndarray, cfg: Config, where: str) -> None:
@@ -89,8 +90,6 @@ def score_tokens(weights: Weights, tokens: np.ndarray, batch_size: int = 16) -> 
 def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -17,12 +17,12 @@ import jax
 from jax.sharding import Mesh
 
 from cm3leon_jax.config import ConfigError
-from cm3leon_jax.export import hf_opt, source, tensor_file, tokenizers
+from cm3leon_jax.export import hf_opt, tensor_file, tokenizers
 from cm3leon_jax.export import safetensors as st
+from cm3leon_jax.layout import ExportDir
+from cm3leon_jax.train import weights as weights_lib
 
 FORMATS = ("safetensors", "hf-opt")
-PROVENANCE = "cm3leon_export.json"  # hf-opt: where the weights came from, our config
-VOCAB = "vocab.json"
 
 
 def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = None,
@@ -35,43 +35,44 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory")
-    cfg, step = source.run_config(workdir, step)
+    cfg, step, _ = weights_lib.saved_config(workdir, step)
     if fmt == "hf-opt":
         hf_opt.check(cfg)
     data_dir = cfg.data.dir if with_tokenizers else None
     if data_dir is not None:
         tokenizers.tokenizer_entries(data_dir)  # refuses a missing data.dir now
 
-    weights = source.from_run(workdir, step, mesh)
+    weights = weights_lib.load(workdir, step, mesh=mesh)
     if fmt == "safetensors":
         files = st.tensors(weights.params, weights.mesh, piece_bytes)
-        metadata = {"format": st.FORMAT}
+        metadata = {"format": weights_lib.FORMAT}
     else:
         files = hf_opt.tensors(cfg, weights.params, weights.mesh)
         metadata = {"format": "pt"}  # transformers checks this key
 
     lead = jax.process_index() == 0
-    partial = out.with_name(out.name + ".partial")
+    partial = ExportDir(out.with_name(out.name + ".partial"))
     if lead:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    nbytes = tensor_file.write(partial / st.WEIGHTS, files, metadata, desc=f"export {fmt}")
+        shutil.rmtree(partial.root, ignore_errors=True)
+        partial.root.mkdir(parents=True)
+    nbytes = tensor_file.write(partial.weights, files, metadata, desc=f"export {fmt}")
     summary = {"format": fmt, "out": str(out), "source": weights.origin, "step": step,
                "tensors": len(files), "bytes": nbytes, "tokenizers": []}
     if lead:
         if data_dir is not None:
-            summary["tokenizers"] = tokenizers.copy_tokenizers(data_dir, partial)
-        ours = st.config_json(cfg, weights.mdef, step, weights.origin)
+            copied = tokenizers.copy_tokenizers(data_dir, partial.tokenizers)
+            summary["tokenizers"] = [str(p.relative_to(partial.root)) for p in copied]
+        ours = st.config_json(cfg, weights.mdef, step, weights.origin, partial.weights.name)
         ours["tokenizers"] = summary["tokenizers"]
         if fmt == "safetensors":
-            (partial / st.CONFIG).write_text(json.dumps(ours, indent=2) + "\n")
+            partial.config.write_text(json.dumps(ours, indent=2) + "\n")
         else:
-            (partial / st.CONFIG).write_text(json.dumps(hf_opt.config_json(cfg), indent=2) + "\n")
-            (partial / PROVENANCE).write_text(json.dumps(ours, indent=2) + "\n")
-        cfg.vocab.build().save(partial / VOCAB)
+            partial.config.write_text(json.dumps(hf_opt.config_json(cfg), indent=2) + "\n")
+            partial.provenance.write_text(json.dumps(ours, indent=2) + "\n")
+        cfg.vocab.build().save(partial.vocab)
         if out.exists():
             out.rmdir()
-        partial.rename(out)
+        partial.root.rename(out)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         tok = (f"{len(summary['tokenizers'])} tokenizer files from {data_dir}" if data_dir
                else "no tokenizers (data.dir is null: the built-in synthetic source)"

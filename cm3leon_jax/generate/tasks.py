@@ -2,7 +2,7 @@
 candidate pool), image + text -> image (two-scale guidance), image -> text, text infilling.
 
 Everything here works on token ids of the unified vocabulary; turning text into ids and
-image codes into pixels is the tokenizers' job (see `cm3leon_jax/cli.py`, `generate`).
+image codes into pixels is the tokenizers' job (see generate/cli.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from cm3leon_jax.config import GenerateConfig
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
+from cm3leon_jax.train.weights import Weights
 from cm3leon_jax.vocab import Vocab
 
 TEXT_STOP = ("eoss", "eos", "brk")  # a caption or infill ends at the first of these
@@ -28,6 +29,12 @@ class Model:
     vocab: Vocab
     max_seq_len: int
     mesh: Any = None  # a jax Mesh: decode sharded like training; None: one device
+
+    @classmethod
+    def of(cls, w: Weights) -> "Model":
+        """Loaded weights (train/weights.py) ready to decode, on the mesh they were laid on."""
+        return cls(w.mdef.graphdef, w.params, w.cfg.vocab.build(), w.cfg.model.max_seq_len,
+                   w.mesh)
 
 
 def _sampling(g: GenerateConfig) -> dict:

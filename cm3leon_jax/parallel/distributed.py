@@ -19,12 +19,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.parallel.mesh import batch_sharding
 
 ENV_EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -98,8 +101,6 @@ def check_same_config(cfg: Config) -> None:
     resolved the same config. One small allgather; nothing for a single process."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     leaves = _leaves(cfg.to_dict())
     codes = np.asarray([int.from_bytes(hashlib.sha256(json.dumps(v).encode()).digest()[:4],
                                        "little") & 0x7FFFFFFF for _, v in leaves], np.int32)
@@ -120,8 +121,6 @@ def check_batch_layout(cfg: Config, mesh, process_of=lambda device: device.proce
     """The data loader hands process p the contiguous rows [p*B/P, (p+1)*B/P) of each
     global batch; the mesh must put exactly those rows on p's devices. Checked for every
     process, so all fail alike. (`process_of` maps a device to its process.)"""
-    from cm3leon_jax.parallel.mesh import batch_sharding
-
     B = cfg.train.batch_size
     index_map = batch_sharding(mesh).devices_indices_map((B, 1))
     P = len({process_of(d) for d in index_map})
@@ -158,8 +157,6 @@ class Preemption:
     previous: object = None
 
     def install(self) -> None:
-        import signal
-
         if jax.process_count() == 1:
             self.previous = signal.signal(signal.SIGTERM, self._handler)
 
@@ -169,12 +166,9 @@ class Preemption:
     def reached(self, step: int) -> bool:
         """Call at every step on every process; True when all must save and stop."""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def uninstall(self) -> None:
-        import signal
-
         if jax.process_count() == 1:
             signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)

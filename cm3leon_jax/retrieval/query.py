@@ -14,8 +14,10 @@ import numpy as np
 
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import records, sequences
+from cm3leon_jax.layout import retrieval_dir
 from cm3leon_jax.retrieval import embed, index
-from cm3leon_jax.retrieval.neighbors import INDEX, bank_dir, retrieval_dir
+from cm3leon_jax.retrieval.encoders import make_encoder
+from cm3leon_jax.retrieval.neighbors import bank_dir
 
 
 class Retriever:
@@ -26,12 +28,12 @@ class Retriever:
         if r.encoder == "npy":
             raise ValueError("retrieval.encoder=npy: vectors computed elsewhere cannot embed "
                              "new captions; use the builtin or minilm encoder")
-        self.encoder = embed.make_encoder(r, out)
-        built = json.loads((out / INDEX / index.MANIFEST).read_text())["encoder_fingerprint"]
+        self.encoder = make_encoder(r, out)
+        built = json.loads((out.index / index.MANIFEST).read_text())["encoder_fingerprint"]
         if self.encoder.fingerprint != built:
-            raise ValueError(f"{out / INDEX}: built with encoder {built}, the encoder now is "
+            raise ValueError(f"{out.index}: built with encoder {built}, the encoder now is "
                              f"{self.encoder.fingerprint}; rerun `cm3leon index`")
-        self.searcher = index.load_searcher(out / INDEX)
+        self.searcher = index.load_searcher(out.index)
         self.docs = records.open_documents(bank_dir(cfg))
         self.vocab = cfg.vocab.build()
 

@@ -22,15 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from cm3leon_jax.config import Config, ConfigError, RetrievalConfig
 from cm3leon_jax.data import records
+from cm3leon_jax.layout import DataDir
 from cm3leon_jax.model.encoder import MAX_TEXT, DualEncoder, EncoderSpec, new_encoder
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.retrieval.embed import drop_tokens
 from cm3leon_jax.vocab import Vocab
 
-PARAMS, INFO = "params.npz", "encoder.json"
+PARAMS, INFO = "params.npz", "encoder.json"  # in <retrieval dir>/encoder/
 
 
 def text_tokens(doc: dict, vocab: Vocab) -> np.ndarray:
@@ -104,10 +106,8 @@ def contrastive_loss(model: DualEncoder, tokens, pixels, temperature: float):
 
 def train_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dict:
     """Train on `data_dir`'s pairs; writes params and info under `out_dir`; returns info."""
-    from tqdm import tqdm
-
     r = cfg.retrieval
-    vocab_path = Path(data_dir) / "vocab.json"
+    vocab_path = DataDir(Path(data_dir)).vocab
     if not vocab_path.exists():
         raise FileNotFoundError(f"{vocab_path}: missing (a prepared directory has vocab.json)")
     vocab = Vocab.load(vocab_path)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.optimize import curve_fit
 
+from cm3leon_jax.scaling.plot import plot_compute, plot_params
 from cm3leon_jax.scaling.sweep import EVALS, RUN, SPEC, read_evals
 
 METRICS = ("loss", "text_loss", "image_loss")
@@ -53,8 +55,6 @@ def power_law(u, a, b, c):
 
 def fit_power_law(x, y) -> PowerLawFit:
     """Least-squares fit of y = a (x/x0)^-b + c with a > 0, b > 0, 0 <= c < min(y)."""
-    from scipy.optimize import curve_fit
-
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < MIN_POINTS:
         raise ValueError(f"{len(x)} points: fitting a, b, c needs at least {MIN_POINTS}")
@@ -140,8 +140,6 @@ def _try_fit(x, y) -> PowerLawFit | str:
 
 def fit_scaling(runs_dir: str | Path, out: str | Path | None = None) -> dict:
     """Fit, print, write fit.json and the PNG plots; returns what fit.json holds."""
-    from cm3leon_jax.scaling.plot import plot_compute, plot_params
-
     runs_dir = Path(runs_dir)
     out = Path(out or runs_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,26 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 TITLES = {"loss": "all tokens", "text_loss": "text tokens", "image_loss": "image tokens"}
 
 
 def _figure(n: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.2), squeeze=False)
-    return plt, fig, axes[0]
+    """A figure of n panels in a row (the object API: no pyplot state, no display)."""
+    fig = Figure(figsize=(5 * n, 4.2))
+    return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
 def _log_axes(ax) -> None:
     """Log-log with decade labels on x and plain numbers on y (losses rarely span a decade,
     so y needs labelled minor ticks; fewer of them when the span is wide)."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -43,8 +40,8 @@ def _fit_label(fit, var: str) -> str:
 
 
 def plot_compute(runs, fronts: dict, fits: dict, fit_from: float, path: Path) -> None:
-    plt, fig, axes = _figure(len(fronts))
-    cmap = plt.get_cmap("viridis")
+    fig, axes = _figure(len(fronts))
+    cmap = matplotlib.colormaps["viridis"]
     for ax, (metric, front) in zip(axes, fronts.items()):
         for i, run in enumerate(runs):
             pts = [(r["flops"], r[metric]) for r in run.evals if r.get(metric) is not None]
@@ -70,12 +67,11 @@ def plot_compute(runs, fronts: dict, fits: dict, fit_from: float, path: Path) ->
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_params(series: dict, fits: dict, path: Path) -> None:
     """`series`: label -> [(run, eval record)]; `fits`: label -> metric -> fit."""
-    plt, fig, axes = _figure(len(TITLES))
+    fig, axes = _figure(len(TITLES))
     styles = ("ko", "bs")
     for ax, metric in zip(axes, TITLES):
         for (label, points), style in zip(series.items(), styles):
@@ -94,4 +90,3 @@ def plot_params(series: dict, fits: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

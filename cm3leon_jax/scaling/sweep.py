@@ -1,11 +1,11 @@
 """`cm3leon sweep`: train every size of the plan on the same data, evaluating on the fixed
 held-out set at each of its evaluation steps.
 
-Each run is `cm3leon train` (train/loop.py) in its own work directory, called once per
-evaluation step with train.steps set to that step and the schedule fixed to the whole
-budget: every evaluation step is a checkpoint, and an interrupted sweep resumes where it
-stopped — `train` continues from the latest checkpoint, and steps already in `eval.jsonl`
-are not evaluated again. Layout of RUNS_DIR:
+Each run is the trainer of `cm3leon train` (train/trainer.py) in its own work directory,
+with a hook that measures the held-out loss at the run's evaluation steps, each of which is
+also a checkpoint. An interrupted sweep resumes where it stopped: the trainer continues
+from the latest checkpoint, and steps already in `eval.jsonl` are not evaluated again.
+Layout of RUNS_DIR:
 
     sweep.yaml                the resolved sweep config (a resumed sweep must match it)
     <size>/run.json           parameters, FLOPs per token, budget, evaluation steps
@@ -15,7 +15,6 @@ are not evaluated again. Layout of RUNS_DIR:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,9 +24,12 @@ import yaml
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, ConfigError
-from cm3leon_jax.scaling.evaluate import Evaluator, heldout_batches
+from cm3leon_jax.data.pipeline import check_inputs, train_batches
+from cm3leon_jax.layout import RunDir
 from cm3leon_jax.scaling.plan import Run, plan
-from cm3leon_jax.train.loop import train
+from cm3leon_jax.train import checkpoint
+from cm3leon_jax.train.heldout import Evaluator, heldout_batches
+from cm3leon_jax.train.trainer import Hook, train
 
 SPEC = "sweep.yaml"
 EVALS = "eval.jsonl"
@@ -61,10 +63,10 @@ def _append(path: Path, record: dict) -> None:
 
 
 def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> list[dict]:
-    """Train `run` through its evaluation steps not yet in eval.jsonl; returns the new
-    records."""
+    """Train `run` through its evaluation steps not yet in eval.jsonl, evaluating each on
+    the way; returns the new records (fewer when the run was preempted)."""
     done = {r["step"] for r in read_evals(run_dir)}
-    todo = [p for p in run.evals if p.step not in done]
+    todo = {p.step: p for p in run.evals if p.step not in done}
     if not todo:
         return []
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,21 +74,33 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> li
         (run_dir / RUN).write_text(json.dumps(run.summary(), indent=1) + "\n")
     evaluator = Evaluator(run.cfg, batches)
     records = []
-    for point in todo:
-        seg = dataclasses.replace(run.cfg, train=dataclasses.replace(run.cfg.train,
-                                                                     steps=point.step))
-        train(seg, run_dir)
-        losses = evaluator(evaluator.restore_params(run_dir, point.step))
-        record = {"step": point.step, "tokens": point.step * run.tokens_per_step,
-                  "flops": point.step * run.flops_per_step, "grid": point.grid,
+
+    def evaluate(step, state):
+        point = todo.pop(step)
+        losses = evaluator(state.params)
+        record = {"step": step, "tokens": step * run.tokens_per_step,
+                  "flops": step * run.flops_per_step, "grid": point.grid,
                   "params": run.params, **losses}
         records.append(record)
         if lead:
             _append(run_dir / EVALS, record)
-            print(f"{run.name} step {point.step}/{run.steps}: held-out loss "
+            print(f"{run.name} step {step}/{run.steps}: held-out loss "
                   f"{losses['loss']:.4f} (text {_fmt(losses['text_loss'])}, "
                   f"image {_fmt(losses['image_loss'])})")
+
+    steps = frozenset(todo)
+    train(run.cfg, run_dir, lambda: train_batches(run.cfg, jax.process_index(),
+                                                  jax.process_count()),
+          hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
+    if todo and _latest_step(run_dir) >= max(todo):
+        raise ConfigError(f"{run_dir / EVALS} lacks steps {sorted(todo)} but the run is past "
+                          f"them; delete {run_dir} to redo this size")
     return records
+
+
+def _latest_step(run_dir: Path) -> int:
+    mngr = checkpoint.reader(RunDir(run_dir).checkpoints)
+    return mngr.latest_step() or 0
 
 
 def _fmt(x: float | None) -> str:
@@ -99,8 +113,6 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     lead = jax.process_index() == 0
     runs = plan(cfg)
     if cfg.data.dir is not None:  # both data directories are checked before any training
-        from cm3leon_jax.data.pipeline import check_inputs
-
         check_inputs(cfg)
         if not Path(cfg.sweep.eval_dir).is_dir():
             raise FileNotFoundError(f"sweep.eval_dir={cfg.sweep.eval_dir!r} is not a directory")
@@ -120,6 +132,10 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     new = {}
     for run in tqdm(runs, desc="sweep", unit="size", disable=not lead):
         new[run.name] = evaluate_run(run, runs_dir / run.name, batches, lead)
+        if len(read_evals(runs_dir / run.name)) < len(run.evals):  # preempted (SIGTERM)
+            if lead:
+                print(f"sweep stopped in {run.name}; relaunch to resume")
+            return new
     if lead:
         print(f"sweep done in {time.perf_counter() - t0:.0f}s: "
               + ", ".join(f"{r.name} {_fmt(_last_loss(runs_dir / r.name))}" for r in runs)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cm3leon_jax.config import ConfigError, from_dict, validate_vqgan
-from cm3leon_jax.model.vqgan import VQGAN, VQGANConfig
+from cm3leon_jax.config import ConfigError, VQGANConfig
+from cm3leon_jax.config.loader import build
+from cm3leon_jax.model.vqgan import VQGAN
 
 CONFIG_FILE = "vqgan.json"
 PARAMS_FILE = "vqgan.npz"
@@ -127,7 +128,7 @@ class ImageTokenizer:
     @classmethod
     def create(cls, config: VQGANConfig, seed: int = 0, batch_size: int = 32):
         """An untrained tokenizer (random weights)."""
-        validate_vqgan(config)
+        config.check()
         return cls(config, init_params(config, seed), batch_size)
 
     @property
@@ -190,8 +191,8 @@ class ImageTokenizer:
             if not (d / name).exists():
                 raise FileNotFoundError(f"{d / name} does not exist (not a saved image tokenizer)")
         try:
-            config = from_dict({"vqgan": json.loads((d / CONFIG_FILE).read_text())}).vqgan
-            validate_vqgan(config)
+            config = build(VQGANConfig, json.loads((d / CONFIG_FILE).read_text()), "vqgan")
+            config.check()
         except (ConfigError, json.JSONDecodeError) as e:
             raise ValueError(f"{d / CONFIG_FILE}: {e}") from None
         like = abstract_params(lambda rngs: VQGAN(config, rngs=rngs))

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import sentencepiece as spm
 
 
 class TextTokenizer:
     """A loaded sentencepiece model: caption <-> piece ids (not yet vocabulary ids)."""
 
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self.model_proto = bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
 
@@ -68,8 +67,6 @@ def train_text_tokenizer(captions: Iterable[str], vocab_size: int, *,
                          model_type: str = "bpe", byte_fallback: bool = True,
                          character_coverage: float = 1.0) -> TextTokenizer:
     """Train on `captions` (in order; deterministic); at most `vocab_size` pieces."""
-    import sentencepiece as spm
-
     captions = [c for c in captions if c.strip()]
     if not captions:
         raise ValueError("no captions to train the text tokenizer on")

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from cm3leon_jax.config import Config, ConfigError
 
@@ -40,7 +41,7 @@ def reader(directory: str | Path) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) -> None:
-    import grain
+    import grain  # optional: loading weights needs no grain (absent on the GPU machine)
 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -54,7 +55,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
     """The state at `step` laid out as `abstract_state` says (any mesh), and the data
     iterator moved to where it was (also under another process count); refuses a
     checkpoint of a different model."""
-    import grain
+    import grain  # optional: loading weights needs no grain (absent on the GPU machine)
 
     meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                       position=ocp.args.JsonRestore()))
@@ -119,7 +120,6 @@ def seek(data_iter, step_dir: Path, position: dict) -> None:
 def _everyone(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
 
 
@@ -150,7 +150,6 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
                   "trying the previous one", file=sys.stderr, flush=True)
             path.rename(aside)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"corrupt checkpoint {step}")
         mngr.reload()
     return 0, None

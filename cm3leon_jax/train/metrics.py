@@ -12,6 +12,8 @@ from pathlib import Path
 
 import jax
 
+from cm3leon_jax.layout import RunDir
+
 # Dense bf16 matmul peak per device, TFLOP/s (datasheet, no sparsity).
 PEAK_TFLOPS = {
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
@@ -59,9 +61,9 @@ def _complete(line: str) -> bool:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: Path, resume_step: int, enabled: bool):
+    def __init__(self, run: RunDir, resume_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.path = run.metrics
         self.tb = None
         if not enabled:
             return
@@ -69,8 +71,9 @@ class MetricsWriter:
             kept = [line for line in self.path.read_text().splitlines()
                     if _complete(line) and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
+        from tensorboardX import SummaryWriter  # optional: benchmarks import this module without it
+
+        self.tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -87,5 +90,5 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = RunDir(Path(workdir)).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line]

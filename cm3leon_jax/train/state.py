@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cm3leon_jax.config import Config
 from cm3leon_jax.model.transformer import Transformer
@@ -135,8 +135,6 @@ def shard_bytes(tree) -> int:
 def state_bytes_per_device(cfg: Config, num_devices: int) -> int:
     """Train-state bytes one device holds on the config's mesh of `num_devices`; needs no
     devices (an abstract mesh of that shape)."""
-    from jax.sharding import AbstractMesh, AxisType
-
     shape = cfg.mesh.shape(num_devices)
     mesh = AbstractMesh(shape, mesh_lib.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
     tx, _, shardings = state_layout(cfg, mesh)

@@ -1,0 +1,100 @@
+"""Sections `data` (the training input), `source`, `text_tokenizer` and `prepare` (what
+`cm3leon prepare` reads and how it tokenizes it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from cm3leon_jax.config.loader import ConfigError, fraction, nonnegative, positive
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dir: Optional[str] = None  # prepared data directory; null: the built-in synthetic source
+    seq_len: int = 4096  # tokens per training row
+    seed: int = 0  # data order, masking and packing draws
+    # --- the prepared-data pipeline (data/pipeline.py); unused by the synthetic source ---
+    k: int = 2  # retrieved documents in front of each query (<= the table's columns)
+    retrieved_dropout: float = 0.0  # probability each retrieved document is left out
+    image_first: float = 0.0  # fraction of documents written image <break> caption
+    cm3_lambda: float = 1.0  # Poisson mean of masked spans per example; 0: plain causal LM
+    rotation: float = 0.0  # probability a masked span grows to its whole segment
+    packing: Literal["pack", "pad"] = "pack"  # first-fit packing, or one example per row
+    workers: int = 0  # grain mp_prefetch processes making examples; 0: in this process
+    sentinel_weight: float = 1.0  # loss weight on predicting <mask:i> (metaseq 1, CM3 0)
+    retrieved_weight: float = 1.0  # loss weight on retrieved documents (CM3Leon 1, RA-CM3 0.1)
+
+    def check(self) -> None:
+        positive("data", self, "seq_len")
+        fraction("data", self, "retrieved_dropout", "image_first", "rotation")
+        nonnegative("data", self, "k", "cm3_lambda", "workers", "sentinel_weight",
+                    "retrieved_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
+    kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"  # the reader
+    size: Optional[int] = 10000  # pairs: the first `size` records; null: all (not for shapes)
+    seed: int = 0  # shapes: scene i depends on (seed, i)
+    resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
+    max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
+    path: Optional[str] = None  # fashion_mnist: IDX directory (null: Debian's); jsonl: the file
+    split: str = "train"  # fashion_mnist (train | test) and tfds split
+    name: Optional[str] = None  # tfds builder name
+    data_dir: Optional[str] = None  # tfds data directory (null: TFDS's default)
+    image_key: str = "image"  # tfds feature / jsonl field holding the image (path)
+    text_key: str = "caption"  # tfds feature / jsonl field holding the caption
+
+    def check(self) -> None:
+        positive("source", self, "size", "resolution")
+        if self.kind == "shapes":
+            if self.size is None:
+                raise ConfigError("source.size: the shapes source is endless, give a number "
+                                  "of pairs")
+            if self.resolution is not None and self.resolution < 24:
+                raise ConfigError(f"source.resolution={self.resolution}: shapes needs >= 24 "
+                                  "pixels")
+            if not 1 <= self.max_objects <= 9:
+                raise ConfigError(f"source.max_objects={self.max_objects} must be in [1, 9]")
+        if self.kind == "fashion_mnist" and self.split not in ("train", "test"):
+            raise ConfigError(f"source.split={self.split!r}: fashion_mnist has train and test")
+        if self.kind == "tfds" and not self.name:
+            raise ConfigError("source.name: the tfds source needs a builder name")
+        if self.kind == "jsonl" and not self.path:
+            raise ConfigError("source.path: the jsonl source needs the .jsonl file")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTokenizerConfig:
+    """Training of the sentencepiece model; its size is vocab.text_size (an upper bound)."""
+    model_type: Literal["bpe", "unigram"] = "bpe"  # sentencepiece algorithm
+    byte_fallback: bool = True  # unseen characters as UTF-8 bytes: every caption round-trips
+    character_coverage: float = 1.0  # sentencepiece character_coverage
+    train_captions: int = 1000000  # captions (evenly spaced over the source) to train on
+
+    def check(self) -> None:
+        positive("text_tokenizer", self, "train_captions")
+        if not 0 < self.character_coverage <= 1:
+            raise ConfigError(f"text_tokenizer.character_coverage={self.character_coverage} "
+                              "must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`cm3leon prepare`: source -> tokenizers -> document shards under data.dir."""
+    text_tokenizer: Optional[str] = None  # a sentencepiece .model to use; null: train one
+    image_tokenizer: Optional[str] = None  # an image tokenizer directory; null: train one
+    workers: int = 2  # reader processes (0: read in this process)
+    shard_size: int = 4096  # source records per shard
+    batch_size: int = 32  # images per image-tokenizer call
+    max_bad_fraction: float = 0.01  # fail when more of the records than this are skipped
+
+    def check(self) -> None:
+        positive("prepare", self, "shard_size", "batch_size")
+        if self.workers < 0:
+            raise ConfigError(f"prepare.workers={self.workers} must be >= 0")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"prepare.max_bad_fraction={self.max_bad_fraction} must be in "
+                              "[0, 1]")

@@ -1,0 +1,18 @@
+"""Section `demo`: how `cm3leon demo` evaluates (held-out shapes scenes after source.size)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cm3leon_jax.config.loader import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    eval_scenes: int = 64  # held-out captions (text -> image) and images (image -> text)
+    grid_rows: int = 8  # captions shown in each sample grid
+
+    def check(self) -> None:
+        for key in ("eval_scenes", "grid_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"demo.{key}={getattr(self, key)} must be >= 1")

@@ -1,0 +1,66 @@
+"""Sections `optimizer`, `train` and `fault`: AdamW and its schedule, the training run, and
+what the loop does about bad steps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from cm3leon_jax.config.loader import ConfigError, nonnegative, positive
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 6e-4  # peak learning rate
+    warmup_steps: int = 100  # linear from 0; the paper uses 1500 of a much longer run
+    decay_steps: Optional[int] = None  # schedule length; null: train.steps
+    final_lr_ratio: float = 0.1  # linear decay to this fraction of the peak
+    b1: float = 0.9  # AdamW beta 1
+    b2: float = 0.95  # AdamW beta 2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled, on matrices and embeddings (not QK-norm scales)
+    clip_norm: float = 1.0  # global gradient-norm clip; 0: off
+
+    def check(self) -> None:
+        positive("optimizer", self, "lr", "b1", "b2", "eps", "decay_steps")
+        nonnegative("optimizer", self, "warmup_steps", "weight_decay", "clip_norm")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ConfigError(f"optimizer.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        if not (0 < self.b1 < 1 and 0 < self.b2 < 1):
+            raise ConfigError(f"optimizer.b1={self.b1}, optimizer.b2={self.b2} must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # total optimizer updates of the run
+    batch_size: int = 2048  # global sequences per update
+    grad_accum: int = 1  # micro-batches per update
+    seed: int = 0  # parameter init
+    log_every: int = 1  # steps between metrics.jsonl / TensorBoard lines
+    checkpoint_every: int = 1000  # steps between checkpoints (the last step always saves)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
+    init_from: Optional[str] = None  # export or run dir: a fresh run starts from its weights
+
+    def check(self) -> None:
+        positive("train", self, "steps", "batch_size", "grad_accum", "log_every",
+                 "checkpoint_every", "keep_checkpoints", "peak_tflops")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("train.init_from must be an export directory or null")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.grad_accum} does not divide "
+                              f"train.batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    max_bad_steps: int = 5  # stop when more than this many updates in a row are skipped
+    debug_nan_steps: tuple[int, ...] = ()  # test hook: these steps get NaN gradients
+    log_example_ids: bool = False  # write each step's global example ids to metrics.jsonl
+
+    def check(self) -> None:
+        if self.max_bad_steps < 0:
+            raise ConfigError(f"fault.max_bad_steps={self.max_bad_steps} must be >= 0")
+        for s in self.debug_nan_steps:
+            if s <= 0:
+                raise ConfigError(f"fault.debug_nan_steps contains {s}: steps count from 1")

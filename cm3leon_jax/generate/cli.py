@@ -1,0 +1,134 @@
+"""`cm3leon generate image|caption|infill` from a run (its latest checkpoint) or an export.
+
+    cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
+    cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
+    cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
+
+The weights come from train/weights.py (parameters only); the text and image tokenizers from
+the prepared data directory the run trained on (`data.dir`, which an override may point
+elsewhere as long as its vocabulary is the run's), or an export's tokenizers/. Stage
+modules are imported when a command runs, so `cm3leon --help` does not load jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cm3leon_jax.config import ConfigError
+from cm3leon_jax.layout import ExportDir, RunDir, is_run
+
+HELPS = {"image": "text -> PNG grid of images", "caption": "image files -> captions",
+         "infill": "fill the gap between two texts"}
+
+
+def add_commands(sub) -> None:
+    gen = sub.add_parser("generate", help="sample images, captions or infills from a run")
+    tasks = gen.add_subparsers(dest="task", required=True)
+    for task, text in HELPS.items():
+        p = tasks.add_parser(task, help=text)
+        p.add_argument("--workdir", required=True,
+                       help="run directory (its latest checkpoint) or export directory")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="e.g. generate.temperature=0.7 generate.pool=mixed data.dir=DIR")
+        if task == "image":
+            p.add_argument("--prompt", required=True, action="append", help="caption (repeatable)")
+            p.add_argument("--num", type=int, default=4, help="images per prompt")
+            p.add_argument("--cfg", type=float, help="guidance scale (generate.cfg_scale)")
+            p.add_argument("--out", help="PNG path (default RUN/samples/generate-STEP.png)")
+            p.set_defaults(fn=lambda a: generate_image(a.workdir, a.prompt, a.num, a.out,
+                                                       _overrides(a)))
+        elif task == "caption":
+            p.add_argument("--image", required=True, action="append", help="image file (repeatable)")
+            p.set_defaults(fn=lambda a: caption_images(a.workdir, a.image, a.overrides))
+        else:
+            p.add_argument("--before", required=True, help="text before the gap")
+            p.add_argument("--after", default="", help="text after the gap")
+            p.set_defaults(fn=lambda a: infill_text(a.workdir, a.before, a.after, a.overrides))
+
+
+def _overrides(args) -> list[str]:
+    cfg_scale = [] if args.cfg is None else [f"generate.cfg_scale={args.cfg}"]
+    return [*args.overrides, *cfg_scale]
+
+
+def load(workdir, overrides: list[str]):
+    """(config, model, tokenizers, step) of a run or export directory."""
+    from cm3leon_jax.data.prepare import load_tokenizers  # heavy: deferred (cm3leon --help)
+    from cm3leon_jax.generate.tasks import Model
+    from cm3leon_jax.train import weights
+
+    w = weights.load(workdir, overrides=overrides)
+    if is_run(workdir):
+        if w.cfg.data.dir is None:
+            raise ConfigError("data.dir is not set: generation needs the prepared data "
+                              "directory (its text and image tokenizers); pass data.dir=DIR")
+        directory, where = w.cfg.data.dir, "data.dir"
+    else:
+        directory, where = ExportDir(Path(workdir)).tokenizers.root, "the export's tokenizers"
+    toks = load_tokenizers(directory, w.cfg.vocab.build(), where=where)
+    return w.cfg, Model.of(w), toks, w.step
+
+
+def generate_image(workdir, prompts: list[str], num: int, out: str | None,
+                   overrides: list[str]) -> Path:
+    """Write a PNG grid (a row per prompt: `num` images x generate.candidates) and the codes
+    (.npy) next to it; returns the PNG path."""
+    from PIL import Image  # heavy: deferred (cm3leon --help)
+
+    from cm3leon_jax.generate import tasks
+    from cm3leon_jax.generate.grid import image_grid
+
+    cfg, model, toks, step = load(workdir, overrides)
+    n_tokens = cfg.generate.image_tokens or toks.image.tokens_per_image
+    if n_tokens != toks.image.tokens_per_image:
+        raise ConfigError(f"generate.image_tokens={n_tokens} but the image tokenizer makes "
+                          f"{toks.image.tokens_per_image} tokens per image")
+    captions = [model.vocab.text_ids(toks.text.encode(p)) for p in prompts]
+    repeated = [c for c in captions for _ in range(num)]  # samples differ by their keys
+    codes = tasks.text_to_image(model, repeated, n_tokens, cfg.generate)
+    codes = codes.reshape(len(prompts), num, cfg.generate.candidates, n_tokens)
+    pixels = toks.image.decode(codes.reshape(-1, n_tokens))
+    path = Path(out) if out else RunDir(Path(workdir)).samples / f"generate-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(pixels, num * cfg.generate.candidates)).save(path)
+    np.save(path.with_suffix(".npy"), codes)
+    g = cfg.generate
+    print(f"{len(prompts)} prompt(s) x {num} image(s) x {g.candidates} candidate(s) from "
+          f"checkpoint {step} (cfg {g.cfg_scale}, pool {g.pool}, temperature "
+          f"{g.temperature}, top-p {g.top_p}) -> {path}")
+    if g.candidates > 1:
+        print("candidates are not reranked: no image-text scorer is wired to the CLI yet")
+    return path
+
+
+def caption_images(workdir, images: list[str], overrides: list[str]) -> list[str]:
+    from PIL import Image  # heavy: deferred (cm3leon --help)
+
+    from cm3leon_jax.data.sources import fit_image, to_rgb
+    from cm3leon_jax.generate import tasks
+
+    cfg, model, toks, _ = load(workdir, overrides)
+    pixels = []
+    for f in images:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--image {f} does not exist")
+        pixels.append(fit_image(to_rgb(np.asarray(Image.open(f)), f), toks.image.resolution))
+    codes = toks.image.encode(np.stack(pixels))
+    ids = tasks.image_to_text(model, list(codes), cfg.generate)
+    texts = [toks.text.decode(model.vocab.to_piece_ids(i)) for i in ids]
+    for f, t in zip(images, texts):
+        print(f"{f}\t{t}")
+    return texts
+
+
+def infill_text(workdir, before: str, after: str, overrides: list[str]) -> str:
+    from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
+
+    cfg, model, toks, _ = load(workdir, overrides)
+    enc = lambda s: model.vocab.text_ids(toks.text.encode(s)) if s else np.zeros(0, np.int32)
+    (ids,) = tasks.infill(model, [(enc(before), enc(after))], cfg.generate)
+    text = toks.text.decode(model.vocab.to_piece_ids(ids))
+    print(f"{before}[{text}]{after}")
+    return text

@@ -1,0 +1,98 @@
+"""What is where on disk: the entries of a run directory, a prepared data directory, a
+retrieval directory and an export, each name spelled once, here.
+
+    RUN/         checkpoints/  config.yaml  metrics.jsonl  tensorboard/  samples/
+    DATA/        manifest.json  vocab.json  text_tokenizer.model  image_tokenizer/
+                 image_tokenizer_training/  documents/  skipped.jsonl  .inputs.json  retrieval/
+    RETRIEVAL/   encoder/  bank/  index/  queries/  shards/  neighbors.npy  scores.npy
+                 manifest.json
+    EXPORT/      model.safetensors  config.json  vocab.json  tokenizers/  cm3leon_export.json
+
+`tokenizers/` of an export holds the tokenizer entries of DATA under the same names, so a
+`DataDir` of either opens them. Files private to one module (a tokenizer's weights, the
+ScaNN index files, a sweep's bookkeeping) are named in that module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from cm3leon_jax.config import Config, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """`cm3leon train` / `sft` output: checkpoints (state + data iterator + config), logs."""
+    root: Path
+
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    config = property(lambda self: self.root / "config.yaml")  # the resolved config, readable
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    samples = property(lambda self: self.root / "samples")
+
+
+def is_run(path: str | Path) -> bool:
+    return RunDir(Path(path)).checkpoints.is_dir()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDir:
+    """`cm3leon prepare` output: tokenizers, vocabulary and document shards."""
+    root: Path
+
+    manifest = property(lambda self: self.root / "manifest.json")  # written last
+    vocab = property(lambda self: self.root / "vocab.json")
+    text_tokenizer = property(lambda self: self.root / "text_tokenizer.model")
+    image_tokenizer = property(lambda self: self.root / "image_tokenizer")
+    image_tokenizer_training = property(lambda self: self.root / "image_tokenizer_training")
+    documents = property(lambda self: self.root / "documents")
+    skipped = property(lambda self: self.root / "skipped.jsonl")
+    inputs = property(lambda self: self.root / ".inputs.json")  # what it is prepared from
+    retrieval = property(lambda self: self.root / "retrieval")  # the default retrieval dir
+
+    def tokenizer_entries(self) -> tuple[Path, ...]:
+        """What rebuilds the tokens of this directory: both tokenizers and the vocabulary."""
+        return self.text_tokenizer, self.image_tokenizer, self.vocab, self.manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalDir:
+    """`cm3leon retrieval train-encoder`, `index` and `neighbors` output."""
+    root: Path
+
+    encoder = property(lambda self: self.root / "encoder")
+    bank = property(lambda self: self.root / "bank")  # the memory bank's vectors
+    index = property(lambda self: self.root / "index")  # the serialized ScaNN searcher
+    queries = property(lambda self: self.root / "queries")  # resumable query embeddings
+    shards = property(lambda self: self.root / "shards")  # neighbors of document ranges
+    neighbors = property(lambda self: self.root / "neighbors.npy")  # read by training
+    scores = property(lambda self: self.root / "scores.npy")
+    manifest = property(lambda self: self.root / "manifest.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportDir:
+    """`cm3leon export` output."""
+    root: Path
+
+    weights = property(lambda self: self.root / "model.safetensors")
+    config = property(lambda self: self.root / "config.json")
+    provenance = property(lambda self: self.root / "cm3leon_export.json")  # hf-opt only
+    vocab = property(lambda self: self.root / "vocab.json")
+    tokenizers = property(lambda self: DataDir(self.root / "tokenizers"))
+
+
+def data_dir(cfg: Config) -> DataDir:
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is not set: this needs a prepared data directory "
+                          "(cm3leon prepare)")
+    return DataDir(Path(cfg.data.dir))
+
+
+def retrieval_dir(cfg: Config) -> RetrievalDir:
+    """`retrieval.dir`, else `<data.dir>/retrieval`."""
+    if cfg.retrieval.dir:
+        return RetrievalDir(Path(cfg.retrieval.dir))
+    return RetrievalDir(data_dir(cfg).retrieval)

@@ -1,0 +1,93 @@
+"""The built-in shapes world: flat-coloured shapes on a flat background, one per cell of a
+3x3 grid, never touching; scenes, their captions and their pixels.
+
+Scene i depends only on (seed, i), so a dataset of any size and resolution needs no files,
+and a scene's objects are its exact ground truth: the detector and the scores read
+generated images back in these terms. The `shapes` data source (data/sources.py), the image
+tokenizer's training images, the SFT suite and the demo all draw from here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = {  # far apart in RGB and from the background, so a pixel can be told by colour
+    "red": (230, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 210, 30),
+    "magenta": (210, 50, 210),
+    "cyan": (40, 200, 220),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+POSITIONS = (("top left", "top middle", "top right"),
+             ("middle left", "center", "middle right"),
+             ("bottom left", "bottom middle", "bottom right"))
+BACKGROUND = (235, 235, 235)
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SIZE_FRACTION = {"small": 0.5, "large": 0.95}  # of the free width of a grid cell
+MIN_RESOLUTION = 24
+
+
+def shape_mask(shape: str, cx: float, cy: float, half: float, resolution: int) -> np.ndarray:
+    """bool [R, R]: pixels whose centres lie inside the shape (no anti-aliasing)."""
+    y, x = np.mgrid[:resolution, :resolution] + 0.5
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= half * half
+    if shape == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":  # apex up, base at the bottom of the box
+        return (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
+    if shape == "cross":  # a plus sign with arms a third of the box wide
+        arm = half / 3
+        return (((np.abs(dx) <= half) & (np.abs(dy) <= arm))
+                | ((np.abs(dy) <= half) & (np.abs(dx) <= arm)))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def shapes_scene(index: int, seed: int, resolution: int, max_objects: int) -> list[dict]:
+    """The objects of scene `index` (no pixels): cheap, for captions and ground truth."""
+    rng = np.random.default_rng([seed, index])
+    count = int(rng.integers(1, max_objects + 1))
+    cells = sorted(rng.choice(9, size=count, replace=False).tolist())
+    cell = resolution / 3
+    margin = max(1.0, 0.05 * cell)  # >= 2 px between objects in neighbouring cells
+    free = cell - 2 * margin
+    objects = []
+    for c in cells:
+        row, col = divmod(c, 3)
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        diameter = SIZE_FRACTION[size] * free
+        slack = (free - diameter) / 2
+        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        objects.append({"shape": SHAPES[int(rng.integers(len(SHAPES)))], "colour": colour,
+                        "rgb": list(COLOURS[colour]), "size": size,
+                        "position": POSITIONS[row][col], "cell": [row, col],
+                        "center": [round(cx, 3), round(cy, 3)],
+                        "half": round(diameter / 2, 3)})
+    return objects
+
+
+def shapes_caption(objects: list[dict]) -> str:
+    """`two shapes: a small red circle at the top left and a large blue cross at the center`."""
+    n = len(objects)
+    parts = [f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
+    listing = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: {listing}"
+
+
+def render_shapes(objects: list[dict], resolution: int) -> tuple[np.ndarray, list[list[int]]]:
+    """uint8 [R, R, 3] image and each object's pixel bbox [x0, y0, x1, y1) (end exclusive)."""
+    image = np.empty((resolution, resolution, 3), np.uint8)
+    image[:] = BACKGROUND
+    boxes = []
+    for o in objects:
+        mask = shape_mask(o["shape"], *o["center"], o["half"], resolution)
+        image[mask] = o["rgb"]
+        ys, xs = np.nonzero(mask)
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+    return image, boxes

@@ -1,0 +1,223 @@
+"""Training of the image tokenizer (`cm3leon tokenizer train-image`).
+
+Loss: L1 or L2 reconstruction + codebook_weight x (codebook + beta x commitment), plus an
+optional hinge patch-GAN (generator term weighted by `disc_weight`, on from `disc_start`).
+Dead-code restarts keep the codebook in use: every `restart_every` steps (not after the last
+step, so the evaluated codebook is the trained one), codes no batch
+picked in that window are re-seeded from encoder outputs of the current batch. The core,
+`train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
+where they come from.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from cm3leon_jax.config import Config, VQGANConfig, VQGANTrainConfig
+from cm3leon_jax.model.patchgan import PatchGAN
+from cm3leon_jax.shapes.world import MIN_RESOLUTION, render_shapes, shapes_scene
+from cm3leon_jax.tokenizers.image import (ImageTokenizer, abstract_params, graphdef, init_like,
+                                          init_params, to_float)
+
+TOKENIZER_DIR = "image_tokenizer"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of the mean squared error over all pixels of two uint8 arrays."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def save_comparison(originals: np.ndarray, reconstructions: np.ndarray, path: Path) -> None:
+    """PNG: originals in the top row, reconstructions below, enlarged to >= 64 px each."""
+    scale = max(1, 64 // originals.shape[1])
+    rows = [np.concatenate(list(x), axis=1) for x in (originals, reconstructions)]
+    grid = np.concatenate(rows, axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    Image.fromarray(grid).save(path)
+
+
+def _optimizer(t: VQGANTrainConfig):
+    return optax.adam(t.lr, t.b1, t.b2)
+
+
+def _discriminator(t: VQGANTrainConfig, rngs: nnx.Rngs) -> PatchGAN:
+    return PatchGAN(t.disc_channels, t.disc_layers, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=None)
+def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
+    """The jitted train step; cached so runs with equal settings compile once.
+
+    Call it with `_step_key(t)` so fields that do not enter the step share the cache.
+    """
+    gdef, opt = graphdef(cfg), _optimizer(t)
+    dgdef = nnx.graphdef(nnx.eval_shape(lambda: _discriminator(t, nnx.Rngs(0)))) if gan else None
+
+    def generator_loss(params, dparams, x):
+        recon, codes, z, cb, commit = nnx.merge(gdef, params)(x)
+        err = recon - x
+        rec = jnp.mean(jnp.abs(err)) if t.recon_loss == "l1" else jnp.mean(err ** 2)
+        loss = rec + t.codebook_weight * (cb + t.beta * commit)
+        mse = jnp.mean((jnp.clip(recon, -1, 1) - x) ** 2) / 4  # on the [0, 1] scale
+        metrics = {"rec": rec, "codebook": cb, "commit": commit,
+                   "psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
+        if gan:
+            g = -jnp.mean(nnx.merge(dgdef, dparams)(recon))
+            loss = loss + t.disc_weight * g
+            metrics["gen"] = g
+        metrics["loss"] = loss
+        return loss, (metrics, codes, z, recon)
+
+    def discriminator_loss(dparams, real, fake):
+        d = nnx.merge(dgdef, dparams)
+        return jnp.mean(jax.nn.relu(1 - d(real))) + jnp.mean(jax.nn.relu(1 + d(fake)))
+
+    def step(params, opt_state, dparams, dopt_state, images):
+        x = to_float(images)
+        grads, (metrics, codes, z, recon) = jax.grad(generator_loss, has_aux=True)(
+            params, dparams, x)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if gan:
+            dl, dgrads = jax.value_and_grad(discriminator_loss)(
+                dparams, x, jax.lax.stop_gradient(recon))
+            dupdates, dopt_state = opt.update(dgrads, dopt_state, dparams)
+            dparams = optax.apply_updates(dparams, dupdates)
+            metrics["disc"] = dl
+        return params, opt_state, dparams, dopt_state, metrics, codes, z
+
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+def _step_key(t: VQGANTrainConfig) -> VQGANTrainConfig:
+    """`t` with the fields the step does not read set to defaults."""
+    return VQGANTrainConfig(lr=t.lr, b1=t.b1, b2=t.b2, recon_loss=t.recon_loss, beta=t.beta,
+                            codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
+                            disc_channels=t.disc_channels, disc_layers=t.disc_layers)
+
+
+def restart_dead_codes(codebook: np.ndarray, counts: np.ndarray, z: np.ndarray,
+                       rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Codes with count 0 replaced by randomly chosen encoder vectors z [N, D] (+ tiny noise)."""
+    dead = np.flatnonzero(counts == 0)
+    if len(dead) == 0:
+        return codebook, 0
+    pick = rng.choice(len(z), size=len(dead), replace=len(dead) > len(z))
+    noise = rng.normal(0.0, 1e-3 * (z.std() + 1e-8), (len(dead), z.shape[1]))
+    codebook = codebook.copy()
+    codebook[dead] = z[pick] + noise
+    return codebook, len(dead)
+
+
+def _check_images(images: np.ndarray, resolution: int, what: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (resolution,
+                                                                          resolution, 3):
+        raise ValueError(f"{what}: expected uint8 [N, {resolution}, {resolution}, 3], got "
+                         f"{images.dtype} {images.shape}")
+
+
+def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray,
+                          workdir: str | Path, eval_images: np.ndarray | None = None,
+                          progress: bool = True) -> tuple[ImageTokenizer, dict]:
+    """Train on `images` (uint8 [N, R, R, 3]); save the tokenizer, metrics and a PNG.
+
+    Returns the tokenizer and a summary: PSNR and codebook usage on `eval_images` (default:
+    the first `t.eval_images` training images), time, restarted codes.
+    """
+    _check_images(images, cfg.resolution, "training images")
+    if len(images) < t.batch_size:
+        raise ValueError(f"{len(images)} training images are fewer than "
+                         f"vqgan_train.batch_size={t.batch_size}")
+    if eval_images is None:
+        eval_images = images[:t.eval_images]
+    _check_images(eval_images, cfg.resolution, "eval images")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(t.seed)
+
+    params = init_params(cfg, t.seed)
+    opt_state = _optimizer(t).init(params)
+    gan = t.disc_weight > 0
+    dparams, dopt_state = {}, {}
+    if gan:
+        dparams = init_like(abstract_params(lambda rngs: _discriminator(t, rngs)), t.seed + 1)
+        dopt_state = _optimizer(t).init(dparams)
+    key = _step_key(t)
+    steps = {g: _make_step(cfg, key, g) for g in {False, gan}}
+
+    counts = np.zeros(cfg.codebook_size, np.int64)
+    order, pos = rng.permutation(len(images)), 0
+    history, restarted, usage = [], 0, 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(range(t.steps), desc="train-image", disable=not progress)
+    with open(workdir / "metrics.jsonl", "w") as log:
+        for step in bar:
+            if pos + t.batch_size > len(order):
+                order, pos = rng.permutation(len(images)), 0
+            batch = images[order[pos:pos + t.batch_size]]
+            pos += t.batch_size
+            use_gan = gan and step >= t.disc_start
+            params, opt_state, dparams, dopt_state, metrics, codes, z = steps[use_gan](
+                params, opt_state, dparams, dopt_state, batch)
+            counts += np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
+            if t.restart_every and (step + 1) % t.restart_every == 0 and step + 1 < t.steps:
+                usage = float((counts > 0).mean())
+                book, n = restart_dead_codes(np.asarray(params["codebook"]), counts,
+                                             np.asarray(z).reshape(-1, cfg.embed_dim), rng)
+                if n:
+                    params["codebook"] = jnp.asarray(book, jnp.float32)
+                restarted += n
+                counts[:] = 0
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
+                       "usage": usage or float((counts > 0).mean()), "restarted": restarted}
+                history.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}",
+                                usage=f"{row['usage']:.2f}")
+    train_seconds = time.perf_counter() - t0
+
+    tok = ImageTokenizer(cfg, params, batch_size=t.batch_size)
+    codes = tok.encode(eval_images)
+    recon = tok.decode(codes)
+    summary = {
+        "steps": t.steps, "train_images": len(images), "eval_images": len(eval_images),
+        "psnr": psnr(eval_images, recon),
+        "codebook_usage": len(np.unique(codes)) / cfg.codebook_size,
+        "codes_restarted": restarted, "train_seconds": round(train_seconds, 1),
+        "final_batch_psnr": history[-1]["psnr"] if history else None,
+    }
+    tok.save(workdir / TOKENIZER_DIR)
+    save_comparison(eval_images[:8], recon[:8], workdir / "reconstructions.png")
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return tok, summary
+
+
+def shapes_images(count: int, resolution: int, seed: int, max_objects: int) -> np.ndarray:
+    """uint8 [count, R, R, 3]: scenes 0..count-1 of the built-in shapes world."""
+    if resolution < MIN_RESOLUTION:
+        raise ValueError(f"shapes: resolution={resolution} must be >= {MIN_RESOLUTION}")
+    return np.stack([render_shapes(shapes_scene(i, seed, resolution, max_objects), resolution)[0]
+                     for i in tqdm(range(count), desc="render shapes", leave=False)])
+
+
+def train_from_config(cfg: Config, workdir: str | Path,
+                      progress: bool = True) -> tuple[ImageTokenizer, dict]:
+    """`cm3leon tokenizer train-image`: `vqgan_train.images` shapes scenes (seed
+    `vqgan_train.seed`), evaluated on `vqgan_train.eval_images` others (seed + 1)."""
+    v, t = cfg.vqgan, cfg.vqgan_train
+    train = shapes_images(t.images, v.resolution, t.seed, cfg.source.max_objects)
+    held_out = shapes_images(t.eval_images, v.resolution, t.seed + 1, cfg.source.max_objects)
+    return train_image_tokenizer(v, t, train, workdir, held_out, progress)

@@ -1,0 +1,200 @@
+"""The training loop that pretraining (`cm3leon train`), fine-tuning (`cm3leon sft`) and the
+scaling sweep share: build the mesh and the sharded state, resume from the run directory's
+checkpoint (or start from `train.init_from`), run the jitted step on the batches it is
+given, and call hooks after chosen steps.
+
+Each step's metrics are read one step late, after the next step is dispatched, so the host
+never stalls the devices; a step with a hook due is read at once (its hooks see a known
+update). Built in: the metrics log (`metrics.jsonl`, TensorBoard, the progress bar), the
+checkpoint hook (every `train.checkpoint_every` steps, the last step, and on SIGTERM, never
+over the last good checkpoint while steps are being skipped), and the stop on a run of
+non-finite steps. Callers add hooks (the sweep's held-out evaluation). Only process 0
+writes metrics, config and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from cm3leon_jax.config import Config, save_config, validate
+from cm3leon_jax.layout import RunDir
+from cm3leon_jax.parallel import distributed
+from cm3leon_jax.parallel import mesh as mesh_lib
+from cm3leon_jax.train import checkpoint, weights
+from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
+from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
+                                     state_layout)
+from cm3leon_jax.train.step import jit_train_step
+
+
+class BadStepsError(RuntimeError):
+    """Too many updates in a row were skipped as non-finite; the job stopped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """`fn(step, state)` after every `every`-th step (0: none), after the steps in `at`,
+    and, with `at_end`, after the run's last step (or the step a preemption stops at).
+
+    `state` is live only during the call: the next step donates its buffers.
+    """
+    fn: Callable[[int, TrainState], None]
+    every: int = 0
+    at: frozenset = frozenset()
+    at_end: bool = False
+
+    def due(self, step: int, last: bool) -> bool:
+        return ((self.every and step % self.every == 0) or step in self.at
+                or (self.at_end and last))
+
+
+def _id_gatherer(mesh):
+    """This process's example ids -> the step's global ids, replicated for process 0's log
+    (an on-device all-gather, so the host does not wait)."""
+    replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+
+    def gather(ids):
+        ids = np.asarray(ids)
+        if ids.size and ids.max() >= 2**31:
+            raise ValueError(f"example id {ids.max()} does not fit int32 (fault.log_example_ids)")
+        return replicate(jax.make_array_from_process_local_data(
+            mesh_lib.batch_sharding(mesh, 1), ids.astype(np.int32)))
+
+    return gather
+
+
+def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]],
+          hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset()) -> list[dict]:
+    """Train to `cfg.train.steps` updates in total; returns this run's per-step metrics.
+
+    `data()` makes this process's batch iterator (a grain iterator, whose state is
+    checkpointed); it is called after the cheap checks. `hooks` run in order, before the
+    checkpoint of the same step; `checkpoint_at` adds checkpoints (the sweep keeps its
+    evaluated steps). Every process of a multi-process
+    job calls this with the same config. SIGTERM makes it finish the current step, save a
+    checkpoint and return; more than `fault.max_bad_steps` skipped (non-finite) updates in a
+    row raise BadStepsError with the last good checkpoint kept.
+    """
+    run = RunDir(Path(workdir))
+    validate(cfg, jax.device_count())
+    distributed.check_same_config(cfg)
+    lead = jax.process_index() == 0
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    distributed.check_batch_layout(cfg, mesh)
+    distributed.log(f"{distributed.topology()}; mesh {dict(mesh.shape)}; "
+                    f"config {cfg.digest()}")
+    run.root.mkdir(parents=True, exist_ok=True)
+    tx, mdef, shardings = state_layout(cfg, mesh)
+    mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
+    if cfg.train.init_from and not mngr.latest_step():
+        weights.check_init(cfg)  # before any compile or data
+    batches = data()
+    if lead:
+        save_config(cfg, run.config)
+
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    flops = cfg.model.flops_per_token(cfg.vocab.build().size, cfg.data.seq_len)
+    peak = cfg.train.peak_tflops or device_peak_tflops()
+    history: list[dict] = []
+    preempt = distributed.Preemption()
+
+    with jax.set_mesh(mesh):
+        start, state = checkpoint.restore_latest(mngr, abstract_state(cfg, tx, shardings),
+                                                 batches, cfg)
+        if state is None and cfg.train.init_from:
+            params = weights.load(cfg.train.init_from, mesh=mesh).params
+            state = state_from_params(params, tx, shardings)
+        elif state is None:
+            state = create_state(cfg, tx, shardings)
+        step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
+        gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
+        writer = MetricsWriter(run, start, enabled=lead)
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
+                   dynamic_ncols=True)
+        t_start = last = time.perf_counter()
+        pending = None  # metrics of the previous step: read after the next is dispatched
+        bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
+
+        def log(step, device_metrics, ids):
+            nonlocal last, bad_run, skipped
+            record = host_metrics(step, device_metrics)  # waits for that step to finish
+            now = time.perf_counter()
+            record["tokens_per_s"] = tokens_per_step / (now - last)
+            record["mfu"] = mfu(flops, record["tokens_per_s"], peak, jax.device_count())
+            last = now
+            bad_run = bad_run + 1 if record["skipped"] else 0
+            skipped += bool(record["skipped"])
+            record["skipped_steps"] = skipped
+            if ids is not None:
+                record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
+            history.append(record)
+            if (step % cfg.train.log_every == 0 or step == cfg.train.steps
+                    or record["skipped"]):
+                writer.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
+                            else "non-finite")
+            if bad_run > cfg.fault.max_bad_steps:
+                raise BadStepsError(
+                    f"steps {step - bad_run + 1}..{step}: {bad_run} updates in a row skipped "
+                    f"(non-finite loss or gradient norm), more than fault.max_bad_steps="
+                    f"{cfg.fault.max_bad_steps}; stopped. The last good checkpoint is step "
+                    f"{last_saved} in {run.checkpoints}")
+
+        def save(step, state):
+            nonlocal last_saved
+            if bad_run == 0:  # never overwrite the last good checkpoint mid-run
+                checkpoint.save(mngr, step, state, batches, cfg)
+                last_saved = step
+
+        hooks = (*hooks, Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
+                              at_end=True))
+        preempt.install()
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                local = next(batches)
+                ids = local.pop("example_id", None)
+                batch = mesh_lib.global_batch(local, mesh)
+                state, metrics = step_fn(state, batch)
+                ids = gather_ids(ids) if gather_ids and ids is not None else None
+                if pending is not None:
+                    log(*pending)
+                pending = (step, metrics, ids)
+                stop = preempt.reached(step)
+                due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
+                if due:
+                    log(*pending)  # the hooks know whether this step's update was applied
+                    pending = None
+                for hook in due:
+                    hook.fn(step, state)
+                if stop:
+                    stopped_at = step
+                    break
+            if pending is not None:
+                log(*pending)
+        finally:
+            preempt.uninstall()
+            mngr.wait_until_finished()
+            bar.close()
+            writer.close()
+
+    if lead and stopped_at is not None:
+        print(f"preempted (SIGTERM) at step {stopped_at}: checkpoint "
+              f"{run.checkpoints / str(last_saved)} saved; relaunch to resume")
+    elif lead and history:
+        elapsed = time.perf_counter() - t_start
+        losses = [f"{m['loss']:.4f}" for m in history if m["loss"] is not None] or ["n/a"]
+        print(f"trained steps {start + 1}..{cfg.train.steps} in {elapsed:.1f}s: "
+              f"loss {losses[0]} -> {losses[-1]}, {skipped} skipped, "
+              f"checkpoint {run.checkpoints / str(last_saved)}")
+    elif lead:
+        print(f"{run.root} is already at step {start} of train.steps={cfg.train.steps}")
+    return history
