@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="CM3Leon-style retrieval-augmented token decoders for text and images, in JAX/Flax",
     packages=find_packages(include=["cm3leon_jax", "cm3leon_jax.*"]),
+    # the shipped configs: `--config configs/NAME.yaml` works outside the checkout
+    package_data={"cm3leon_jax": ["configs/*.yaml", "configs/*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # Ranges tested: jax 0.10.2 (CPU, CI) and 0.11.2 (CUDA, the GPU machine).
@@ -20,6 +22,8 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "pillow>=10",
+        "scipy>=1.11",
         "tensorboardX>=2.6",
         # export and MiniLM weights; MiniLM's WordPiece tokenizer (retrieval, no torch)
         "safetensors>=0.4",

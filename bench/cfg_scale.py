@@ -4,7 +4,7 @@
         [--temperatures 1.0 0.7] [--retrieval]
 
 Held-out scenes after the demo's reported ones (indices source.size + `--first` on), scored
-from pixels by eval/shapes_detector.py; each (temperature, scale, seed) samples every scene
+from pixels by shapes/detector.py; each (temperature, scale, seed) samples every scene
 once. Prints one JSON line per run and a table of the accuracy per seed and its mean.
 """
 
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3leon_jax.data.prepare import load_tokenizers
 from cm3leon_jax.data.sources import ShapesSource
-from cm3leon_jax.demo import demo_config
-from cm3leon_jax.eval import shapes_detector
+from cm3leon_jax.demo.job import demo_config
 from cm3leon_jax.generate import tasks
-from cm3leon_jax.generate.command import open_tokenizers
-from cm3leon_jax.generate.run import load_run
+from cm3leon_jax.retrieval.query import Retriever
+from cm3leon_jax.shapes import detector
+from cm3leon_jax.train import weights
 
 
 def main() -> None:
@@ -42,9 +43,10 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     cfg = demo_config(args.config, workdir)
-    _, model, step = load_run(workdir / "run")
-    prepared = open_tokenizers(cfg, model.vocab)
-    tok = prepared.image_tokenizer()
+    w = weights.load(workdir / "run")
+    model, step = tasks.Model.of(w), w.step
+    toks = load_tokenizers(cfg.data.dir, model.vocab, where="data.dir")
+    tok = toks.image
     s = cfg.source
     if args.first is None:
         args.first = cfg.demo.eval_scenes
@@ -52,11 +54,9 @@ def main() -> None:
     source = ShapesSource(start + args.scenes, s.resolution or tok.resolution, s.seed,
                           s.max_objects)
     captions = [source[i].caption for i in range(start, len(source))]
-    ids = [model.vocab.text_ids(prepared.text.encode(c)) for c in captions]
+    ids = [model.vocab.text_ids(toks.text.encode(c)) for c in captions]
     retrieved = None
     if args.retrieval:
-        from cm3leon_jax.retrieval.query import Retriever
-
         retrieved = Retriever(cfg).documents(ids, cfg.data.k)
     rows = []
     for temperature in args.temperatures:
@@ -68,7 +68,7 @@ def main() -> None:
                 codes = tasks.text_to_image(model, ids, tok.tokens_per_image, g,
                                             retrieved=retrieved)
                 pixels = tok.decode(codes.reshape(-1, tok.tokens_per_image))
-                hits = [shapes_detector.image_matches(im, c) for im, c in zip(pixels, captions)]
+                hits = [detector.image_matches(im, c) for im, c in zip(pixels, captions)]
                 row = {"temperature": temperature, "scale": scale, "seed": seed,
                        "accuracy": float(np.mean(hits)), "scenes": len(captions),
                        "first": args.first, "retrieval": args.retrieval, "step": step,

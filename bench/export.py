@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from cm3leon_jax.config import load_config
-from cm3leon_jax.export import source
+from cm3leon_jax.data.pipeline import train_batches
 from cm3leon_jax.export.write import export
 from cm3leon_jax.parallel.mesh import make_mesh
-from cm3leon_jax.train import checkpoint
-from cm3leon_jax.train.loop import make_batches
+from cm3leon_jax.train import checkpoint, weights
 from cm3leon_jax.train.state import create_state, state_layout
 
 
@@ -36,7 +35,7 @@ def write_checkpoint(cfg, workdir: Path) -> int:
                                        for k, a in zip(ks, leaves)]),
             out_shardings=shardings.params)(keys)
     mngr = checkpoint.manager(workdir / "checkpoints", 1)
-    checkpoint.save(mngr, 1, state.replace(params=params), make_batches(cfg), cfg)
+    checkpoint.save(mngr, 1, state.replace(params=params), train_batches(cfg), cfg)
     mngr.wait_until_finished()
     return sum(a.size for a in leaves)
 
@@ -57,10 +56,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n, t_ckpt = timed(lambda: write_checkpoint(cfg, tmp / "run"))
-        _, t_restore = timed(lambda: jax.block_until_ready(source.from_run(tmp / "run").params))
+        _, t_restore = timed(lambda: jax.block_until_ready(weights.load(tmp / "run").params))
         st, t_st = timed(lambda: export(tmp / "run", tmp / "st", "safetensors"))
         _, t_opt = timed(lambda: export(tmp / "run", tmp / "opt", "hf-opt"))
-        _, t_read = timed(lambda: jax.block_until_ready(source.from_export(tmp / "st").params))
+        _, t_read = timed(lambda: jax.block_until_ready(weights.load(tmp / "st").params))
     mib = st["bytes"] / 2**20
     print(f"| params | file | write checkpoint | restore params | export safetensors "
           f"| export hf-opt | read export |\n|---|---|---|---|---|---|---|\n"

@@ -4,8 +4,8 @@ tokenizers. Usage: python bench/sft_data.py [--resolution 64] [--n 500]"""
 import argparse
 import time
 
-from cm3leon_jax.data.sft_shapes import ShapesSFT
-from cm3leon_jax.data.sft_tasks import TASKS
+from cm3leon_jax.sft.shapes_suite import ShapesSFT
+from cm3leon_jax.sft.tasks import TASKS
 
 
 def main() -> None:

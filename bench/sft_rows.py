@@ -1,4 +1,4 @@
-"""Time the SFT training rows (data/sft_batches.py): rows per second from one thread.
+"""Time the SFT training rows (sft/rows.py): rows per second from one thread.
 
     python bench/sft_rows.py --config configs/sft_tiny.yaml --rows 40 sft.tokenizers=DIR [section.key=value ...]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cm3leon_jax.config import load_config  # noqa: E402
-from cm3leon_jax.data.sft_batches import sft_rows  # noqa: E402
+from cm3leon_jax.sft.rows import sft_rows  # noqa: E402
 
 
 def main() -> None:

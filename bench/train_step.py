@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cm3leon_jax.config import load_config  # noqa: E402
-from cm3leon_jax.model.size import flops_per_token, param_counts  # noqa: E402
 from cm3leon_jax.parallel import mesh as mesh_lib  # noqa: E402
 from cm3leon_jax.train.metrics import device_peak_tflops  # noqa: E402
 from cm3leon_jax.train.state import create_state, state_layout  # noqa: E402
@@ -88,7 +87,7 @@ def main(argv=None) -> dict:
 
     n_dev = jax.device_count()
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops = flops_per_token(cfg.model, cfg.vocab.build().size, cfg.data.seq_len)
+    flops = cfg.model.flops_per_token(cfg.vocab.build().size, cfg.data.seq_len)
     achieved = flops * tokens / step_s / n_dev / 1e12  # TFLOP/s per device
     measured = measured_matmul_tflops(jnp.dtype(cfg.model.dtype))
     datasheet = cfg.train.peak_tflops or device_peak_tflops()
@@ -97,7 +96,7 @@ def main(argv=None) -> dict:
     report = {
         "config": args.config, "overrides": args.overrides,
         "device": f"{n_dev} x {jax.devices()[0].device_kind}",
-        "params": param_counts(cfg.model, cfg.vocab.build().size)["total"],
+        "params": cfg.model.param_counts(cfg.vocab.build().size)["total"],
         "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
         "compile_s": round(compile_s, 2), "step_s": step_s,
         "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s / n_dev,

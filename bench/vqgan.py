@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from cm3leon_jax.config import load_config  # noqa: E402
-from cm3leon_jax.train.vqgan import train_from_config  # noqa: E402
+from cm3leon_jax.tokenizers.image_train import train_from_config  # noqa: E402
 
 
 def main() -> None:

@@ -7,10 +7,9 @@ import jax
 import pytest
 
 from cm3leon_jax.config import ConfigError, MeshConfig
-from cm3leon_jax.model.size import flops_per_token
 from cm3leon_jax.parallel import platform
 from cm3leon_jax.parallel.mesh import make_mesh
-from cm3leon_jax.parallel.topology import parse_topology, slice_grid
+from cm3leon_jax.aot.topology import parse_topology, slice_grid
 from cm3leon_jax.train.state import abstract_state, tree_bytes
 from conftest import run_cli
 
@@ -115,7 +114,7 @@ def test_compile_tiny_for_v5e_4(tiny, capsys):
     assert r["fits"] and r["total_bytes"] < r["hbm_bytes"] == 16 * 2**30
     tokens = cfg.train.batch_size * cfg.data.seq_len
     assert r["tokens_per_step"] == tokens
-    assert r["model_flops_per_chip"] == flops_per_token(cfg.model, cfg.vocab.build().size,
+    assert r["model_flops_per_chip"] == cfg.model.flops_per_token(cfg.vocab.build().size,
                                                         cfg.data.seq_len) * tokens / 4
     assert r["peak_step_seconds"] == r["model_flops_per_chip"] / 197e12
     if r["compiler_seconds"] is not None:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cm3leon_jax.config import ConfigError
-from cm3leon_jax.generate.aot import flops_per_image_token, generate_shape
+from cm3leon_jax.aot.generate_step import flops_per_image_token, generate_shape
 from cm3leon_jax.train.state import abstract_state, tree_bytes
 from conftest import run_cli
 

@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 
-from cm3leon_jax.config import ConfigError, MeshConfig, load_config
-from conftest import CONFIGS
+from cm3leon_jax.config import Config, ConfigError, MeshConfig, SweepSize, load_config
+from cm3leon_jax.config.cli import key_table
+from conftest import CONFIGS, run_cli
 
 
 def test_yaml_and_overrides(tiny):
@@ -88,3 +91,53 @@ def test_renamed_key_moves_to_its_new_name(tiny):
     assert tiny("data.retrieval_dir=/a", "retrieval.dir=/a").retrieval.dir == "/a"
     with pytest.raises(ConfigError, match="old name of retrieval.dir.*disagree"):
         tiny("data.retrieval_dir=/a", "retrieval.dir=/b")
+
+
+def test_removed_key_is_dropped_from_saved_configs(tiny):
+    assert tiny("sft.enabled=true") == tiny()  # run directories written before the removal
+
+
+SHIPPED = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_config_show_round_trips_every_shipped_config(name, tmp_path, capsys):
+    """`cm3leon config show` prints YAML that loads back to the same config."""
+    want = load_config(CONFIGS / name, ["train.seed=7"])
+    code, out, err = run_cli(capsys, "config", "show", "--config", str(CONFIGS / name),
+                             "train.seed=7")
+    assert code == 0, err
+    (tmp_path / "shown.yaml").write_text(out)
+    assert load_config(tmp_path / "shown.yaml") == want
+
+
+def test_every_key_is_listed_with_its_meaning(capsys):
+    """`cm3leon config keys` names every field of every section, each with a meaning."""
+    code, out, _ = run_cli(capsys, "config", "keys")
+    assert code == 0
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    want = {f"{f.name}.{k.name}" for f in dataclasses.fields(Config)
+            for k in dataclasses.fields(type(getattr(Config(), f.name)))}
+    want |= {f"sweep.sizes[].{k.name}" for k in dataclasses.fields(SweepSize)}
+    assert listed == want
+    undocumented = [line for line in out.splitlines() if line.startswith("  ")
+                    and line.rstrip().endswith("#")]
+    assert not undocumented, undocumented
+    code, out, _ = run_cli(capsys, "config", "keys", "model")
+    assert code == 0 and "model.d_model" in out and "train.steps" not in out
+    assert run_cli(capsys, "config", "keys", "modle")[0] == 2
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md ends with `cm3leon config keys --markdown` (when a key changes, replace
+    the page's generated part with the command's output)."""
+    page = (CONFIGS.parent / "docs" / "config.md").read_text()
+    assert key_table(markdown=True) in page
+
+
+def test_a_shipped_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.yaml") == load_config(CONFIGS / "tiny.yaml")
+    assert load_config("configs/scaling/cpu.yaml").sweep.sizes
+    with pytest.raises(ConfigError, match="does not exist.*shipped configs: .*tiny.yaml"):
+        load_config("configs/tiyn.yaml")

@@ -3,7 +3,7 @@ import json
 import numpy as np
 from conftest import CONFIGS
 
-from cm3leon_jax import demo
+from cm3leon_jax.demo import job as demo
 from cm3leon_jax.config import load_config
 from cm3leon_jax.data import sequences
 from cm3leon_jax.generate import prompts

@@ -16,11 +16,12 @@ from PIL import Image
 from cm3leon_jax.cli import main as cli
 from cm3leon_jax.config import load_config, save_config
 from cm3leon_jax.data import cm3
-from cm3leon_jax.data.sft_scores import score_caption, score_vqa
-from cm3leon_jax.data.sft_shapes import ShapesSFT
-from cm3leon_jax.data.sft_tasks import TASKS, tokenize_example
-from cm3leon_jax.eval.sft import chance, eval_examples, metrics, truth
-from cm3leon_jax.eval.sft_prompts import answer_text, instruction_prefix, task_prompt
+from cm3leon_jax.layout import DataDir
+from cm3leon_jax.sft.evaluate import chance, eval_examples, metrics, truth
+from cm3leon_jax.sft.prompts import answer_text, instruction_prefix, task_prompt
+from cm3leon_jax.sft.shapes_suite import ShapesSFT
+from cm3leon_jax.sft.tasks import TASKS, tokenize_example
+from cm3leon_jax.shapes.scores import score_caption, score_vqa
 from conftest import CONFIGS
 from test_export import write_run
 from test_sft_train import SHAPE, toks  # noqa: F401 (fixture)
@@ -30,13 +31,12 @@ N = 12  # examples per task: every phrasing of every task appears
 
 @pytest.fixture(scope="module")
 def tokenizers(toks):  # noqa: F811
-    from cm3leon_jax.data.sft_batches import IMAGE_TOKENIZER, TEXT_TOKENIZER
     from cm3leon_jax.tokenizers.image import ImageTokenizer
     from cm3leon_jax.tokenizers.text import TextTokenizer
 
     vocab = load_config(CONFIGS / "tiny.yaml").vocab.build()
-    return (TextTokenizer.load(toks / TEXT_TOKENIZER), ImageTokenizer.load(toks / IMAGE_TOKENIZER),
-            vocab)
+    return (TextTokenizer.load(DataDir(toks).text_tokenizer),
+            ImageTokenizer.load(DataDir(toks).image_tokenizer), vocab)
 
 
 def _document(example, text, image, vocab):
@@ -137,4 +137,4 @@ def test_eval_sft_end_to_end(toks, tmp_path, capsys):  # noqa: F811
     assert grid.shape == (9 * 34 + 2, 4 * 34 + 2, 3)  # 3 image tasks x 3 rows; cond, truth, a, b
 
     assert cli([*args[:4], str(tmp_path), "--out", str(out)]) == 2
-    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+    assert "is neither a run directory (no checkpoints/)" in capsys.readouterr().err

@@ -16,11 +16,13 @@ import pytest
 from cm3leon_jax.cli import main as cli
 from cm3leon_jax.config import ConfigError, MeshConfig
 from cm3leon_jax.eval.score import score_tokens
-from cm3leon_jax.export import hf_opt, source, tokenizers
+from cm3leon_jax.export import hf_opt, tokenizers
 from cm3leon_jax.export.write import export
 from cm3leon_jax.parallel.mesh import make_mesh
-from cm3leon_jax.train import checkpoint
-from cm3leon_jax.train.loop import make_batches, train
+from cm3leon_jax.data.pipeline import train_batches
+from cm3leon_jax.layout import DataDir
+from cm3leon_jax.train import checkpoint, weights as weights_lib
+from cm3leon_jax.train.trainer import train
 from cm3leon_jax.train.state import create_state, init_params, model_def, state_layout
 from cm3leon_jax.train.step import loss_sums
 from test_step import batch_of
@@ -49,7 +51,7 @@ def write_run(cfg, workdir, seed=0, std=0.3):
         lambda a, s: jax.device_put(rng.normal(0, std, a.shape).astype(np.float32), s),
         mdef.abstract_params, shardings.params)
     mngr = checkpoint.manager(workdir / "checkpoints", 1)
-    checkpoint.save(mngr, STEP, state.replace(params=params), make_batches(cfg), cfg)
+    checkpoint.save(mngr, STEP, state.replace(params=params), train_batches(cfg), cfg)
     mngr.wait_until_finished()
     return workdir
 
@@ -72,8 +74,8 @@ def exported(run, tmp_path_factory):
 def test_safetensors_round_trip_is_bit_exact(run, exported):
     from safetensors.numpy import load_file
 
-    ref = source.from_run(run, mesh=mesh_of(1, 1, 1))
-    back = source.from_export(exported, mesh=mesh_of(1, 2, 4))
+    ref = weights_lib.load(run, mesh=mesh_of(1, 1, 1))
+    back = weights_lib.load(exported, mesh=mesh_of(1, 2, 4))
     assert back.cfg == ref.cfg and back.step == ref.step == STEP
     assert back.mesh.shape == {"data": 1, "fsdp": 2, "tensor": 4}
     flat = load_file(str(exported / "model.safetensors"))  # the reference reader
@@ -98,7 +100,7 @@ def test_safetensors_round_trip_is_bit_exact(run, exported):
 def test_train_init_from_starts_at_the_exported_weights(tiny, run, exported, tmp_path):
     cfg = tiny("train.steps=1", "optimizer.warmup_steps=1", f"train.init_from={exported}")
     (first,) = train(cfg, tmp_path / "ft")
-    weights = source.from_export(exported, mesh=mesh_of(1, 1, 1))
+    weights = weights_lib.load(exported, mesh=mesh_of(1, 1, 1))
     batch = batch_of(cfg, cfg.train.batch_size)  # the run's first batch
     sums = loss_sums(weights.mdef.bind(host(weights.params)), batch, cfg.vocab.build())
     np.testing.assert_allclose(first["loss"], sums["ce"] / sums["w"], rtol=1e-5)
@@ -131,20 +133,23 @@ def test_export_refuses_bad_requests_before_reading(run, exported, tmp_path, tin
 
 
 def test_tokenizer_files_of_the_data_dir_are_copied(tmp_path):
+    """The tokenizer entries of a prepared directory, by the layout's names; nothing else
+    (not the image tokenizer's training run, not the documents)."""
     data = tmp_path / "data"
-    for rel in ("text_tokenizer.model", "vocab.json", "manifest.json", "vqgan/params.msgpack",
-                "vqgan/config.json", "tokenizers/spm.vocab", "shards/docs-00000.arrayrecord",
-                "embeddings.npy"):
+    for rel in ("text_tokenizer.model", "vocab.json", "manifest.json", "image_tokenizer/vqgan.npz",
+                "image_tokenizer/vqgan.json", "image_tokenizer_training/image_tokenizer/vqgan.npz",
+                "documents/shard-00000-of-00001.array_record", "skipped.jsonl",
+                "retrieval/neighbors.npy"):
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_bytes(rel.encode())
-    copied = tokenizers.copy_tokenizers(data, tmp_path / "out")
-    assert copied == ["tokenizers/manifest.json", "tokenizers/text_tokenizer.model",
-                      "tokenizers/tokenizers/spm.vocab", "tokenizers/vocab.json",
-                      "tokenizers/vqgan/config.json", "tokenizers/vqgan/params.msgpack"]
-    copied_file = tmp_path / "out/tokenizers/vqgan/params.msgpack"
-    assert copied_file.read_bytes() == b"vqgan/params.msgpack"
+    out = DataDir(tmp_path / "out" / "tokenizers")
+    copied = tokenizers.copy_tokenizers(data, out)
+    assert sorted(str(p.relative_to(out.root)) for p in copied) == [
+        "image_tokenizer/vqgan.json", "image_tokenizer/vqgan.npz", "manifest.json",
+        "text_tokenizer.model", "vocab.json"]
+    assert (out.image_tokenizer / "vqgan.npz").read_bytes() == b"image_tokenizer/vqgan.npz"
     with pytest.raises(ConfigError, match="does not exist here"):
-        tokenizers.copy_tokenizers(tmp_path / "missing", tmp_path / "out2")
+        tokenizers.copy_tokenizers(tmp_path / "missing", DataDir(tmp_path / "out2"))
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs the interop extra (torch, transformers)")
@@ -161,7 +166,7 @@ def test_hf_opt_logits_equal_ours(run, tiny, tmp_path, overrides):
     model, info = OPTForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                  output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
-    ours = source.from_run(workdir, mesh=mesh_of(1, 1, 1))
+    ours = weights_lib.load(workdir, mesh=mesh_of(1, 1, 1))
     net = ours.mdef.bind(host(ours.params))
     tokens = np.random.default_rng(0).integers(0, ours.cfg.vocab.build().used_size, (3, 128))
     with torch.no_grad():
@@ -175,7 +180,7 @@ def test_hf_opt_logits_equal_ours(run, tiny, tmp_path, overrides):
 
 
 def test_score_equals_a_direct_computation(run, exported, tmp_path, capsys):
-    weights = source.from_run(run, mesh=mesh_of(2, 2, 1))
+    weights = weights_lib.load(run, mesh=mesh_of(2, 2, 1))
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, weights.cfg.vocab.build().used_size, (7, 48)).astype(np.int32)
     got = score_tokens(weights, tokens, batch_size=3)  # 3 rows -> 4 (data x fsdp); padded
@@ -217,7 +222,7 @@ def test_weights_load_inside_a_mesh_context(tiny, exported):
     outside = model_def(cfg)
     with jax.set_mesh(mesh_of(1, 8, 1)):
         inside = model_def(cfg)
-        weights = source.load(exported)
+        weights = weights_lib.load(exported)
     assert inside.param_axes == outside.param_axes
     assert inside.abstract_params == outside.abstract_params
     assert weights.step == STEP

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cm3leon_jax.config import ConfigError
-from cm3leon_jax.train.loop import BadStepsError, train
+from cm3leon_jax.train.trainer import BadStepsError, train
 from cm3leon_jax.train.metrics import read_metrics
 from conftest import CONFIGS, ROOT
 
@@ -253,7 +253,7 @@ def test_processes_with_different_configs_fail_naming_the_key(tmp_path):
     for i, proc in enumerate(procs):
         out = finish(proc, 120)
         assert proc.returncode == 2, out
-        assert f"processes resolved different configs" in out, out
+        assert "processes resolved different configs" in out, out
         assert f"train.seed={i} here and on processes [{i}]" in out, out
     assert not (tmp_path / "checkpoints").exists()
 

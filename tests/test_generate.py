@@ -285,4 +285,4 @@ def test_rerank_keeps_the_best_per_caption():
 def test_cli_refuses_a_directory_without_a_run(tmp_path, capsys):
     from cm3leon_jax.cli import main
     assert main(["generate", "image", "--workdir", str(tmp_path), "--prompt", "a"]) == 2
-    assert "not a run directory (no config.yaml)" in capsys.readouterr().err
+    assert "is neither a run directory (no checkpoints/) nor an export" in capsys.readouterr().err

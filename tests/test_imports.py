@@ -1,7 +1,7 @@
 """The package's import contracts, read from the source (no module is imported):
 
 - layers: a module imports only its own package and the packages of lower layers (the flow
-  of DESIGN.md, top to bottom: the dispatcher, the main job, features, generation and export,
+  of docs/layout.md, top to bottom: the dispatcher, the main job, features, generation and export,
   retrieval and training, data, tokenizers, models and the shapes world, parallelism, the
   on-disk layout, the config, the vocabulary);
 - packages of one layer do not import each other;

@@ -5,7 +5,6 @@ import pytest
 from flax import nnx
 
 from cm3leon_jax.config import load_config
-from cm3leon_jax.model.size import flops_per_token, param_counts
 from cm3leon_jax.model.transformer import Transformer
 from cm3leon_jax.train.state import init_params, model_def
 from conftest import CONFIGS
@@ -50,18 +49,18 @@ def test_param_count_matches_the_built_model():
         cfg = load_config(CONFIGS / "tiny.yaml", overrides + ["model.n_layers=3"])
         mdef = model_def(cfg)
         built = sum(x.size for x in jax.tree.leaves(mdef.abstract_params))
-        assert param_counts(cfg.model, cfg.vocab.build().size)["total"] == built
+        assert cfg.model.param_counts(cfg.vocab.build().size)["total"] == built
 
 
 def test_paper_sizes_and_flops():
     nominal = {"cm3leon_350m": 350e6, "cm3leon_760m": 760e6, "cm3leon_7b": 7e9}
     for name, n in nominal.items():
         cfg = load_config(CONFIGS / f"{name}.yaml")
-        total = param_counts(cfg.model, cfg.vocab.build().size)["total"]
+        total = cfg.model.param_counts(cfg.vocab.build().size)["total"]
         assert abs(total / n - 1) < 0.10, (name, total)
     cfg = load_config(CONFIGS / "cm3leon_350m.yaml")
     # 6 * (24 layers * 12 d^2 + vocab * d) + 6 * layers * seq * d, written out by hand
-    assert flops_per_token(cfg.model, 65152, 4096) == 6 * (24 * 12 * 1024**2 + 65152 * 1024) + 6 * 24 * 4096 * 1024
+    assert cfg.model.flops_per_token(65152, 4096) == 6 * (24 * 12 * 1024**2 + 65152 * 1024) + 6 * 24 * 4096 * 1024
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.qk_norm=true"], ["model.swin_norm=true"],

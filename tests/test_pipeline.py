@@ -199,7 +199,7 @@ def test_workers_give_the_same_batches(data):
 
 
 def test_train_through_the_pipeline(data, tmp_path):
-    from cm3leon_jax.train.loop import train
+    from cm3leon_jax.train.trainer import train
 
     cfg, _, _ = data("train.steps=60", "data.retrieved_dropout=0.3", "data.sentinel_weight=0",
                      "data.retrieved_weight=0.5", "data.image_first=0.2", "data.rotation=0.1")

@@ -6,9 +6,9 @@ from conftest import CONFIGS
 from test_sources import make_jsonl
 
 from cm3leon_jax.config import load_config
-from cm3leon_jax.data.prepare import PrepareError, fit_image, open_prepared, prepare
+from cm3leon_jax.data.prepare import PrepareError, open_prepared, prepare
 from cm3leon_jax.data.records import iter_documents, shard_paths
-from cm3leon_jax.data.sources import FashionMnistSource, ShapesSource
+from cm3leon_jax.data.sources import FashionMnistSource, ShapesSource, fit_image
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 
 VQ = ["vqgan.resolution=24", "vqgan.base_channels=8", "vqgan.channel_mult=[1, 2]",

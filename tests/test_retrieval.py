@@ -11,7 +11,9 @@ from flax import nnx
 from cm3leon_jax import cli
 from cm3leon_jax.config import ConfigError, RetrievalConfig, load_config
 from cm3leon_jax.data import records
+from cm3leon_jax.layout import RetrievalDir, retrieval_dir
 from cm3leon_jax.retrieval import embed, index, neighbors
+from cm3leon_jax.retrieval.encoders import make_encoder
 from cm3leon_jax.retrieval.train_encoder import contrastive_loss, load_encoder, pad_tokens
 from cm3leon_jax.vocab import Vocab
 
@@ -289,8 +291,7 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     ids = np.load(tmp_path / "ret" / "neighbors.npy")
     assert ids.shape == (12, 2) and ids.min() >= -1 and ids.max() < 64
     # the stored bank vectors are the loaded encoder's, recomputed another way
-    enc = embed.make_encoder(_cfg(tmp_path, data).retrieval,
-                             tmp_path / "ret")
+    enc = make_encoder(_cfg(tmp_path, data).retrieval, RetrievalDir(tmp_path / "ret"))
     docs = list(records.iter_documents(bank))[:5]
     t = enc.embed_texts([enc.text_tokens(d) for d in docs])
     i = enc.embed_images(np.stack([d["pixels"] for d in docs]))
@@ -342,4 +343,4 @@ def test_retrieval_config_is_validated():
     with pytest.raises(ConfigError, match="unknown config key 'retrieval.knn'"):
         load_config(TINY, ["retrieval.knn=3"])
     with pytest.raises(ConfigError, match="data.dir is not set"):
-        neighbors.retrieval_dir(load_config(TINY, []))
+        retrieval_dir(load_config(TINY, []))

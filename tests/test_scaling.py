@@ -11,7 +11,8 @@ import pytest
 
 from cm3leon_jax.cli import main
 from cm3leon_jax.config import ConfigError, load_config
-from cm3leon_jax.scaling.evaluate import Evaluator, heldout_batches
+from cm3leon_jax.train import weights
+from cm3leon_jax.train.heldout import Evaluator, heldout_batches
 from cm3leon_jax.scaling.fit import fit_power_law, fit_scaling, load_runs
 from cm3leon_jax.scaling.plan import eval_points, plan
 from cm3leon_jax.scaling.sweep import read_evals, sweep
@@ -166,7 +167,7 @@ def test_interrupted_micro_sweep_resumes(tmp_path):
     # the recorded losses are those of the saved parameters on the held-out set
     b = runs[1]
     ev = Evaluator(b.cfg, heldout_batches(cfg))
-    assert ev(ev.restore_params(tmp_path / "b", 13)) == \
+    assert ev(weights.load(tmp_path / "b", 13, mesh=ev.mesh).params) == \
         {k: v for k, v in read_evals(tmp_path / "b")[1].items()
          if k not in ("step", "tokens", "flops", "grid", "params")}
     # finished: running it again trains and evaluates nothing; a changed sweep is refused

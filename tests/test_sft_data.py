@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.config import ConfigError, VQGANConfig, load_config
-from cm3leon_jax.data.sft_mixture import (config_shares, mixture_draw, mixture_report,
-                                          mixture_weights)
-from cm3leon_jax.data.sft_shapes import (SEGMENT_COLOURS, ShapesSFT, edge_map, plural,
-                                         reference)
-from cm3leon_jax.data.sft_tasks import (PHRASINGS, TASKS, SFTDataError, format_example,
-                                        jsonl_example, read_sft_jsonl, tokenize_example)
-from cm3leon_jax.data.sources import COLOURS, POSITIONS, SHAPES, render_shapes, shape_mask
+from cm3leon_jax.sft.jsonl import SFTDataError, jsonl_example, read_sft_jsonl
+from cm3leon_jax.sft.mixture import config_shares, mixture_draw, mixture_report, mixture_weights
+from cm3leon_jax.sft.rows import framed_example, pack_row
+from cm3leon_jax.sft.shapes_suite import ShapesSFT
+from cm3leon_jax.sft.tasks import PHRASINGS, TASKS, format_example, tokenize_example
+from cm3leon_jax.shapes.edits import SEGMENT_COLOURS, edge_map, plural, reference
+from cm3leon_jax.shapes.world import COLOURS, POSITIONS, SHAPES, render_shapes, shape_mask
 from cm3leon_jax.vocab import Vocab
 
 RES = 32
@@ -350,13 +350,13 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
 
 
 def test_sft_rows_pinned_with_and_without_prompt_masking():
-    from cm3leon_jax.data.sft_examples import pack_rows, sft_row
-
     v = Vocab(10, 10, 2)  # ids: specials 0-4, sentinels 5-6, text 7-16, image 17-26
     brk, eos = v.brk, v.eos
     a = np.asarray([7, 8, brk, 17, 18], np.int32)  # "text <break> image"
     b = np.asarray([9, brk, 19, brk, 10, brk, 20], np.int32)  # edit-like: 4 segments
-    row = sft_row([a, b], 16, v, "all")
+    plain = load_config(None, ["data.cm3_lambda=0"]).data  # the CM3 objective without spans
+    row = pack_row([framed_example(x, v, "cm3", plain, np.random.default_rng(0)) for x in (a, b)],
+                   16, v)
     want_tokens = [eos, 7, 8, brk, 17, 18, eos, eos, 9, brk, 19, brk, 10, brk, 20, eos, 0]
     np.testing.assert_array_equal(row["inputs"], want_tokens[:-1])
     np.testing.assert_array_equal(row["targets"], want_tokens[1:])
@@ -364,7 +364,7 @@ def test_sft_rows_pinned_with_and_without_prompt_masking():
     np.testing.assert_array_equal(row["positions"], list(range(7)) + list(range(9)))
     # all: every next token inside the same example (not across the two, not the padding)
     np.testing.assert_array_equal(row["weights"], [1] * 6 + [0] + [1] * 8 + [0])
-    masked = sft_row([a, b], 16, v, "response")
+    masked = pack_row([framed_example(x, v, "response", plain) for x in (a, b)], 16, v)
     # response: targets after the last <break> (18 after 17, ...) and the closing <eos>
     want = np.zeros(16)
     want[[3, 4, 5]] = 1  # targets 17, 18, eos of example a
@@ -372,11 +372,8 @@ def test_sft_rows_pinned_with_and_without_prompt_masking():
     np.testing.assert_array_equal(masked["weights"], want)
     for k in ("inputs", "targets", "positions", "segment_ids"):
         np.testing.assert_array_equal(masked[k], row[k])
-    rows = list(pack_rows([a, b, a], 10, v))
-    assert [r["segment_ids"].max() for r in rows] == [1, 1, 1]  # 7 + 9 > 11: one per row
-    assert len(list(pack_rows([a, a, a], 15, v))) == 2  # 7 + 7 <= 16, then the third
-    with pytest.raises(ValueError, match="example 0 has 9 tokens"):
-        list(pack_rows([b], 7, v))
+    with pytest.raises(ValueError, match="examples of 16 framed tokens do not fit a row of 11"):
+        pack_row([framed_example(x, v, "response", plain) for x in (a, b)], 10, v)
 
 
 def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
@@ -400,8 +397,7 @@ def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
 
 
 def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
-    from cm3leon_jax.data.sft_examples import pack_rows
-    from cm3leon_jax.data.sft_source import SFTSource
+    from cm3leon_jax.sft.source import SFTSource
 
     text, image_tok, vocab = tokenizers
     cfg = tiny(f"sft.resolution={RES}")
@@ -411,7 +407,13 @@ def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
     for k, (task, index) in enumerate(draws):
         assert src[k].id == suite.example(task, "train", index).id
     ids = [src.tokens(k, text, image_tok, vocab) for k in range(8)]
-    rows = list(pack_rows(ids, 2048, vocab, "response"))
+    rows, row = [], []
+    for framed in (framed_example(x, vocab, "response", cfg.data) for x in ids):
+        if sum(len(t) for t, _ in row) + len(framed[0]) > 2049:
+            rows.append(pack_row(row, 2048, vocab))
+            row = []
+        row.append(framed)
+    rows.append(pack_row(row, 2048, vocab))
     flat = np.concatenate([r["inputs"][r["segment_ids"] > 0] for r in rows])
     want = np.concatenate([np.concatenate([[vocab.eos], x, [vocab.eos]]) for x in ids])
     # every example appears whole, in draw order, framed by <eos> (no row here is full to
@@ -426,7 +428,7 @@ def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
 
 
 def test_scores_are_perfect_on_ground_truth_and_fail_on_wrong_outputs():
-    from cm3leon_jax.data import sft_scores as sc
+    from cm3leon_jax.shapes import scores as sc
 
     blank = np.empty((RES, RES, 3), np.uint8)
     blank[:] = (235, 235, 235)

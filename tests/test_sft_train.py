@@ -2,7 +2,7 @@
 
 The init is a real run checkpoint with random std-0.3 parameters (test_export.write_run);
 the tokenizers are a real sentencepiece model and a randomly initialised VQ-GAN (4x4 codes
-per 32 px image) saved in data/prepare.py's layout.
+per 32 px image) saved under the layout's names (layout.DataDir).
 """
 
 import jax
@@ -12,13 +12,12 @@ import pytest
 from cm3leon_jax.cli import main as cli
 from cm3leon_jax.config import ConfigError, VQGANConfig, load_config
 from cm3leon_jax.data.cm3 import unmask
-from cm3leon_jax.data.sft_batches import (IMAGE_TOKENIZER, TEXT_TOKENIZER, framed_example,
-                                          sft_rows)
-from cm3leon_jax.data.sft_examples import response_mask, sft_row
-from cm3leon_jax.data.sft_shapes import ShapesSFT
-from cm3leon_jax.data.sft_tasks import TASKS, tokenize_example
-from cm3leon_jax.export import source
-from cm3leon_jax.train.loop import make_batches, train
+from cm3leon_jax.layout import DataDir
+from cm3leon_jax.sft.rows import framed_example, response_mask, sft_batches, sft_rows
+from cm3leon_jax.sft.shapes_suite import ShapesSFT
+from cm3leon_jax.sft.tasks import TASKS, tokenize_example
+from cm3leon_jax.train import weights as weights_lib
+from cm3leon_jax.train.trainer import train
 from cm3leon_jax.train.metrics import read_metrics
 from cm3leon_jax.train.step import loss_sums
 from conftest import CONFIGS
@@ -40,8 +39,8 @@ def toks(tmp_path_factory):
     suite = ShapesSFT(seed=0, resolution=VQ.resolution)
     texts = [s for t in TASKS for i in range(10)
              for s in suite.example(t, "train", i).segments if isinstance(s, str)]
-    train_text_tokenizer(texts, 320).save(d / TEXT_TOKENIZER)
-    ImageTokenizer.create(VQ, seed=0, batch_size=4).save(d / IMAGE_TOKENIZER)
+    train_text_tokenizer(texts, 320).save(DataDir(d).text_tokenizer)
+    ImageTokenizer.create(VQ, seed=0, batch_size=4).save(DataDir(d).image_tokenizer)
     return d
 
 
@@ -51,8 +50,33 @@ def pretrained(tmp_path_factory):
 
 
 def sft_cfg(toks, pretrained, *more):
-    return load_config(CONFIGS / "tiny.yaml", [*BASE, "sft.enabled=true", f"sft.tokenizers={toks}",
+    return load_config(CONFIGS / "tiny.yaml", [*BASE, f"sft.tokenizers={toks}",
                                                f"train.init_from={pretrained}", *more])
+
+
+def sft_train(cfg, workdir):
+    """What `cm3leon sft` runs: the trainer on the mixture's rows."""
+    return train(cfg, workdir, lambda: sft_batches(cfg))
+
+
+def sft_row(ids, seq_len, vocab, loss):
+    """The reference row, written out directly: examples framed `<eos> x <eos>` back to back,
+    segment ids 1.., positions from 0 in each; a target counts when it is inside its example
+    ("all") and, for "response", after the example's last <break>."""
+    tokens, segs, pos, counted = [], [], [], []
+    for seg, x in enumerate(ids, start=1):
+        framed = [vocab.eos, *x, vocab.eos]
+        last_brk = max((i for i, t in enumerate(x) if t == vocab.brk), default=-1)
+        tokens += framed
+        segs += [seg] * len(framed)
+        pos += range(len(framed))
+        counted += [k > 0 and (loss == "all" or k - 1 > last_brk) for k in range(len(framed))]
+    pad = seq_len + 1 - len(tokens)
+    tokens, segs = np.array(tokens + [vocab.pad] * pad), np.array(segs + [0] * pad)
+    counted = np.array(counted + [False] * pad)
+    weights = (segs[1:] == segs[:-1]) & (segs[1:] > 0) & counted[1:]
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "positions": np.array(pos + [0] * pad)[:-1],
+            "segment_ids": segs[:-1], "weights": weights.astype(np.float32)}
 
 
 def test_sft_starts_from_the_run_weights_at_step_0(toks, pretrained, tmp_path):
@@ -62,18 +86,18 @@ def test_sft_starts_from_the_run_weights_at_step_0(toks, pretrained, tmp_path):
     (first,) = read_metrics(tmp_path / "ft")
     assert first["step"] == 1  # the run's optimizer state (step 3) was not carried over
     cfg = sft_cfg(toks, pretrained, "train.steps=1")
-    batch = next(make_batches(cfg))
+    batch = next(sft_batches(cfg))
     assert batch.pop("example_id").tolist() == list(range(8))
-    weights = source.from_run(pretrained, mesh=mesh_of(1, 1, 1))
+    weights = weights_lib.load(pretrained, mesh=mesh_of(1, 1, 1))
     sums = loss_sums(weights.mdef.bind(host(weights.params)),
                      jax.tree.map(np.asarray, batch), cfg.vocab.build())
     np.testing.assert_allclose(first["loss"], sums["ce"] / sums["w"], rtol=1e-5)
 
 
 def test_sft_resume_gives_identical_losses(toks, pretrained, tmp_path):
-    full = train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "full")
-    a = train(sft_cfg(toks, pretrained, "train.steps=1"), tmp_path / "split")
-    b = train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "split")
+    full = sft_train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "full")
+    a = sft_train(sft_cfg(toks, pretrained, "train.steps=1"), tmp_path / "split")
+    b = sft_train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "split")
     assert [m["step"] for m in a + b] == [1, 2, 3]
     assert [m["loss"] for m in a + b] == [m["loss"] for m in full]
 
@@ -112,7 +136,8 @@ def test_cm3_loss_without_spans_is_the_plain_objective(toks, pretrained):
     cfg = sft_cfg(toks, pretrained)  # data.cm3_lambda=1: spans moved, and they invert
     rows = sft_rows(cfg)
     row, x = rows(0), rows.source.tokens(0, rows.text, rows.image, rows.vocab)
-    toks0, w = framed_example(x, rows.vocab, "cm3", np.random.default_rng([cfg.data.seed, 0]), cfg)
+    toks0, w = framed_example(x, rows.vocab, "cm3", cfg.data,
+                              np.random.default_rng([cfg.data.seed, 0]))
     np.testing.assert_array_equal(row["inputs"][:len(toks0)], toks0)
     np.testing.assert_array_equal(unmask(toks0, rows.vocab),
                                   np.concatenate([[rows.vocab.eos], x, [rows.vocab.eos]]))
@@ -131,7 +156,7 @@ def test_token_cache_changes_no_row(toks, pretrained, monkeypatch):
         example = warm.source.suite.example(task, "train", index)
         np.testing.assert_array_equal(ids, tokenize_example(example, warm.text.encode,
                                                             warm.image.encode, warm.vocab))
-    monkeypatch.setattr("cm3leon_jax.data.sft_batches.TOKEN_CACHE", 3)
+    monkeypatch.setattr("cm3leon_jax.sft.rows.TOKEN_CACHE", 3)
     flushing = sft_rows(cfg)
     for r, row in zip(order, got):
         for rows in (sft_rows(cfg), flushing):

@@ -5,10 +5,11 @@ import collections
 import numpy as np
 import pytest
 
-from cm3leon_jax.data.sources import COLOURS, ShapesSource
-from cm3leon_jax.eval.shapes_detector import (caption_matches, caption_objects, detect,
+from cm3leon_jax.data.sources import ShapesSource
+from cm3leon_jax.shapes.detector import (caption_matches, caption_objects, detect,
                                               image_matches, match_scores)
 from cm3leon_jax.generate.rerank import rerank
+from cm3leon_jax.shapes.world import COLOURS
 
 
 def objects(found, keys=("colour", "shape", "size", "position")):

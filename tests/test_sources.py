@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cm3leon_jax.data.sources import (BACKGROUND, COLOURS, FASHION_MNIST_CLASSES, NUMBERS, SHAPES,
-                                      BadRecord, FashionMnistSource, JsonlSource, Pair, ShapesSource,
-                                      TfdsSource, check_caption, to_rgb)
+from cm3leon_jax.data.sources import (FASHION_MNIST_CLASSES, BadRecord, FashionMnistSource,
+                                      JsonlSource, Pair, ShapesSource, TfdsSource, check_caption,
+                                      to_rgb)
+from cm3leon_jax.shapes.world import BACKGROUND, COLOURS, NUMBERS, SHAPES
 
 
 def detect(image: np.ndarray) -> list[dict]:

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from cm3leon_jax.config import ConfigError
-from cm3leon_jax.train.loop import train
+from cm3leon_jax.train.trainer import train
 from cm3leon_jax.train.metrics import read_metrics
 from conftest import CONFIGS, ROOT
 

@@ -9,7 +9,7 @@ from PIL import Image
 from cm3leon_jax.cli import main
 from cm3leon_jax.config import VQGANConfig, VQGANTrainConfig
 from cm3leon_jax.tokenizers.image import ImageTokenizer
-from cm3leon_jax.train.vqgan import psnr, restart_dead_codes, train_image_tokenizer
+from cm3leon_jax.tokenizers.image_train import psnr, restart_dead_codes, train_image_tokenizer
 
 # The CLI test below runs the same model and step settings, so all share compiled programs.
 TINY = VQGANConfig(resolution=24, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,

@@ -82,13 +82,29 @@ def from_dict(raw: dict) -> Config:
     return build(Config, raw)
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"  # installed with the package
+
+
+def config_file(path: str | Path) -> Path:
+    """`path`, else the shipped config it names (`configs/tiny.yaml` works anywhere)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    name = path.relative_to("configs") if path.parts[:1] == ("configs",) else path
+    if not path.is_absolute() and (SHIPPED / name).is_file():
+        return SHIPPED / name
+    shipped = sorted(str(p.relative_to(SHIPPED)) for p in SHIPPED.rglob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist (shipped configs: "
+                      f"{', '.join(shipped)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 num_devices: int | None = None) -> Config:
     """YAML file (or the defaults) + `section.key=value` overrides, validated.
 
     With `num_devices`, the mesh and the batch are also checked against that many devices.
     """
-    raw = read_yaml(path) if path is not None else {}
+    raw = read_yaml(config_file(path)) if path is not None else {}
     cfg = from_dict(apply_overrides(raw, list(overrides)))
     validate(cfg, num_devices)
     return cfg

@@ -46,7 +46,7 @@ class TrainConfig:
         positive("train", self, "steps", "batch_size", "grad_accum", "log_every",
                  "checkpoint_every", "keep_checkpoints", "peak_tflops")
         if self.init_from is not None and not self.init_from.strip():
-            raise ConfigError("train.init_from must be an export directory or null")
+            raise ConfigError("train.init_from must be a run or export directory, or null")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.grad_accum={self.grad_accum} does not divide "
                               f"train.batch_size={self.batch_size}")

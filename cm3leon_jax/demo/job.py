@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cm3leon_jax.config import Config, load_config
-from cm3leon_jax.data.pipeline import train_batches
 from cm3leon_jax.data.prepare import load_tokenizers, prepare
 from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.generate import tasks
@@ -95,8 +94,7 @@ def run_stages(cfg: Config, workdir: Path, log=print) -> dict:
     mngr.close()
     log(f"demo: train {'reused' if reuse else 'running'}")
     if not reuse:
-        train(cfg, run.root, lambda: train_batches(cfg, jax.process_index(),
-                                                   jax.process_count()))
+        train(cfg, run.root)
     done["train"] = "reused" if reuse else "ran"
     return done
 

@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, ConfigError
-from cm3leon_jax.data.pipeline import check_inputs, train_batches
+from cm3leon_jax.data.pipeline import check_inputs
 from cm3leon_jax.layout import RunDir
 from cm3leon_jax.scaling.plan import Run, plan
 from cm3leon_jax.train import checkpoint
@@ -89,9 +89,7 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> li
                   f"image {_fmt(losses['image_loss'])})")
 
     steps = frozenset(todo)
-    train(run.cfg, run_dir, lambda: train_batches(run.cfg, jax.process_index(),
-                                                  jax.process_count()),
-          hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
+    train(run.cfg, run_dir, hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
     if todo and _latest_step(run_dir) >= max(todo):
         raise ConfigError(f"{run_dir / EVALS} lacks steps {sorted(todo)} but the run is past "
                           f"them; delete {run_dir} to redo this size")

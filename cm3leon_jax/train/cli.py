@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
     p = with_config(sub.add_parser("train", help="train (resumes from DIR's checkpoints)"))
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics")
     p.set_defaults(fn=lambda args: run_training("train", args.config, args.overrides,
-                                                args.workdir, pretraining_data))
+                                                args.workdir))
 
     p = with_config(sub.add_parser("params", help="parameter count, FLOPs, state bytes"))
     p.add_argument("--json", action="store_true", help="one JSON object")
@@ -28,19 +28,10 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=params)
 
 
-def pretraining_data(cfg):
-    """`data()` of the trainer: the prepared data or the synthetic source."""
-    import jax  # heavy: deferred so cm3leon --help stays fast
-
-    from cm3leon_jax.data.pipeline import train_batches  # heavy: as above
-
-    return lambda: train_batches(cfg, jax.process_index(), jax.process_count())
-
-
 def run_training(command: str, config: str, overrides: list[str], workdir: str,
-                 data_for) -> None:
-    """Join the multi-process job, load the config, train on `data_for(cfg)`; a run of bad
-    steps exits 3."""
+                 data_for=None) -> None:
+    """Join the multi-process job, load the config, train (on `data_for(cfg)`, else the
+    pretraining data); a run of bad steps exits 3."""
     import jax  # heavy: deferred so cm3leon --help stays fast
 
     from cm3leon_jax.parallel import distributed  # heavy: as above
@@ -49,7 +40,7 @@ def run_training(command: str, config: str, overrides: list[str], workdir: str,
     distributed.initialize()  # before anything touches the devices
     cfg = load_config(config, overrides, num_devices=jax.device_count())
     try:
-        train(cfg, workdir, data_for(cfg))
+        train(cfg, workdir, data_for(cfg) if data_for else None)
     except BadStepsError as e:
         print(f"cm3leon {command}: {e}", file=sys.stderr)
         sys.exit(3)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cm3leon_jax.config import Config, save_config, validate
+from cm3leon_jax.data.pipeline import train_batches
 from cm3leon_jax.layout import RunDir
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
@@ -71,12 +72,13 @@ def _id_gatherer(mesh):
     return gather
 
 
-def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]],
+def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] | None = None,
           hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset()) -> list[dict]:
     """Train to `cfg.train.steps` updates in total; returns this run's per-step metrics.
 
     `data()` makes this process's batch iterator (a grain iterator, whose state is
-    checkpointed); it is called after the cheap checks. `hooks` run in order, before the
+    checkpointed), called after the cheap checks; by default the pretraining data
+    (`data.dir`, else the synthetic source). `hooks` run in order, before the
     checkpoint of the same step; `checkpoint_at` adds checkpoints (the sweep keeps its
     evaluated steps). Every process of a multi-process
     job calls this with the same config. SIGTERM makes it finish the current step, save a
@@ -96,7 +98,8 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]],
     mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
     if cfg.train.init_from and not mngr.latest_step():
         weights.check_init(cfg)  # before any compile or data
-    batches = data()
+    batches = (data() if data is not None
+               else train_batches(cfg, jax.process_index(), jax.process_count()))
     if lead:
         save_config(cfg, run.config)
 
