@@ -1,6 +1,7 @@
 # make demo: install into .venv and run the main job on built-in data.
-# make test: install with the test and tpu extras (libtpu, for `cm3leon compile`) and run
-# the whole suite.
+# make test: install with the test, interop and tpu extras (libtpu, for `cm3leon compile`)
+# and run the whole suite; make test-fast: the suite without the tests marked slow or
+# multiprocess (pytest.ini).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
@@ -24,6 +25,9 @@ $(STAMP): setup.py
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess" tests
 
 demo: install
 	$(BIN)/cm3leon demo --config configs/demo.yaml --workdir runs/demo

@@ -1,10 +1,11 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import CONFIGS
 
-from cm3leon_jax.demo import job as demo
 from cm3leon_jax.config import load_config
+from cm3leon_jax.demo import job as demo
 from cm3leon_jax.data import sequences
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.tokenizers.image import ImageTokenizer
@@ -19,6 +20,7 @@ MICRO = ["source.size=40", "retrieval.train_steps=2", "retrieval.train_batch_siz
          "demo.eval_scenes=3", "demo.grid_rows=2", "generate.seed=3"]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
     # an untrained image tokenizer: VQ-GAN training has its own tests; this checks the flow
     tok = tmp_path / "vq"

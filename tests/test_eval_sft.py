@@ -106,6 +106,7 @@ def test_chance_is_the_others_answers_hit_rate():
     assert all(score_vqa(e.meta, truth(e)) == 1.0 for e in vqa)
 
 
+@pytest.mark.slow
 def test_eval_sft_end_to_end(toks, tmp_path, capsys):  # noqa: F811
     cfg = load_config(CONFIGS / "tiny.yaml", [*SHAPE, f"sft.tokenizers={toks}"])
     a = write_run(cfg, tmp_path / "a")

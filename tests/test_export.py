@@ -97,6 +97,7 @@ def test_safetensors_round_trip_is_bit_exact(run, exported):
     assert json.loads((exported / "vocab.json").read_text())["size"] == 1152
 
 
+@pytest.mark.slow
 def test_train_init_from_starts_at_the_exported_weights(tiny, run, exported, tmp_path):
     cfg = tiny("train.steps=1", "optimizer.warmup_steps=1", f"train.init_from={exported}")
     (first,) = train(cfg, tmp_path / "ft")

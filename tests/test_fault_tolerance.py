@@ -115,6 +115,7 @@ def reference(tmp_path_factory):
     return workdir, [m["loss"] for m in hist]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_and_resume_with_other_counts(reference, tiny, tmp_path):
     ref_dir, ref_losses = reference
     # 2 processes x 4 devices, 20 steps from scratch: the same losses as 1 x 8.
@@ -150,6 +151,7 @@ def test_two_processes_equal_one_and_resume_with_other_counts(reference, tiny, t
     assert ids_by_step(work) == expected_ids(range(1, saved[1] + 1))
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_a_random_step_resumes_bitwise(reference, tiny, tmp_path):
     ref_dir, _ = reference
     kill_at = int(np.random.default_rng(int(time.time())).integers(4, STEPS - 2))
@@ -169,6 +171,7 @@ def test_sigkill_at_a_random_step_resumes_bitwise(reference, tiny, tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
 
 
+@pytest.mark.slow
 def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, capsys):
     ref_dir, _ = reference
     work = tmp_path / "run"
@@ -191,6 +194,7 @@ def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, ca
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_job(reference, tiny, tmp_path):
     ref_dir, _ = reference
     cfg = small(tiny, *NAN_RUN)
@@ -239,6 +243,7 @@ def test_skipped_update_keeps_the_state(tiny):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.multiprocess
 def test_processes_with_different_configs_fail_naming_the_key(tmp_path):
     port = 20000 + os.getpid() % 20000
     procs = []

@@ -176,6 +176,7 @@ def test_missing_table_trains_with_k0_and_bad_inputs_fail(data, tmp_path):
         pipeline.batches(cfg)
 
 
+@pytest.mark.multiprocess
 def test_workers_give_the_same_batches(data):
     """Workers only make examples (packing stays here): same batches for any worker count;
     the state (it holds each worker's position) round-trips."""
@@ -198,6 +199,7 @@ def test_workers_give_the_same_batches(data):
         it.close()
 
 
+@pytest.mark.slow
 def test_train_through_the_pipeline(data, tmp_path):
     from cm3leon_jax.train.trainer import train
 

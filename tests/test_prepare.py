@@ -28,6 +28,7 @@ def random_vq(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_shapes_round_trip_and_idempotent_rerun(tiny, tmp_path):
     settings = ["source.size=40", "prepare.shard_size=16", "prepare.batch_size=8",
                 "vqgan_train.steps=2", "vqgan_train.batch_size=4", "vqgan_train.images=16",
@@ -73,6 +74,7 @@ def test_shapes_round_trip_and_idempotent_rerun(tiny, tmp_path):
         prepare(config(tiny, tmp_path, "shapes", *settings, "source.seed=1"), False)
 
 
+@pytest.mark.multiprocess
 def test_bad_records_counted_and_workers_agree(tiny, tmp_path, random_vq):
     path, bad = make_jsonl(tmp_path)
     common = ["source.kind=jsonl", f"source.path={path}", "source.size=null",

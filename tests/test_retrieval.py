@@ -271,6 +271,7 @@ def test_npy_encoder_rejects_bad_files(tmp_path):
         neighbors.compute_neighbors(cfg)
 
 
+@pytest.mark.slow
 def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     data, bank = tmp_path / "queries", tmp_path / "bank"
     write_prepared(bank, 64, seed=1)

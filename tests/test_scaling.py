@@ -129,6 +129,7 @@ MICRO = [TWO, "data.seq_len=32", "model.max_seq_len=32", "optimizer.warmup_steps
          "train.checkpoint_every=100", "train.log_every=1"]
 
 
+@pytest.mark.multiprocess
 def test_interrupted_micro_sweep_resumes(tmp_path):
     cfg = load_config(CPU, MICRO, num_devices=8)
     runs = plan(cfg)

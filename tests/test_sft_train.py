@@ -79,6 +79,7 @@ def sft_row(ids, seq_len, vocab, loss):
             "segment_ids": segs[:-1], "weights": weights.astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_sft_starts_from_the_run_weights_at_step_0(toks, pretrained, tmp_path):
     assert cli(["sft", "--config", str(CONFIGS / "tiny.yaml"), "--init", str(pretrained),
                 "--workdir", str(tmp_path / "ft"), *BASE, "train.steps=1",
@@ -94,6 +95,7 @@ def test_sft_starts_from_the_run_weights_at_step_0(toks, pretrained, tmp_path):
     np.testing.assert_allclose(first["loss"], sums["ce"] / sums["w"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sft_resume_gives_identical_losses(toks, pretrained, tmp_path):
     full = sft_train(sft_cfg(toks, pretrained, "train.steps=3"), tmp_path / "full")
     a = sft_train(sft_cfg(toks, pretrained, "train.steps=1"), tmp_path / "split")
@@ -144,6 +146,7 @@ def test_cm3_loss_without_spans_is_the_plain_objective(toks, pretrained):
     assert any(rows.vocab.is_sentinel(rows(r)["inputs"]).any() for r in range(4))
 
 
+@pytest.mark.slow
 def test_token_cache_changes_no_row(toks, pretrained, monkeypatch):
     """Rows read with a warm cache (and across a cache flush) equal rows read cold."""
     cfg = sft_cfg(toks, pretrained)

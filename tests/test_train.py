@@ -12,6 +12,7 @@ from conftest import CONFIGS, ROOT
 STEPS = ["optimizer.decay_steps=60", "train.checkpoint_every=10"]
 
 
+@pytest.mark.slow
 def test_resumed_run_has_identical_losses(tiny, tmp_path):
     full = train(tiny("train.steps=60", *STEPS), tmp_path / "full")
     first = train(tiny("train.steps=30", *STEPS), tmp_path / "split")
@@ -44,6 +45,7 @@ def test_resume_refuses_a_different_model(tiny, tmp_path):
         train(tiny("train.steps=4", "optimizer.warmup_steps=1", "model.d_model=128"), tmp_path)
 
 
+@pytest.mark.multiprocess
 def test_params_cli_json():
     nominal = {"cm3leon_350m": 350e6, "cm3leon_760m": 760e6, "cm3leon_7b": 7e9}
     for name, n in nominal.items():
@@ -57,6 +59,7 @@ def test_params_cli_json():
         assert 0 < report["state_bytes"] - 12 * report["params"] <= 16
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_config_errors():
     out = subprocess.run([sys.executable, "-m", "cm3leon_jax.cli", "params", "--config",
                           str(CONFIGS / "tiny.yaml"), "model.n_heads=3"],

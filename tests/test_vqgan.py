@@ -30,6 +30,7 @@ def test_quantize_is_the_nearest_code_by_brute_force():
                                       dist.argmin(-1))
 
 
+@pytest.mark.slow
 def test_model_shapes_and_straight_through():
     model = VQGAN(TINY, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -62,6 +63,7 @@ def test_uint8_conversion_round_trips():
     np.testing.assert_array_equal(to_uint8(to_float(jnp.asarray(x))), x)
 
 
+@pytest.mark.slow
 def test_tokenizer_batching_matches_one_batch_and_save_load(tmp_path):
     tok = ImageTokenizer.create(TINY, seed=1, batch_size=4)
     assert (tok.resolution, tok.tokens_per_image, tok.codebook_size) == (16, 64, 16)

@@ -45,6 +45,7 @@ def test_psnr():
     assert psnr(a, a + 1) == pytest.approx(20 * np.log10(255))
 
 
+@pytest.mark.slow
 def test_training_learns_is_deterministic_and_saves(tmp_path):
     images, held_out = _blocks(64), _blocks(16, seed=1)
     t = VQGANTrainConfig(steps=60, restart_every=20, log_every=20, seed=3, **STEP)
@@ -66,6 +67,7 @@ def test_training_learns_is_deterministic_and_saves(tmp_path):
     assert s2["psnr"] == s["psnr"]
 
 
+@pytest.mark.slow
 def test_gan_step_trains_the_discriminator(tmp_path):
     t = VQGANTrainConfig(steps=2, disc_weight=0.1, disc_channels=8, disc_layers=2,
                          log_every=1, eval_images=8, **STEP)
