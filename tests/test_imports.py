@@ -12,9 +12,9 @@
 
 import ast
 import collections
+import io
+import tokenize
 from pathlib import Path
-
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cm3leon_jax"
 
@@ -34,20 +34,17 @@ LAYERS = (  # top first; a `|` separates independent packages of one layer
 )
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path) -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
     return out
 
 
-MODULES = _modules()
-
-
-def _imports(path: Path):
-    """(imported module, line, inside a function) for each import of our package."""
+def _imports(path: Path, modules: dict[str, Path]):
+    """(imported module, line, inside a function) for each import of `path`."""
     tree = ast.parse(path.read_text())
     local = set()
     for fn in ast.walk(tree):
@@ -58,7 +55,7 @@ def _imports(path: Path):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
                      else node.module for a in node.names]
         for name in names:
             yield name, node.lineno, id(node) in local
@@ -69,52 +66,41 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def _layer_of(package: str) -> int:
-    for i, layer in enumerate(LAYERS):
+def _layer_of(package: str, layers=LAYERS) -> int:
+    for i, layer in enumerate(layers):
         if package in (p.strip() for p in layer.split("|")):
             return i
     raise AssertionError(f"package {package!r} is in no layer of LAYERS: place it")
 
 
-GRAPH = {m: [(t, line, inner) for t, line, inner in _imports(p)
-             if t.split(".")[0] == "cm3leon_jax"] for m, p in MODULES.items()}
+def _graph(modules: dict[str, Path]) -> dict[str, list]:
+    root = next(iter(modules)).split(".")[0]
+    return {m: [(t, line, inner) for t, line, inner in _imports(p, modules)
+                if t.split(".")[0] == root] for m, p in modules.items()}
 
 
-def test_every_package_has_a_layer():
-    for module in MODULES:
-        if module != "cm3leon_jax":
-            _layer_of(_package(module))
-
-
-def test_imports_go_downhill():
-    uphill = []
-    for module, targets in GRAPH.items():
-        if module == "cm3leon_jax":
-            continue
+def uphill(modules: dict[str, Path], layers=LAYERS) -> list[str]:
+    """Every import of a package in the same or a higher layer."""
+    out = []
+    for module, targets in _graph(modules).items():
         src = _package(module)
+        if not src:
+            continue
         for target, line, _ in targets:
             dst = _package(target)
-            if dst == src or target == "cm3leon_jax":
-                continue
-            if _layer_of(dst) <= _layer_of(src):
-                uphill.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{line} imports "
-                              f"{target} ({dst!r} is not below {src!r})")
-    assert not uphill, "\n".join(sorted(set(uphill)))
+            if dst and dst != src and _layer_of(dst, layers) <= _layer_of(src, layers):
+                out.append(f"{modules[module].name}:{line} imports {target} ({dst!r} is not "
+                           f"below {src!r})")
+    return sorted(set(out))
 
 
-def test_config_imports_no_stage():
-    for module, targets in GRAPH.items():
-        if _package(module) == "config":
-            stages = {_package(t) for t, _, _ in targets} - {"config", "vocab"}
-            assert not stages, f"{module} imports the stages {sorted(stages)}"
-
-
-def test_no_import_cycle():
+def cycle(modules: dict[str, Path]) -> list[str] | None:
+    """One import cycle between modules (imports inside functions count), or None."""
     edges = collections.defaultdict(set)
-    for module, targets in GRAPH.items():
+    for module, targets in _graph(modules).items():
         for target, _, _ in targets:
-            target = target if target in MODULES else target.rsplit(".", 1)[0]
-            if target in MODULES and target != module:
+            target = target if target in modules else target.rsplit(".", 1)[0]
+            if target in modules and target != module:
                 edges[module].add(target)
     state, stack = {}, []
 
@@ -123,19 +109,30 @@ def test_no_import_cycle():
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == "open":
-                cycle = stack[stack.index(t):] + [t]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
+                return stack[stack.index(t):] + [t]
             if t not in state:
-                visit(t)
+                found = visit(t)
+                if found:
+                    return found
         stack.pop()
         state[m] = "done"
+        return None
 
-    for m in sorted(MODULES):
+    for m in sorted(modules):
         if m not in state:
-            visit(m)
+            found = visit(m)
+            if found:
+                return found
+    return None
 
 
-def _explained(lines: list[str], line: int) -> bool:
+def _comment_lines(source: str) -> set[int]:
+    """0-based numbers of the lines that hold a comment (not a `#` inside a string)."""
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    return {t.start[0] - 1 for t in tokens if t.type == tokenize.COMMENT}
+
+
+def _explained(lines: list[str], comments: set[int], line: int) -> bool:
     """A comment on the import's line, on another import of its block (import groups split
     by one blank line count as one block), or just above the block."""
     is_import = lambda k: 0 <= k < len(lines) and lines[k].strip().startswith(("import ", "from "))
@@ -146,15 +143,75 @@ def _explained(lines: list[str], line: int) -> bool:
         i -= 1
     while j + 1 < len(lines) and in_block(j + 1):
         j += 1
-    return any("#" in lines[k] for k in range(max(i - 1, 0), j + 1))
+    return any(k in comments for k in range(max(i - 1, 0), j + 1))
+
+
+def silent_local_imports(modules: dict[str, Path]) -> list[str]:
+    """Imports inside functions without a reason comment."""
+    out = []
+    for path in modules.values():
+        source = path.read_text()
+        lines, comments = source.splitlines(), _comment_lines(source)
+        for _, line, inner in _imports(path, modules):
+            if inner and not _explained(lines, comments, line):
+                out.append(f"{path.name}:{line}: {lines[line - 1].strip()}")
+    return sorted(set(out))
+
+
+MODULES = _modules(PACKAGE)
+
+
+def test_every_package_has_a_layer():
+    for module in MODULES:
+        if module != "cm3leon_jax":
+            _layer_of(_package(module))
+
+
+def test_imports_go_downhill():
+    found = uphill(MODULES)
+    assert not found, "\n".join(found)
+
+
+def test_config_imports_no_stage():
+    for module, targets in _graph(MODULES).items():
+        if _package(module) == "config":
+            stages = {_package(t) for t, _, _ in targets} - {"config", "vocab"}
+            assert not stages, f"{module} imports the stages {sorted(stages)}"
+
+
+def test_no_import_cycle():
+    found = cycle(MODULES)
+    assert found is None, "import cycle: " + " -> ".join(found)
 
 
 def test_imports_inside_functions_say_why():
-    silent = []
-    for module, path in MODULES.items():
-        lines = path.read_text().splitlines()
-        for _, line, inner in _imports(path):
-            if inner and not _explained(lines, line):
-                silent.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {lines[line - 1].strip()}")
-    assert not silent, ("imports inside functions need a reason on their line (or the line "
-                        "above their block):\n" + "\n".join(sorted(set(silent))))
+    found = silent_local_imports(MODULES)
+    assert not found, ("imports inside functions need a reason on their line (or the line "
+                       "above their block):\n" + "\n".join(found))
+
+
+def test_the_checks_catch_what_they_forbid(tmp_path):
+    """On a made-up package with one of each: an uphill import, a cycle through an import
+    inside a function, a silent and an explained local import."""
+    pkg = tmp_path / "pkg"
+    files = {
+        "__init__.py": "",
+        "low/__init__.py": "",
+        "low/a.py": "from pkg.high import b\n",  # uphill
+        "high/__init__.py": "",
+        "high/b.py": ("def f():\n    from pkg.high import c\n\n\n"
+                      "def g():\n    import json  # optional: why\n    s = '#'\n"
+                      "    import csv\n"),
+        "high/c.py": "import pkg.high.b\n",  # b -> c inside f, c -> b: a cycle
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    modules = _modules(pkg)
+    assert uphill(modules, ("high", "low")) == ["a.py:1 imports pkg.high.b ('high' is not "
+                                                "below 'low')"]
+    assert uphill(modules, ("low", "high")) == []
+    assert cycle(modules) in (["pkg.high.b", "pkg.high.c", "pkg.high.b"],
+                              ["pkg.high.c", "pkg.high.b", "pkg.high.c"])
+    assert silent_local_imports(modules) == ["b.py:2: from pkg.high import c",
+                                             "b.py:8: import csv"]

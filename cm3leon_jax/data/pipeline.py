@@ -24,6 +24,7 @@ from typing import Optional
 
 import grain
 import numpy as np
+from absl import flags
 
 from cm3leon_jax import layout
 from cm3leon_jax.config import Config, DataConfig
@@ -149,8 +150,6 @@ def to_batch(packed: dict) -> dict:
 def _allow_workers() -> None:
     """grain 0.2.18 reads an absl flag in mp_prefetch; outside absl.app.run it is unparsed
     (grain issue #1355)."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

@@ -38,8 +38,8 @@ from cm3leon_jax.data import readers
 from cm3leon_jax.data.records import shard_name, write_shard
 from cm3leon_jax.data.sources import BadRecord, open_source
 from cm3leon_jax.layout import DataDir
-from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.tokenizers import image_train
+from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.tokenizers.image_train import train_image_tokenizer
 from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
 from cm3leon_jax.vocab import Vocab
