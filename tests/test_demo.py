@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from conftest import CONFIGS
 
+from cm3leon_jax.cli import main as cli
 from cm3leon_jax.config import load_config
 from cm3leon_jax.demo import job as demo
+from cm3leon_jax.export.write import export
 from cm3leon_jax.data import sequences
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.tokenizers.image import ImageTokenizer
@@ -50,6 +52,18 @@ def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
     assert (ckpt.stat().st_mtime_ns, encoder.stat().st_mtime_ns) == stamps
     for key in (*demo.MODES, "caption_accuracy"):
         assert second[key] == first[key]
+
+    # the run's export carries its tokenizers: `generate` serves both alike
+    export(work / "run", work / "export", "safetensors")
+    codes = {}
+    for name in ("run", "export"):
+        out = tmp_path / f"{name}.png"
+        assert cli(["generate", "image", "--workdir", str(work / name), "--prompt",
+                    "one shape: a small red circle at the center", "--num", "2", "--out",
+                    str(out), "generate.temperature=0"]) == 0
+        codes[name] = np.load(out.with_suffix(".npy"))
+    assert codes["run"].shape == (1, 2, 1, 64)
+    np.testing.assert_array_equal(codes["run"], codes["export"])
 
 
 def test_retrieved_prompt_is_the_training_layout():

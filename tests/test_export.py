@@ -227,3 +227,29 @@ def test_weights_load_inside_a_mesh_context(tiny, exported):
     assert inside.param_axes == outside.param_axes
     assert inside.abstract_params == outside.abstract_params
     assert weights.step == STEP
+
+
+def test_weights_overrides_may_not_change_the_tensors(run):
+    w = weights_lib.load(run, overrides=["generate.temperature=0.5"], mesh=mesh_of(1, 1, 1))
+    assert w.cfg.generate.temperature == 0.5 and w.step == STEP
+    with pytest.raises(ConfigError, match=r"with model.d_ff=128: the run has model.d_ff=256 "
+                                          r"but the config says 128"):
+        weights_lib.load(run, overrides=["model.d_ff=128"])
+
+
+def test_weights_read_only_the_parameters(tiny, tmp_path):
+    """A checkpoint whose optimizer state is not what the config's optimizer makes (here:
+    one stray array) still loads, with its parameters exactly: nothing else is read."""
+    cfg = tiny()
+    mesh = make_mesh(cfg.mesh)
+    tx, _, shardings = state_layout(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = create_state(cfg, tx, shardings)
+    mngr = checkpoint.manager(tmp_path / "checkpoints", 1)
+    checkpoint.save(mngr, 1, state.replace(opt_state={"damaged": np.zeros(3, np.float32)}),
+                    train_batches(cfg), cfg)
+    mngr.wait_until_finished()
+    w = weights_lib.load(tmp_path, mesh=mesh_of(1, 2, 1))
+    assert w.step == 1
+    for got, want in zip(jax.tree.leaves(host(w.params)), jax.tree.leaves(host(state.params))):
+        assert got.tobytes() == want.tobytes()
