@@ -3,6 +3,7 @@ mid-run, resuming with a different process count, corrupt checkpoints, non-finit
 config and topology errors. Every check compares against one uninterrupted reference run,
 through the per-step global example ids the synthetic source provides."""
 
+import gc
 import os
 import shutil
 import signal
@@ -172,6 +173,8 @@ def test_sigkill_at_a_random_step_resumes_bitwise(reference, tiny, tmp_path):
 
 
 @pytest.mark.slow
+# orbax leaves the coroutines of the failed restore unawaited; collected below, in this test
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, capsys):
     ref_dir, _ = reference
     work = tmp_path / "run"
@@ -192,6 +195,7 @@ def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, ca
     assert ids_by_step(work) == expected_ids(range(1, STEPS + 1))
     for a, b in zip(saved_state(work, STEPS), saved_state(ref_dir, STEPS)):
         np.testing.assert_array_equal(a, b)
+    gc.collect()
 
 
 @pytest.mark.slow
