@@ -76,6 +76,7 @@ def test_multislice_mesh_puts_slices_on_data():
 
 # conftest's persistent cache stores compile-only executables but cannot load them back
 # without a TPU client; jax then warns and compiles, which is what we want.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 def test_compile_tiny_for_v5e_4(tiny, capsys):
     pytest.importorskip("libtpu")

@@ -33,6 +33,7 @@ def test_compile_generate_rejects_bad_sizes_before_compiling(capsys):
     assert code == 2 and "--image-tokens=1024 leaves no room for a prompt" in err
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
 def test_compile_generate_tiny_for_v5e_4(tiny, capsys):
     pytest.importorskip("libtpu")

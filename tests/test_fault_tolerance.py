@@ -222,6 +222,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_job(reference, tiny, tmp_pat
     assert hist[0]["step"] == 7 and not any(m["skipped"] for m in hist)
 
 
+@pytest.mark.slow
 def test_skipped_update_keeps_the_state(tiny):
     """A poisoned step changes nothing but the counter. (That finite steps are unchanged
     by the check is the loop test's: its first losses equal the reference run's.)"""

@@ -22,6 +22,7 @@ def reference():
     return cfg, batch, one_step(cfg, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_step_equals_single_device(reference, shape):
     cfg, batch, (ref_state, ref) = reference

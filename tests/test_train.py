@@ -30,6 +30,7 @@ def test_resumed_run_has_identical_losses(tiny, tmp_path):
     assert train(tiny("train.steps=60", *STEPS), tmp_path / "split") == []
 
 
+@pytest.mark.slow
 def test_loss_falls_and_both_modalities_are_logged(tiny, tmp_path):
     hist = train(tiny("train.steps=60"), tmp_path)
     first, last = hist[0], hist[-1]
@@ -39,6 +40,7 @@ def test_loss_falls_and_both_modalities_are_logged(tiny, tmp_path):
     assert (tmp_path / "tensorboard").is_dir() and (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(tiny, tmp_path):
     train(tiny("train.steps=2", "optimizer.warmup_steps=1"), tmp_path)
     with pytest.raises(ConfigError, match=r"model.d_model=64 but the config says 128"):

@@ -85,6 +85,7 @@ def test_bad_training_images_are_rejected(tmp_path):
         train_image_tokenizer(TINY, t, _blocks(2), tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_train_image_on_shapes(tmp_path, capsys):
     over = ["vqgan.resolution=24", "vqgan.base_channels=8", "vqgan.channel_mult=[1,2]",
             "vqgan.num_res_blocks=1", "vqgan.norm_groups=4", "vqgan.z_channels=8",
