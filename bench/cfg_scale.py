@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cm3leon_jax.data.prepare import load_tokenizers
 from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.demo.job import demo_config
 from cm3leon_jax.generate import tasks
+from cm3leon_jax.layout import DemoDir
 from cm3leon_jax.retrieval.query import Retriever
 from cm3leon_jax.shapes import detector
-from cm3leon_jax.train import weights
 
 
 def main() -> None:
@@ -43,9 +42,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     cfg = demo_config(args.config, workdir)
-    w = weights.load(workdir / "run")
-    model, step = tasks.Model.of(w), w.step
-    toks = load_tokenizers(cfg.data.dir, model.vocab, where="data.dir")
+    _, model, toks, step = tasks.load_model(DemoDir(workdir).run.root)
     tok = toks.image
     s = cfg.source
     if args.first is None:

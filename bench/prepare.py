@@ -59,7 +59,7 @@ def main() -> None:
     cfg = load_config(args.config, [*args.overrides, f"data.dir={args.out}"])
     load_before = os.getloadavg()[0]
     m = prepare(cfg)
-    prepared = open_prepared(args.out)
+    _, prepared = open_prepared(args.out)
 
     t0 = time.perf_counter()
     wrong, docs = 0, []
@@ -69,7 +69,7 @@ def main() -> None:
         if i < args.sample:
             docs.append(d)
     read_back = time.perf_counter() - t0
-    image = prepared.image_tokenizer()
+    image = prepared.image
     pixels = np.stack([d["pixels"] for d in docs])
     recon = image.decode(np.stack([prepared.vocab.to_codes(d["image"]) for d in docs]))
     save_grid(pixels[:12], recon[:12], Path(args.out) / "decoded.png")

@@ -7,6 +7,8 @@ retrieval directory and an export, each name spelled once, here.
     RETRIEVAL/   encoder/  bank/  index/  queries/  shards/  neighbors.npy  scores.npy
                  manifest.json
     EXPORT/      model.safetensors  config.json  vocab.json  tokenizers/  cm3leon_export.json
+    DEMO/        data/ (a DATA)  run/ (a RUN)  evaluation.json  report.json  report.md
+                 loss.png  samples.png
 
 `tokenizers/` of an export holds the tokenizer entries of DATA under the same names, so a
 `DataDir` of either opens them. Files private to one module (a tokenizer's weights, the
@@ -82,6 +84,20 @@ class ExportDir:
     provenance = property(lambda self: self.root / "cm3leon_export.json")  # hf-opt only
     vocab = property(lambda self: self.root / "vocab.json")
     tokenizers = property(lambda self: DataDir(self.root / "tokenizers"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoDir:
+    """`cm3leon demo` output: every stage of the flow under one directory."""
+    root: Path
+
+    data = property(lambda self: DataDir(self.root / "data"))
+    run = property(lambda self: RunDir(self.root / "run"))
+    evaluation = property(lambda self: self.root / "evaluation.json")  # reused while unchanged
+    report_json = property(lambda self: self.root / "report.json")
+    report_md = property(lambda self: self.root / "report.md")
+    loss_png = property(lambda self: self.root / "loss.png")
+    samples_png = property(lambda self: self.root / "samples.png")
 
 
 def data_dir(cfg: Config) -> DataDir:

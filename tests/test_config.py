@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from cm3leon_jax.config import Config, ConfigError, MeshConfig, SweepSize, load_config
+from cm3leon_jax.config import (Config, ConfigError, MeshConfig, SweepSize, from_dict,
+                                load_config)
 from cm3leon_jax.config.cli import key_table
 from conftest import CONFIGS, run_cli
 
@@ -93,8 +94,12 @@ def test_renamed_key_moves_to_its_new_name(tiny):
         tiny("data.retrieval_dir=/a", "retrieval.dir=/b")
 
 
-def test_removed_key_is_dropped_from_saved_configs(tiny):
-    assert tiny("sft.enabled=true") == tiny()  # run directories written before the removal
+def test_removed_key_is_refused_in_a_config_and_dropped_from_saved_ones(tiny):
+    with pytest.raises(ConfigError, match=r"sft.enabled was removed: `cm3leon sft` trains"):
+        tiny("sft.enabled=true")
+    saved = tiny().to_dict()
+    saved["sft"]["enabled"] = True  # a run directory written before the removal
+    assert from_dict(saved, saved=True) == tiny()
 
 
 SHIPPED = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))

@@ -100,7 +100,7 @@ def test_safetensors_round_trip_is_bit_exact(run, exported):
 @pytest.mark.slow
 def test_train_init_from_starts_at_the_exported_weights(tiny, run, exported, tmp_path):
     cfg = tiny("train.steps=1", "optimizer.warmup_steps=1", f"train.init_from={exported}")
-    (first,) = train(cfg, tmp_path / "ft")
+    (first,) = train(cfg, tmp_path / "ft").history
     weights = weights_lib.load(exported, mesh=mesh_of(1, 1, 1))
     batch = batch_of(cfg, cfg.train.batch_size)  # the run's first batch
     sums = loss_sums(weights.mdef.bind(host(weights.params)), batch, cfg.vocab.build())

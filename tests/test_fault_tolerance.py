@@ -110,7 +110,7 @@ def reference(tmp_path_factory):
     from cm3leon_jax.config import load_config
     workdir = tmp_path_factory.mktemp("reference")
     cfg = load_config(CONFIGS / "tiny.yaml", SMALL + ["train.checkpoint_every=5"])
-    hist = train(cfg, workdir)
+    hist = train(cfg, workdir).history
     assert [m["step"] for m in hist] == list(range(1, STEPS + 1))
     assert ids_by_step(workdir) == expected_ids(range(1, STEPS + 1))
     return workdir, [m["loss"] for m in hist]
@@ -130,7 +130,7 @@ def test_two_processes_equal_one_and_resume_with_other_counts(reference, tiny, t
     # saved by 2 processes at step 10, resumed by 1: the same global example sequence.
     work = keep_only(tmp_path / "two", tmp_path / "two_to_one", 10)
     assert (work / "checkpoints" / "10" / "data" / "process_1-of-2.json").exists()
-    hist = train(small(tiny), work)
+    hist = train(small(tiny), work).history
     assert [m["step"] for m in hist] == list(range(11, STEPS + 1))
     assert ids_by_step(work) == expected_ids(range(1, STEPS + 1))
     np.testing.assert_allclose([m["loss"] for m in read_metrics(work)], ref_losses, rtol=2e-5)
@@ -163,7 +163,8 @@ def test_sigkill_at_a_random_step_resumes_bitwise(reference, tiny, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     finish(proc)
     assert proc.returncode == -signal.SIGKILL
-    hist = train(small(tiny, "train.checkpoint_every=1", "train.keep_checkpoints=2"), tmp_path)
+    hist = train(small(tiny, "train.checkpoint_every=1", "train.keep_checkpoints=2"),
+                 tmp_path).history
     resumed = hist[0]["step"]
     assert 1 < resumed <= kill_at + 2, (kill_at, resumed)  # from a checkpoint; saves lag
     # No example seen twice or skipped, and the very same parameters and Adam moments.
@@ -186,7 +187,7 @@ def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, ca
     victim = max((p for p in (ckpts / "20" / "state").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    hist = train(small(tiny), work)
+    hist = train(small(tiny), work).history
     err = capsys.readouterr().err
     assert f"checkpoint {ckpts / '20'} cannot be restored" in err
     assert "moved to 20.corrupt" in err
@@ -218,7 +219,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_job(reference, tiny, tmp_pat
     for x in saved_state(tmp_path, 6):
         assert np.isfinite(x).all()
     # the relaunch (hook removed) resumes from the last good checkpoint
-    hist = train(small(tiny, "train.checkpoint_every=2"), tmp_path)
+    hist = train(small(tiny, "train.checkpoint_every=2"), tmp_path).history
     assert hist[0]["step"] == 7 and not any(m["skipped"] for m in hist)
 
 

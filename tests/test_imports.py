@@ -79,9 +79,15 @@ def _graph(modules: dict[str, Path]) -> dict[str, list]:
                 if t.split(".")[0] == root] for m, p in modules.items()}
 
 
+def _root(modules: dict[str, Path]) -> Path:
+    """The folder that holds the package (file names in messages are relative to it)."""
+    return modules[next(iter(modules)).split(".")[0]].parents[1]
+
+
 def uphill(modules: dict[str, Path], layers=LAYERS) -> list[str]:
     """Every import of a package in the same or a higher layer."""
     out = []
+    root = _root(modules)
     for module, targets in _graph(modules).items():
         src = _package(module)
         if not src:
@@ -89,8 +95,8 @@ def uphill(modules: dict[str, Path], layers=LAYERS) -> list[str]:
         for target, line, _ in targets:
             dst = _package(target)
             if dst and dst != src and _layer_of(dst, layers) <= _layer_of(src, layers):
-                out.append(f"{modules[module].name}:{line} imports {target} ({dst!r} is not "
-                           f"below {src!r})")
+                out.append(f"{modules[module].relative_to(root)}:{line} imports {target} "
+                           f"({dst!r} is not below {src!r})")
     return sorted(set(out))
 
 
@@ -132,29 +138,21 @@ def _comment_lines(source: str) -> set[int]:
     return {t.start[0] - 1 for t in tokens if t.type == tokenize.COMMENT}
 
 
-def _explained(lines: list[str], comments: set[int], line: int) -> bool:
-    """A comment on the import's line, on another import of its block (import groups split
-    by one blank line count as one block), or just above the block."""
-    is_import = lambda k: 0 <= k < len(lines) and lines[k].strip().startswith(("import ", "from "))
-    in_block = lambda k: is_import(k) or (not lines[k].strip() and is_import(k - 1)
-                                          and is_import(k + 1))
-    i = j = line - 1
-    while i > 0 and in_block(i - 1):
-        i -= 1
-    while j + 1 < len(lines) and in_block(j + 1):
-        j += 1
-    return any(k in comments for k in range(max(i - 1, 0), j + 1))
-
-
 def silent_local_imports(modules: dict[str, Path]) -> list[str]:
-    """Imports inside functions without a reason comment."""
+    """Imports inside functions without a comment (their reason) on one of their lines."""
     out = []
+    root = _root(modules)
     for path in modules.values():
         source = path.read_text()
-        lines, comments = source.splitlines(), _comment_lines(source)
-        for _, line, inner in _imports(path, modules):
-            if inner and not _explained(lines, comments, line):
-                out.append(f"{path.name}:{line}: {lines[line - 1].strip()}")
+        tree, comments = ast.parse(source), _comment_lines(source)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and not any(
+                        k in comments for k in range(node.lineno - 1, node.end_lineno)):
+                    out.append(f"{path.relative_to(root)}:{node.lineno}: "
+                               f"{source.splitlines()[node.lineno - 1].strip()}")
     return sorted(set(out))
 
 
@@ -186,8 +184,8 @@ def test_no_import_cycle():
 
 def test_imports_inside_functions_say_why():
     found = silent_local_imports(MODULES)
-    assert not found, ("imports inside functions need a reason on their line (or the line "
-                       "above their block):\n" + "\n".join(found))
+    assert not found, "imports inside functions need their reason on their line:\n" + \
+        "\n".join(found)
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):
@@ -208,10 +206,10 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     modules = _modules(pkg)
-    assert uphill(modules, ("high", "low")) == ["a.py:1 imports pkg.high.b ('high' is not "
-                                                "below 'low')"]
+    assert uphill(modules, ("high", "low")) == ["pkg/low/a.py:1 imports pkg.high.b ('high' "
+                                                "is not below 'low')"]
     assert uphill(modules, ("low", "high")) == []
     assert cycle(modules) in (["pkg.high.b", "pkg.high.c", "pkg.high.b"],
                               ["pkg.high.c", "pkg.high.b", "pkg.high.c"])
-    assert silent_local_imports(modules) == ["b.py:2: from pkg.high import c",
-                                             "b.py:8: import csv"]
+    assert silent_local_imports(modules) == ["pkg/high/b.py:2: from pkg.high import c",
+                                             "pkg/high/b.py:8: import csv"]

@@ -205,7 +205,7 @@ def test_train_through_the_pipeline(data, tmp_path):
 
     cfg, _, _ = data("train.steps=60", "data.retrieved_dropout=0.3", "data.sentinel_weight=0",
                      "data.retrieved_weight=0.5", "data.image_first=0.2", "data.rotation=0.1")
-    hist = train(cfg, tmp_path / "run")
+    hist = train(cfg, tmp_path / "run").history
     first, last = hist[0], hist[-1]
     assert last["text_loss"] < first["text_loss"] - 1.5
     assert last["image_loss"] < first["image_loss"] - 1.5

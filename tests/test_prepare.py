@@ -38,9 +38,10 @@ def test_shapes_round_trip_and_idempotent_rerun(tiny, tmp_path):
     out = tmp_path / "shapes"
     assert (m["documents"], m["records"], m["skipped"]) == (40, 40, {})
     assert m["shards"] == [p.name for p in shard_paths(out)] and len(m["shards"]) == 3
-    p = open_prepared(out)
+    manifest, p = open_prepared(out)
+    assert manifest == m
     assert p.vocab == cfg.vocab.build() and m["vocab"] == p.vocab.to_json()
-    image = p.image_tokenizer()
+    image = p.image
     assert (image.resolution, image.codebook_size) == (24, 32)
     assert (out / "image_tokenizer_training" / "reconstructions.png").exists()
     src = ShapesSource(40, 24, seed=0)
@@ -118,7 +119,7 @@ def test_fashion_mnist(tiny, tmp_path, random_vq):
     m = prepare(cfg, progress=False)
     assert (m["documents"], m["skipped"]) == (20, {})
     src = FashionMnistSource(size=20)
-    text = open_prepared(tmp_path / "fm").text
+    text = open_prepared(tmp_path / "fm")[1].text
     for i, d in enumerate(iter_documents(tmp_path / "fm")):
         assert d["caption"] == src[i].caption == text.decode(d["text"] - cfg.vocab.build().text_offset)
         np.testing.assert_array_equal(d["pixels"], fit_image(src[i].image, 24))

@@ -364,7 +364,7 @@ def test_sft_rows_pinned_with_and_without_prompt_masking():
     np.testing.assert_array_equal(row["positions"], list(range(7)) + list(range(9)))
     # all: every next token inside the same example (not across the two, not the padding)
     np.testing.assert_array_equal(row["weights"], [1] * 6 + [0] + [1] * 8 + [0])
-    masked = pack_row([framed_example(x, v, "response", plain) for x in (a, b)], 16, v)
+    masked = pack_row([framed_example(x, v, "response", plain, None) for x in (a, b)], 16, v)
     # response: targets after the last <break> (18 after 17, ...) and the closing <eos>
     want = np.zeros(16)
     want[[3, 4, 5]] = 1  # targets 17, 18, eos of example a
@@ -373,7 +373,7 @@ def test_sft_rows_pinned_with_and_without_prompt_masking():
     for k in ("inputs", "targets", "positions", "segment_ids"):
         np.testing.assert_array_equal(masked[k], row[k])
     with pytest.raises(ValueError, match="examples of 16 framed tokens do not fit a row of 11"):
-        pack_row([framed_example(x, v, "response", plain) for x in (a, b)], 10, v)
+        pack_row([framed_example(x, v, "response", plain, None) for x in (a, b)], 10, v)
 
 
 def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
@@ -408,7 +408,7 @@ def test_sft_source_draws_tokenize_and_pack_end_to_end(tiny, tokenizers):
         assert src[k].id == suite.example(task, "train", index).id
     ids = [src.tokens(k, text, image_tok, vocab) for k in range(8)]
     rows, row = [], []
-    for framed in (framed_example(x, vocab, "response", cfg.data) for x in ids):
+    for framed in (framed_example(x, vocab, "response", cfg.data, None) for x in ids):
         if sum(len(t) for t, _ in row) + len(framed[0]) > 2049:
             rows.append(pack_row(row, 2048, vocab))
             row = []

@@ -56,7 +56,7 @@ def sft_cfg(toks, pretrained, *more):
 
 def sft_train(cfg, workdir):
     """What `cm3leon sft` runs: the trainer on the mixture's rows."""
-    return train(cfg, workdir, lambda: sft_batches(cfg))
+    return train(cfg, workdir, lambda: sft_batches(cfg)).history
 
 
 def sft_row(ids, seq_len, vocab, loss):

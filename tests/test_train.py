@@ -14,9 +14,9 @@ STEPS = ["optimizer.decay_steps=60", "train.checkpoint_every=10"]
 
 @pytest.mark.slow
 def test_resumed_run_has_identical_losses(tiny, tmp_path):
-    full = train(tiny("train.steps=60", *STEPS), tmp_path / "full")
-    first = train(tiny("train.steps=30", *STEPS), tmp_path / "split")
-    second = train(tiny("train.steps=60", *STEPS), tmp_path / "split")
+    full = train(tiny("train.steps=60", *STEPS), tmp_path / "full").history
+    first = train(tiny("train.steps=30", *STEPS), tmp_path / "split").history
+    second = train(tiny("train.steps=60", *STEPS), tmp_path / "split").history
     assert [m["step"] for m in first] == list(range(1, 31))
     assert [m["step"] for m in second] == list(range(31, 61))
     assert [m["loss"] for m in first + second] == [m["loss"] for m in full]
@@ -27,12 +27,12 @@ def test_resumed_run_has_identical_losses(tiny, tmp_path):
                 "mfu"} <= set(m)
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["50", "60"]
     # nothing left to do: a third call trains no step
-    assert train(tiny("train.steps=60", *STEPS), tmp_path / "split") == []
+    assert train(tiny("train.steps=60", *STEPS), tmp_path / "split").history == []
 
 
 @pytest.mark.slow
 def test_loss_falls_and_both_modalities_are_logged(tiny, tmp_path):
-    hist = train(tiny("train.steps=60"), tmp_path)
+    hist = train(tiny("train.steps=60"), tmp_path).history
     first, last = hist[0], hist[-1]
     assert last["loss"] < first["loss"] - 1.5
     assert last["text_loss"] < first["text_loss"] - 1.5

@@ -40,8 +40,8 @@ def add_commands(sub) -> None:
 
 def compile_step(args) -> None:
     from cm3leon_jax.aot import generate_step, train_step  # heavy: deferred (cm3leon --help)
-    from cm3leon_jax.aot.compile import DoesNotFit
-    from cm3leon_jax.aot.topology import parse_topology
+    from cm3leon_jax.aot.compile import DoesNotFit  # heavy: as above
+    from cm3leon_jax.aot.topology import parse_topology  # heavy: as above
 
     topology = parse_topology(args.topology)
     cfg = load_config(args.config, args.overrides, num_devices=topology.num_chips)

@@ -19,7 +19,7 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _OOM = (  # libtpu's two ways of saying it; (what, needed, available)
     (re.compile(rf"memory required for HLO temporaries \({_SIZE}\) exceeds available HBM "
                 rf"\({_SIZE}\)"), "temporaries (activations, gradients, updates) alone need"),
-    (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"), "the train step needs"),
+    (re.compile(rf"Used {_SIZE} of {_SIZE} hbm"), "the step needs"),
 )
 
 

@@ -3,8 +3,9 @@ that is not attached, and say whether its parameters, KV cache and temporaries f
 chip's HBM.
 
 The step is `decode.decode_cached` (prefill + the decode loop over the KV cache), which
-`cm3leon generate image` runs through `tasks.text_to_image`: the parameters in their
-shardings (as `train.weights.load` lays them out), the prompt rows split over
+`cm3leon generate image` runs through `tasks.text_to_image`: the parameters in the
+shardings of the config's mesh (where `train.weights.load` puts them when that mesh fits
+the devices), the prompt rows split over
 the batch axes (`decode.decode`), everything else replicated. It is lowered from
 ShapeDtypeStructs only, so no parameter is ever materialised.
 """
@@ -113,9 +114,9 @@ def flops_per_image_token(cfg: Config, vocab_size: int, shape: GenerateShape) ->
     parameters + attention over the cache (4 x context x d per layer), at the mean
     context of the decode loop."""
     m = cfg.model
-    matmul = m.n_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff) + m.d_model * vocab_size
     context = shape.prompt_tokens + (shape.image_tokens + 1) / 2
-    return shape.streams * (2.0 * matmul + 4.0 * m.n_layers * context * m.d_model)
+    return shape.streams * (2.0 * m.matmul_params(vocab_size)
+                            + 4.0 * m.n_layers * context * m.d_model)
 
 
 def compile_generate_step(cfg: Config, topology: Topology, shape_of, devices=None

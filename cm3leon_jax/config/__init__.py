@@ -69,15 +69,22 @@ class Config:
 # Keys that were replaced, and by what: run directories and checkpoints written before load
 # with the old value moved to the new key; an error only when both are set and differ.
 RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir")}
-# Keys that no longer exist; saved configs that still have them load without them.
-REMOVED_KEYS = {("sft", "enabled")}  # `cm3leon sft` trains on the mixture, not a flag
+# Keys that no longer exist, and why. A run directory or export written before the removal
+# loads without them; a config a person writes that still has one is refused.
+REMOVED_KEYS = {
+    ("sft", "enabled"): "`cm3leon sft` trains on the SFT mixture (the trainer takes its "
+                        "batches from the command); delete the key",
+}
 
 
-def from_dict(raw: dict) -> Config:
-    """A Config from a mapping of sections (a YAML file's, or one saved with a run)."""
+def from_dict(raw: dict, saved: bool = False) -> Config:
+    """A Config from a mapping of sections: a YAML file's, or (`saved`) one written with a
+    run or an export."""
     raw = migrate(raw, RENAMED_KEYS)
-    for section, key in REMOVED_KEYS:
+    for (section, key), why in REMOVED_KEYS.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
+            if not saved:
+                raise ConfigError(f"{section}.{key} was removed: {why}")
             raw = {**raw, section: {k: v for k, v in raw[section].items() if k != key}}
     return build(Config, raw)
 
@@ -135,7 +142,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
                           f"model.max_seq_len={m.max_seq_len} with its prompt")
     if cfg.text_tokenizer.byte_fallback and cfg.vocab.text_size < 300:
         raise ConfigError(f"vocab.text_size={cfg.vocab.text_size}: byte fallback needs >= 300 "
-                          "text ids (256 bytes + characters); or text_tokenizer.byte_fallback=false")
+                          "text ids (256 bytes + characters); or "
+                          "text_tokenizer.byte_fallback=false")
     if num_devices is not None:
         _check_devices(cfg, num_devices)
     if cfg.sweep != SweepConfig():

@@ -70,18 +70,20 @@ class ModelConfig:
         counts["total"] = sum(counts.values())
         return counts
 
+    def matmul_params(self, vocab_size: int) -> int:
+        """Parameters a token is multiplied with: the layer matrices and the output
+        projection (the embedding lookup and the position table do no matmul)."""
+        d = self.d_model
+        return self.n_layers * (4 * d * d + 2 * d * self.d_ff) + d * vocab_size
+
     def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters + causal attention.
 
-        Matmul parameters are the layer matrices and the output projection (the embedding
-        lookup and the position table do no matmul). Attention scores and the weighted sum
-        cost 4*T*d per token and layer forward over the full T x T matrix; causal masking
-        halves that (MaxText's accounting since its PR #1988), and backward doubles
-        forward: 6*L*T*d.
+        Attention scores and the weighted sum cost 4*T*d per token and layer forward over
+        the full T x T matrix; causal masking halves that (MaxText's accounting since its
+        PR #1988), and backward doubles forward: 6*L*T*d.
         """
-        d, L = self.d_model, self.n_layers
-        matmul = L * (4 * d * d + 2 * d * self.d_ff) + d * vocab_size
-        return 6.0 * matmul + 6.0 * L * seq_len * d
+        return 6.0 * self.matmul_params(vocab_size) + 6.0 * self.n_layers * seq_len * self.d_model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.config import Config
 from cm3leon_jax.data import readers
 from cm3leon_jax.data.records import shard_name, write_shard
 from cm3leon_jax.data.sources import BadRecord, open_source
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.tokenizers import image_train
+from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.tokenizers.image_train import train_image_tokenizer
 from cm3leon_jax.tokenizers.text import TextTokenizer, train_text_tokenizer
@@ -208,7 +209,8 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         if workers and chunks else None)
     if pool is None:
         readers.init(source, text.model_proto, image.resolution)
-    stats = {i: _shard_stats(shard_path(i)) for i in range(n_shards) if i not in todo}
+    done = set(range(n_shards)) - set(todo)
+    stats = {i: _shard_stats(shard_path(i)) for i in sorted(done)}
 
     def check_bad():  # once more are bad than allowed, no later shard can bring it back
         bad = sum(sum(s["skipped"].values()) for s in stats.values())
@@ -300,54 +302,11 @@ def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seco
 
 # --- reading a prepared directory ----------------------------------------------------------
 
-@dataclasses.dataclass
-class Prepared:
-    """A prepared data directory: its manifest, vocabulary and text tokenizer."""
-
-    dir: DataDir
-    manifest: dict
-    vocab: Vocab
-    text: TextTokenizer
-
-    def image_tokenizer(self, batch_size: int = 32) -> ImageTokenizer:
-        return ImageTokenizer.load(self.dir.image_tokenizer, batch_size)
-
-
-def open_prepared(data_dir: str | Path) -> Prepared:
-    """Load what `prepare` wrote (fails when the run did not finish)."""
+def open_prepared(data_dir: str | Path, batch_size: int = 32) -> tuple[dict, Tokenizers]:
+    """What `prepare` wrote: its manifest and tokenizers (fails when the run did not finish)."""
     d = DataDir(Path(data_dir))
     if not d.manifest.exists():
         raise FileNotFoundError(f"{d.manifest} does not exist: run `cm3leon prepare` first "
                                 "(or let it finish)")
-    return Prepared(d, json.loads(d.manifest.read_text()), Vocab.load(d.vocab),
-                    TextTokenizer.load(d.text_tokenizer))
-
-
-@dataclasses.dataclass(frozen=True)
-class Tokenizers:
-    """A model's text and image tokenizers, checked against its vocabulary."""
-    text: TextTokenizer
-    image: ImageTokenizer
-    vocab: Vocab
-
-
-def load_tokenizers(directory: str | Path, vocab: Vocab, batch_size: int = 32,
-                    where: str = "tokenizers") -> Tokenizers:
-    """The tokenizers of a prepared data directory or an export's tokenizers/, refused
-    unless every text piece and image code has its id in `vocab`. `where` names the config
-    key the directory came from, for the errors."""
-    d = DataDir(Path(directory))
-    for path in (d.text_tokenizer, d.image_tokenizer):
-        if not path.exists():
-            raise ConfigError(f"{where}: {path} does not exist (expected a prepared data "
-                              "directory or an export's tokenizers/)")
-    if d.vocab.exists() and Vocab.load(d.vocab) != vocab:
-        raise ConfigError(f"{where}: {d.vocab} {Vocab.load(d.vocab)} differs from the model's "
-                          f"vocabulary {vocab}")
-    text, image = TextTokenizer.load(d.text_tokenizer), ImageTokenizer.load(d.image_tokenizer,
-                                                                            batch_size)
-    try:
-        vocab.check_tokenizers(text.size, image.codebook_size)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return Tokenizers(text, image, vocab)
+    return (json.loads(d.manifest.read_text()),
+            load_tokenizers(d.root, Vocab.load(d.vocab), batch_size, str(d.root)))

@@ -28,8 +28,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
-from cm3leon_jax.shapes.world import (BACKGROUND, MIN_RESOLUTION, render_shapes, shapes_caption,
-                                      shapes_scene)
+from cm3leon_jax.shapes.world import BACKGROUND, check_world, draw, shapes_caption, shapes_scene
 
 # Why a record was skipped (manifest.json `skipped` keys).
 REASONS = ("missing_file", "corrupt_image", "wrong_mode", "wrong_shape", "empty_caption",
@@ -110,10 +109,7 @@ class ShapesSource:
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"shapes: size={self.size} must be >= 1")
-        if self.resolution < MIN_RESOLUTION:
-            raise ValueError(f"shapes: resolution={self.resolution} must be >= {MIN_RESOLUTION}")
-        if not 1 <= self.max_objects <= 9:
-            raise ValueError(f"shapes: max_objects={self.max_objects} must be in [1, 9]")
+        check_world(self.resolution, self.max_objects)
 
     def __len__(self) -> int:
         return self.size
@@ -131,9 +127,7 @@ class ShapesSource:
     def __getitem__(self, index: int) -> Pair:
         index = self._check(index)
         objects = shapes_scene(index, self.seed, self.resolution, self.max_objects)
-        image, boxes = render_shapes(objects, self.resolution)
-        for o, box in zip(objects, boxes):
-            o["bbox"] = box
+        image = draw(objects, self.resolution)
         meta: dict[str, Any] = {"source": "shapes", "resolution": self.resolution,
                                 "background": list(BACKGROUND), "count": len(objects),
                                 "objects": objects}

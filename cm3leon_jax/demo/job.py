@@ -25,21 +25,20 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cm3leon_jax.config import Config, load_config
-from cm3leon_jax.data.prepare import load_tokenizers, prepare
+from cm3leon_jax.data.prepare import prepare
 from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.generate import tasks
 from cm3leon_jax.generate.grid import image_grid
-from cm3leon_jax.layout import DataDir, RunDir, retrieval_dir
+from cm3leon_jax.layout import DataDir, DemoDir, retrieval_dir
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import neighbors, train_encoder
 from cm3leon_jax.retrieval.query import Retriever
 from cm3leon_jax.shapes import detector
 from cm3leon_jax.shapes.world import COLOURS, SHAPES
-from cm3leon_jax.train import checkpoint, weights
+from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.metrics import read_metrics
 from cm3leon_jax.train.trainer import train
 
-EVALUATION = "evaluation.json"  # scores and examples of the last evaluation, with its config
 MODES = {  # report key -> (classifier-free guidance, retrieval)
     "t2i_accuracy": (False, False),
     "t2i_accuracy_cfg": (True, False),
@@ -50,8 +49,9 @@ MODES = {  # report key -> (classifier-free guidance, retrieval)
 
 def demo_config(config_path: str | Path, workdir: str | Path, overrides=()) -> Config:
     """The demo's config with every stage's outputs under `workdir`."""
-    return load_config(config_path, [f"data.dir={Path(workdir).resolve() / 'data'}",
-                                     *overrides], num_devices=jax.device_count())
+    data = DemoDir(Path(workdir).resolve()).data.root
+    return load_config(config_path, [f"data.dir={data}", *overrides],
+                       num_devices=jax.device_count())
 
 
 def held_out(cfg: Config, resolution: int) -> list:
@@ -66,7 +66,7 @@ def chance() -> float:
     return 1.0 / (len(COLOURS) * len(SHAPES))
 
 
-def run_stages(cfg: Config, workdir: Path, log=print) -> dict:
+def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
     """Prepare, retrieval encoder, index, neighbors, train; returns {stage: "ran"|"reused"}."""
     done = {}
     rdir = retrieval_dir(cfg)
@@ -88,7 +88,7 @@ def run_stages(cfg: Config, workdir: Path, log=print) -> dict:
         if not reuse:
             action()
         done[stage] = "reused" if reuse else "ran"
-    run = RunDir(workdir / "run")
+    run = out.run
     mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
     reuse = mngr.latest_step() == cfg.train.steps
     mngr.close()
@@ -99,11 +99,9 @@ def run_stages(cfg: Config, workdir: Path, log=print) -> dict:
     return done
 
 
-def evaluate(cfg: Config, workdir: Path, log=print) -> dict:
+def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     """Generate for held-out scenes in every mode, score from pixels, save sample grids."""
-    w = weights.load(workdir / "run")
-    model, step = tasks.Model.of(w), w.step
-    toks = load_tokenizers(cfg.data.dir, model.vocab, where="data.dir")
+    _, model, toks, step = tasks.load_model(out.run.root)
     text_tok, image_tok = toks.text, toks.image
     n_tokens = image_tok.tokens_per_image
     scenes = held_out(cfg, image_tok.resolution)
@@ -136,7 +134,7 @@ def evaluate(cfg: Config, workdir: Path, log=print) -> dict:
     rows = min(cfg.demo.grid_rows, len(scenes))
     columns = [np.stack([p.image for p in scenes[:rows]])] + [images[k][:rows] for k in MODES]
     grid = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
-    Image.fromarray(image_grid(grid, len(columns))).save(workdir / "samples.png")
+    Image.fromarray(image_grid(grid, len(columns))).save(out.samples_png)
     examples = [{"caption": c, "retrieved": [text_tok.decode(model.vocab.to_piece_ids(
                     d[model.vocab.is_text(d)])) for d in r],
                  "generated_caption": t} for c, r, t in zip(captions[:rows], retrieved, generated)]
@@ -159,7 +157,7 @@ def plot_loss(run: Path, out: Path) -> list[dict]:
     return rows
 
 
-def write_report(workdir: Path, cfg: Config, result: dict, stages: dict, minutes: float,
+def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, minutes: float,
                  losses: list[dict]) -> dict:
     s = result["scores"]
     report = {**{k: round(v, 4) for k, v in s.items()}, "chance": round(chance(), 4),
@@ -167,7 +165,7 @@ def write_report(workdir: Path, cfg: Config, result: dict, stages: dict, minutes
               "train_steps": result["step"], "cfg_scale": cfg.generate.cfg_scale,
               "retrieved_k": cfg.data.k, "stages": stages,
               "final_loss": losses[-1]["loss"] if losses else None}
-    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    out.report_json.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# cm3leon demo", "",
         f"Shapes data ({cfg.source.size} scenes, up to {cfg.source.max_objects} object(s)); "
@@ -183,29 +181,29 @@ def write_report(workdir: Path, cfg: Config, result: dict, stages: dict, minutes
         "![samples](samples.png)", "", "| caption | generated caption (from the true image) |",
         "|---|---|", *[f"| {e['caption']} | {e['generated_caption']} |"
                        for e in result["examples"]], ""]
-    (workdir / "report.md").write_text("\n".join(lines))
+    out.report_md.write_text("\n".join(lines))
     return report
 
 
 def demo(config_path: str | Path, workdir: str | Path, overrides=(), log=print) -> dict:
     """Run (or resume) every stage and write the report; returns report.json's content."""
     t0 = time.perf_counter()
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(config_path, workdir, overrides)
+    out = DemoDir(Path(workdir))
+    out.root.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(config_path, out.root, overrides)
     if cfg.source.kind != "shapes":
         raise ValueError(f"source.kind={cfg.source.kind!r}: the demo scores shapes scenes only")
-    stages = run_stages(cfg, workdir, log)
-    losses = plot_loss(workdir / "run", workdir / "loss.png")
-    saved = workdir / EVALUATION
+    stages = run_stages(cfg, out, log)
+    losses = plot_loss(out.run.root, out.loss_png)
+    saved = out.evaluation
     result = json.loads(saved.read_text()) if saved.exists() else None
     reuse = result is not None and result["digest"] == cfg.digest()
     log(f"demo: evaluate {'reused' if reuse else 'running'}")
     if not reuse:
-        result = {"digest": cfg.digest(), **evaluate(cfg, workdir, log)}
+        result = {"digest": cfg.digest(), **evaluate(cfg, out, log)}
         saved.write_text(json.dumps(result, indent=1) + "\n")
     stages["evaluate"] = "reused" if reuse else "ran"
-    report = write_report(workdir, cfg, result, stages, (time.perf_counter() - t0) / 60, losses)
+    report = write_report(out, cfg, result, stages, (time.perf_counter() - t0) / 60, losses)
     log(f"demo: {json.dumps({k: v for k, v in report.items() if k != 'stages'})}")
-    log(f"demo: wrote {workdir / 'report.md'}")
+    log(f"demo: wrote {out.report_md}")
     return report

@@ -27,7 +27,7 @@ def add_commands(sub) -> None:
 
 def run_score(args) -> None:
     from cm3leon_jax.eval import score  # heavy: deferred so cm3leon --help stays fast
-    from cm3leon_jax.train import weights
+    from cm3leon_jax.train import weights  # heavy: as above
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")

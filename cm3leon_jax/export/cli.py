@@ -10,7 +10,7 @@ from __future__ import annotations
 
 def add_commands(sub) -> None:
     p = sub.add_parser("export", help="a checkpoint -> safetensors or HF OPT directory")
-    p.add_argument("--workdir", required=True, help="run directory (its checkpoints/)")
+    p.add_argument("--workdir", required=True, help="run directory (its checkpoints/) or export")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--format", required=True, choices=["safetensors", "hf-opt"])
     p.add_argument("--out", required=True, help="new (or empty) output directory")

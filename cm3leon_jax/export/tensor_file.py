@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
-          np.dtype(np.int64): "I64", np.dtype(jax.numpy.bfloat16): "BF16"}
+from cm3leon_jax.train.weights import DTYPES
+
 PIECE_BYTES = 256 * 2**20  # largest slice gathered to the host at once
 
 

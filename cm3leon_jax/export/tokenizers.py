@@ -16,10 +16,10 @@ from cm3leon_jax.config import ConfigError
 from cm3leon_jax.layout import DataDir
 
 
-def tokenizer_entries(data_dir: str | Path) -> list[Path]:
+def tokenizer_entries(data_dir: str | Path, where: str = "data.dir") -> list[Path]:
     data = DataDir(Path(data_dir))
     if not data.root.is_dir():
-        raise ConfigError(f"data.dir={str(data.root)!r} does not exist here, so its tokenizers "
+        raise ConfigError(f"{where}: {str(data.root)!r} does not exist here, so its tokenizers "
                           "cannot be exported (pass --skip-tokenizers to export weights only)")
     return [p for p in data.tokenizer_entries() if p.exists()]
 

@@ -38,9 +38,10 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
     cfg, step, _ = weights_lib.saved_config(workdir, step)
     if fmt == "hf-opt":
         hf_opt.check(cfg)
-    data_dir = cfg.data.dir if with_tokenizers else None
+    found = weights_lib.tokenizer_dir(cfg, workdir) if with_tokenizers else None
+    data_dir = found[0] if found else None
     if data_dir is not None:
-        tokenizers.tokenizer_entries(data_dir)  # refuses a missing data.dir now
+        tokenizers.tokenizer_entries(data_dir, found[1])  # refuses a missing directory now
 
     weights = weights_lib.load(workdir, step, mesh=mesh)
     if fmt == "safetensors":
@@ -75,7 +76,7 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
         partial.root.rename(out)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         tok = (f"{len(summary['tokenizers'])} tokenizer files from {data_dir}" if data_dir
-               else "no tokenizers (data.dir is null: the built-in synthetic source)"
+               else "no tokenizers (none known: the built-in synthetic source)"
                if with_tokenizers else "no tokenizers (--skip-tokenizers)")
         print(f"exported {weights.origin} as {fmt}: {len(files)} tensors, "
               f"{nbytes / 2**20:.1f} MiB -> {out}; {tok}; {summary['seconds']}s")

@@ -4,10 +4,11 @@
     cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
     cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
 
-The weights come from train/weights.py (parameters only); the text and image tokenizers from
-the prepared data directory the run trained on (`data.dir`, which an override may point
-elsewhere as long as its vocabulary is the run's), or an export's tokenizers/. Stage
-modules are imported when a command runs, so `cm3leon --help` does not load jax.
+The weights come from train/weights.py (parameters only); the text and image tokenizers are
+the ones the model trained with (`weights.tokenizer_dir`: `sft.tokenizers`, an export's
+own tokenizers/, the init's, else `data.dir`; an override may point elsewhere as long as
+every piece and code has an id in the model's vocabulary). Stage modules are imported
+when a command runs, so `cm3leon --help` does not load jax.
 """
 
 from __future__ import annotations
@@ -53,34 +54,19 @@ def _overrides(args) -> list[str]:
     return [*args.overrides, *cfg_scale]
 
 
-def load(workdir, overrides: list[str]):
-    """(config, model, tokenizers, step) of a run or export directory."""
-    from cm3leon_jax.data.prepare import load_tokenizers  # heavy: deferred (cm3leon --help)
-    from cm3leon_jax.generate.tasks import Model
-    from cm3leon_jax.train import weights
-
-    w = weights.load(workdir, overrides=overrides)
-    if is_run(workdir):
-        if w.cfg.data.dir is None:
-            raise ConfigError("data.dir is not set: generation needs the prepared data "
-                              "directory (its text and image tokenizers); pass data.dir=DIR")
-        directory, where = w.cfg.data.dir, "data.dir"
-    else:
-        directory, where = ExportDir(Path(workdir)).tokenizers.root, "the export's tokenizers"
-    toks = load_tokenizers(directory, w.cfg.vocab.build(), where=where)
-    return w.cfg, Model.of(w), toks, w.step
-
-
 def generate_image(workdir, prompts: list[str], num: int, out: str | None,
                    overrides: list[str]) -> Path:
     """Write a PNG grid (a row per prompt: `num` images x generate.candidates) and the codes
     (.npy) next to it; returns the PNG path."""
     from PIL import Image  # heavy: deferred (cm3leon --help)
 
-    from cm3leon_jax.generate import tasks
-    from cm3leon_jax.generate.grid import image_grid
+    from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
+    from cm3leon_jax.generate.grid import image_grid  # heavy: deferred (cm3leon --help)
 
-    cfg, model, toks, step = load(workdir, overrides)
+    if out is None and not is_run(workdir) and ExportDir(Path(workdir)).config.is_file():
+        raise ConfigError(f"--out: {workdir} is an export, which is not written to; name the "
+                          "PNG file")
+    cfg, model, toks, step = tasks.load_model(workdir, overrides=overrides)
     n_tokens = cfg.generate.image_tokens or toks.image.tokens_per_image
     if n_tokens != toks.image.tokens_per_image:
         raise ConfigError(f"generate.image_tokens={n_tokens} but the image tokenizer makes "
@@ -106,10 +92,10 @@ def generate_image(workdir, prompts: list[str], num: int, out: str | None,
 def caption_images(workdir, images: list[str], overrides: list[str]) -> list[str]:
     from PIL import Image  # heavy: deferred (cm3leon --help)
 
-    from cm3leon_jax.data.sources import fit_image, to_rgb
-    from cm3leon_jax.generate import tasks
+    from cm3leon_jax.data.sources import fit_image, to_rgb  # heavy: deferred (cm3leon --help)
+    from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
 
-    cfg, model, toks, _ = load(workdir, overrides)
+    cfg, model, toks, _ = tasks.load_model(workdir, overrides=overrides)
     pixels = []
     for f in images:
         if not Path(f).is_file():
@@ -126,7 +112,7 @@ def caption_images(workdir, images: list[str], overrides: list[str]) -> list[str
 def infill_text(workdir, before: str, after: str, overrides: list[str]) -> str:
     from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
 
-    cfg, model, toks, _ = load(workdir, overrides)
+    cfg, model, toks, _ = tasks.load_model(workdir, overrides=overrides)
     enc = lambda s: model.vocab.text_ids(toks.text.encode(s)) if s else np.zeros(0, np.int32)
     (ids,) = tasks.infill(model, [(enc(before), enc(after))], cfg.generate)
     text = toks.text.decode(model.vocab.to_piece_ids(ids))

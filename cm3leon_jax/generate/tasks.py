@@ -2,7 +2,8 @@
 candidate pool), image + text -> image (two-scale guidance), image -> text, text infilling.
 
 Everything here works on token ids of the unified vocabulary; turning text into ids and
-image codes into pixels is the tokenizers' job (see generate/cli.py).
+image codes into pixels is the tokenizers' job: `load_model` gives a trained model with
+its tokenizers.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon_jax.config import GenerateConfig
+from cm3leon_jax.config import Config, ConfigError, GenerateConfig
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
-from cm3leon_jax.train.weights import Weights
+from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
+from cm3leon_jax.train import weights
 from cm3leon_jax.vocab import Vocab
 
 TEXT_STOP = ("eoss", "eos", "brk")  # a caption or infill ends at the first of these
@@ -30,11 +32,19 @@ class Model:
     max_seq_len: int
     mesh: Any = None  # a jax Mesh: decode sharded like training; None: one device
 
-    @classmethod
-    def of(cls, w: Weights) -> "Model":
-        """Loaded weights (train/weights.py) ready to decode, on the mesh they were laid on."""
-        return cls(w.mdef.graphdef, w.params, w.cfg.vocab.build(), w.cfg.model.max_seq_len,
-                   w.mesh)
+
+def load_model(path, step: int | None = None,
+               overrides: list[str] = ()) -> tuple[Config, Model, Tokenizers, int]:
+    """(config, model, tokenizers, step) of a run directory (its checkpoint `step`, else the
+    latest) or an export: the parameters on the devices (train/weights.py) and the
+    tokenizers the model was trained with (`weights.tokenizer_dir`)."""
+    w = weights.load(path, step, overrides=overrides)
+    found = weights.tokenizer_dir(w.cfg, path)
+    if found is None:
+        raise ConfigError(f"{path}: {weights.NO_TOKENIZERS}")
+    toks = load_tokenizers(found[0], w.cfg.vocab.build(), where=found[1])
+    model = Model(w.mdef.graphdef, w.params, toks.vocab, w.cfg.model.max_seq_len, w.mesh)
+    return w.cfg, model, toks, w.step
 
 
 def _sampling(g: GenerateConfig) -> dict:

@@ -34,7 +34,7 @@ def add_commands(sub) -> None:
 
 def train_encoder(args) -> None:
     from cm3leon_jax.retrieval import train_encoder  # heavy: deferred (cm3leon --help)
-    from cm3leon_jax.retrieval.neighbors import train_dir
+    from cm3leon_jax.retrieval.neighbors import train_dir  # heavy: as above
 
     cfg = load_config(args.config, args.overrides)
     train_encoder.validate_for_training(cfg.retrieval)

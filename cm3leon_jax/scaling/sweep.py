@@ -62,13 +62,22 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> list[dict]:
+def evaluate_run(run: Run, run_dir: Path, batches: list[dict],
+                 lead: bool) -> tuple[list[dict], bool]:
     """Train `run` through its evaluation steps not yet in eval.jsonl, evaluating each on
-    the way; returns the new records (fewer when the run was preempted)."""
+    the way; returns the new records and whether SIGTERM stopped it."""
     done = {r["step"] for r in read_evals(run_dir)}
     todo = {p.step: p for p in run.evals if p.step not in done}
     if not todo:
-        return []
+        return [], False
+    checkpoints = RunDir(run_dir).checkpoints
+    if checkpoints.is_dir():
+        with checkpoint.reader(checkpoints) as mngr:
+            latest = mngr.latest_step() or 0
+        missed = sorted(s for s in todo if s <= latest)
+        if missed:
+            raise ConfigError(f"{run_dir / EVALS} lacks steps {missed} but the run is at "
+                              f"step {latest}; delete {run_dir} to redo this size")
     run_dir.mkdir(parents=True, exist_ok=True)
     if lead:
         (run_dir / RUN).write_text(json.dumps(run.summary(), indent=1) + "\n")
@@ -76,7 +85,7 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> li
     records = []
 
     def evaluate(step, state):
-        point = todo.pop(step)
+        point = todo[step]
         losses = evaluator(state.params)
         record = {"step": step, "tokens": step * run.tokens_per_step,
                   "flops": step * run.flops_per_step, "grid": point.grid,
@@ -89,16 +98,8 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict], lead: bool) -> li
                   f"image {_fmt(losses['image_loss'])})")
 
     steps = frozenset(todo)
-    train(run.cfg, run_dir, hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
-    if todo and _latest_step(run_dir) >= max(todo):
-        raise ConfigError(f"{run_dir / EVALS} lacks steps {sorted(todo)} but the run is past "
-                          f"them; delete {run_dir} to redo this size")
-    return records
-
-
-def _latest_step(run_dir: Path) -> int:
-    mngr = checkpoint.reader(RunDir(run_dir).checkpoints)
-    return mngr.latest_step() or 0
+    result = train(run.cfg, run_dir, hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
+    return records, result.preempted_at is not None
 
 
 def _fmt(x: float | None) -> str:
@@ -129,10 +130,10 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     t0 = time.perf_counter()
     new = {}
     for run in tqdm(runs, desc="sweep", unit="size", disable=not lead):
-        new[run.name] = evaluate_run(run, runs_dir / run.name, batches, lead)
-        if len(read_evals(runs_dir / run.name)) < len(run.evals):  # preempted (SIGTERM)
+        new[run.name], preempted = evaluate_run(run, runs_dir / run.name, batches, lead)
+        if preempted:
             if lead:
-                print(f"sweep stopped in {run.name}; relaunch to resume")
+                print(f"sweep stopped in {run.name} (SIGTERM); relaunch to resume")
             return new
     if lead:
         print(f"sweep done in {time.perf_counter() - t0:.0f}s: "

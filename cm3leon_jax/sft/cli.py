@@ -55,11 +55,11 @@ def sft_data_for(cfg):
 def sft_data(args) -> None:
     """The SFT mixture's per-task shares, and sample examples as PNG + JSONL for a look."""
     import numpy as np  # heavy: deferred so cm3leon --help stays fast
-    from PIL import Image
+    from PIL import Image  # heavy: as above
 
-    from cm3leon_jax.sft.jsonl import SFTDataError, jsonl_example, read_sft_jsonl
-    from cm3leon_jax.sft.mixture import config_shares, mixture_report
-    from cm3leon_jax.sft.shapes_suite import ShapesSFT
+    from cm3leon_jax.sft.jsonl import SFTDataError, jsonl_example, read_sft_jsonl  # heavy
+    from cm3leon_jax.sft.mixture import config_shares, mixture_report  # heavy: as above
+    from cm3leon_jax.sft.shapes_suite import ShapesSFT  # heavy: as above
 
     cfg = load_config(args.config, args.overrides)
     s = cfg.sft

@@ -32,12 +32,10 @@ from cm3leon_jax.generate import tasks
 from cm3leon_jax.generate.grid import image_grid
 from cm3leon_jax.sft.prompts import (answer_text, condition_image, instruction_prefix,
                                      target_image, task_prompt)
-from cm3leon_jax.sft.rows import sft_tokenizers
 from cm3leon_jax.sft.shapes_suite import ShapesSFT
 from cm3leon_jax.sft.tasks import SFTExample
 from cm3leon_jax.shapes import scores
 from cm3leon_jax.shapes.detector import caption_matches
-from cm3leon_jax.train import weights
 
 OUTPUT = "eval_sft.json"
 TEXT_TASKS = ("caption", "vqa")
@@ -115,10 +113,9 @@ def answer(model, text_tok, image_tok, examples: list[SFTExample], g) -> list:
 
 
 def load(workdir: str | Path):
-    """(model, step, text tokenizer, image tokenizer) of a run directory."""
-    w = weights.load(workdir)
-    toks = sft_tokenizers(w.cfg)
-    return tasks.Model.of(w), w.step, toks.text, toks.image
+    """(model, step, text tokenizer, image tokenizer) of a run directory or an export."""
+    _, model, toks, step = tasks.load_model(workdir)
+    return model, step, toks.text, toks.image
 
 
 def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> dict:

@@ -21,52 +21,33 @@ loss across an example boundary. Two objectives (`sft.loss`):
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import grain
 import numpy as np
 
-from cm3leon_jax import layout
 from cm3leon_jax.config import Config, ConfigError, DataConfig
 from cm3leon_jax.data import cm3
-from cm3leon_jax.data.prepare import Tokenizers, load_tokenizers
 from cm3leon_jax.sft.mixture import mixture_report
 from cm3leon_jax.sft.source import SFTSource
+from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
 from cm3leon_jax.train import weights
 from cm3leon_jax.vocab import Vocab
 
 TOKEN_CACHE = 1 << 16  # tokenized shapes examples kept per process (~4 bytes per token each)
 
 
-def tokenizer_dir(cfg: Config) -> tuple[Path, str]:
-    """Where the SFT data's tokenizers are, and the key that says so: sft.tokenizers, else
-    the init's (a run's data.dir or an export's tokenizers/), else data.dir."""
-    if cfg.sft.tokenizers:
-        return Path(cfg.sft.tokenizers), "sft.tokenizers"
-    init = cfg.train.init_from
-    if init:
-        where = f"train.init_from={init}"
-        if layout.is_run(init):
-            run_data = weights.saved_config(init)[0].data.dir
-            if run_data:
-                return Path(run_data), where
-        elif layout.ExportDir(Path(init)).tokenizers.root.is_dir():
-            return layout.ExportDir(Path(init)).tokenizers.root, where
-    if cfg.data.dir:
-        return Path(cfg.data.dir), "data.dir"
-    raise ConfigError("sft: no tokenizers: set sft.tokenizers to a prepared data directory or "
-                      "an export's tokenizers/")
-
-
-def sft_tokenizers(cfg: Config) -> Tokenizers:
+def sft_tokenizers(cfg: Config) -> tuple[Tokenizers, str]:
     """The text and image tokenizers of the SFT data, checked against the vocabulary and
     sft.resolution."""
-    directory, where = tokenizer_dir(cfg)
+    found = weights.tokenizer_dir(cfg)
+    if found is None:
+        raise ConfigError(f"sft: {weights.NO_TOKENIZERS}")
+    directory, where = found
     toks = load_tokenizers(directory, cfg.vocab.build(), where=where)
     if cfg.sft.resolution is not None and cfg.sft.resolution != toks.image.resolution:
         raise ConfigError(f"sft.resolution={cfg.sft.resolution} but {where} encodes "
                           f"{toks.image.resolution} px images")
-    return toks
+    return toks, f"{where} ({directory})"
 
 
 def response_mask(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
@@ -79,9 +60,9 @@ def response_mask(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
 
 
 def framed_example(ids: np.ndarray, vocab: Vocab, loss: str, data: DataConfig,
-                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, weights of predicting tokens[1:]) of `<eos> ids <eos>` under `loss`
-    (`rng` draws the CM3 spans)."""
+    (`rng` draws the CM3 spans; the response loss draws nothing)."""
     framed = np.concatenate([[vocab.eos], np.asarray(ids, np.int32), [vocab.eos]]).astype(np.int32)
     if loss == "response":
         counted = np.concatenate([[False], response_mask(ids, vocab), [True]])
@@ -121,6 +102,7 @@ class SFTRows:
     text: object  # TextTokenizer
     image: object  # ImageTokenizer
     vocab: Vocab
+    tokenizers_from: str = ""  # where the tokenizers came from (the log says it)
 
     encoded: dict = dataclasses.field(default_factory=dict, repr=False)  # example key -> ids
 
@@ -161,9 +143,9 @@ class SFTRows:
 
 
 def sft_rows(cfg: Config) -> SFTRows:
-    toks = sft_tokenizers(cfg)
+    toks, where = sft_tokenizers(cfg)
     return SFTRows(cfg, SFTSource(cfg.sft, toks.image.resolution), toks.text, toks.image,
-                   toks.vocab)
+                   toks.vocab, where)
 
 
 def sft_batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=print):
@@ -176,7 +158,7 @@ def sft_batches(cfg: Config, process_index: int = 0, process_count: int = 1, log
     local = global_batch // process_count
     rows = sft_rows(cfg)
     if process_index == 0:
-        log(f"sft: loss={cfg.sft.loss}, tokenizers {tokenizer_dir(cfg)[0]}, "
+        log(f"sft: loss={cfg.sft.loss}, tokenizers of {rows.tokenizers_from}, "
             f"{cfg.sft.source} tasks:\n{mixture_report(rows.source.shares)}")
     ds = grain.MapDataset.range(2**40)
     ds = ds.map_with_index(

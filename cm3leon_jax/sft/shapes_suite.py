@@ -26,7 +26,7 @@ from cm3leon_jax.config.sft import TASKS
 from cm3leon_jax.sft.tasks import PHRASINGS, SFTExample, format_example
 from cm3leon_jax.shapes.edits import (DIRECTIONS, edge_map, move, plain_caption, plural, recolour,
                                       reference, segmentation_map)
-from cm3leon_jax.shapes.world import (COLOURS, MIN_RESOLUTION, NUMBERS, SHAPES, render_shapes,
+from cm3leon_jax.shapes.world import (COLOURS, NUMBERS, SHAPES, check_world, draw,
                                       shapes_caption, shapes_scene)
 
 SPLITS = ("train", "eval")
@@ -44,10 +44,7 @@ class ShapesSFT:
     max_objects: int = 3
 
     def __post_init__(self):
-        if self.resolution < MIN_RESOLUTION:
-            raise ValueError(f"sft shapes: resolution={self.resolution} must be >= {MIN_RESOLUTION}")
-        if not 1 <= self.max_objects <= 9:
-            raise ValueError(f"sft shapes: max_objects={self.max_objects} must be in [1, 9]")
+        check_world(self.resolution, self.max_objects, "sft shapes")
 
     def scene(self, task: str, split: str, index: int) -> list[dict]:
         if task not in TASKS:
@@ -63,9 +60,7 @@ class ShapesSFT:
         objects = self.scene(task, split, index)
         rng = np.random.default_rng([self.seed, TASKS.index(task), SPLITS.index(split), index, 1])
         phrasing = int(rng.integers(len(PHRASINGS[task])))
-        image, boxes = render_shapes(objects, self.resolution)
-        for o, box in zip(objects, boxes):
-            o["bbox"] = box
+        image = draw(objects, self.resolution)
         fields, meta = getattr(self, f"_{task}")(objects, image, rng)
         meta = {"objects": objects, "phrasing": phrasing, **meta}
         return format_example(task, {"image": image, **fields}, phrasing,
@@ -122,9 +117,7 @@ class ShapesSFT:
             edit = f"make {reference(objects, i)} {colour}"
             after = recolour(objects, i, colour)
             info = {"kind": "recolour", "colour": colour}
-        target, boxes = render_shapes(after, self.resolution)
-        for o, box in zip(after, boxes):
-            o["bbox"] = box
+        target = draw(after, self.resolution)
         return ({"edit": edit, "target": target},
                 {"edit": edit, "object": i, "after": after, **info})
 

@@ -30,6 +30,14 @@ SIZE_FRACTION = {"small": 0.5, "large": 0.95}  # of the free width of a grid cel
 MIN_RESOLUTION = 24
 
 
+def check_world(resolution: int, max_objects: int, who: str = "shapes") -> None:
+    """What the world can draw: at least MIN_RESOLUTION pixels, 1..9 objects (one a cell)."""
+    if resolution < MIN_RESOLUTION:
+        raise ValueError(f"{who}: resolution={resolution} must be >= {MIN_RESOLUTION}")
+    if not 1 <= max_objects <= 9:
+        raise ValueError(f"{who}: max_objects={max_objects} must be in [1, 9]")
+
+
 def shape_mask(shape: str, cx: float, cy: float, half: float, resolution: int) -> np.ndarray:
     """bool [R, R]: pixels whose centres lie inside the shape (no anti-aliasing)."""
     y, x = np.mgrid[:resolution, :resolution] + 0.5
@@ -78,6 +86,14 @@ def shapes_caption(objects: list[dict]) -> str:
     parts = [f"a {o['size']} {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
     listing = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{NUMBERS[n]} shape{'s' if n > 1 else ''}: {listing}"
+
+
+def draw(objects: list[dict], resolution: int) -> np.ndarray:
+    """uint8 [R, R, 3] image of a scene; each object gains its pixel `bbox`."""
+    image, boxes = render_shapes(objects, resolution)
+    for o, box in zip(objects, boxes):
+        o["bbox"] = box
+    return image
 
 
 def render_shapes(objects: list[dict], resolution: int) -> tuple[np.ndarray, list[list[int]]]:

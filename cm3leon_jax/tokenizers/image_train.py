@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cm3leon_jax.config import Config, VQGANConfig, VQGANTrainConfig
 from cm3leon_jax.model.patchgan import PatchGAN
-from cm3leon_jax.shapes.world import MIN_RESOLUTION, render_shapes, shapes_scene
+from cm3leon_jax.shapes.world import check_world, render_shapes, shapes_scene
 from cm3leon_jax.tokenizers.image import (ImageTokenizer, abstract_params, graphdef, init_like,
                                           init_params, to_float)
 
@@ -207,8 +207,7 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
 
 def shapes_images(count: int, resolution: int, seed: int, max_objects: int) -> np.ndarray:
     """uint8 [count, R, R, 3]: scenes 0..count-1 of the built-in shapes world."""
-    if resolution < MIN_RESOLUTION:
-        raise ValueError(f"shapes: resolution={resolution} must be >= {MIN_RESOLUTION}")
+    check_world(resolution, max_objects)
     return np.stack([render_shapes(shapes_scene(i, seed, resolution, max_objects), resolution)[0]
                      for i in tqdm(range(count), desc="render shapes", leave=False)])
 

@@ -89,15 +89,6 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, saved: dict, cfg: Confi
                     f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, cfg: Config):
-    """The train state alone (no data iterator: for generation and export), laid out as
-    `abstract_state` says; refuses a checkpoint of a different model."""
-    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    _check_model(mngr, step, saved, cfg)
-    return mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))["state"]
-
-
 def seek(data_iter, step_dir: Path, position: dict) -> None:
     """Elastic resume: move a fresh iterator to global batch `position['global_batches']`.
 

@@ -41,6 +41,12 @@ class BadStepsError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainResult:
+    history: list[dict]  # this call's per-step metrics
+    preempted_at: int | None = None  # the step SIGTERM stopped the run at (checkpointed)
+
+
+@dataclasses.dataclass(frozen=True)
 class Hook:
     """`fn(step, state)` after every `every`-th step (0: none), after the steps in `at`,
     and, with `at_end`, after the run's last step (or the step a preemption stops at).
@@ -73,17 +79,17 @@ def _id_gatherer(mesh):
 
 
 def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] | None = None,
-          hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset()) -> list[dict]:
-    """Train to `cfg.train.steps` updates in total; returns this run's per-step metrics.
+          hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset()) -> TrainResult:
+    """Train to `cfg.train.steps` updates in total; returns this call's per-step metrics.
 
     `data()` makes this process's batch iterator (a grain iterator, whose state is
     checkpointed), called after the cheap checks; by default the pretraining data
-    (`data.dir`, else the synthetic source). `hooks` run in order, before the
-    checkpoint of the same step; `checkpoint_at` adds checkpoints (the sweep keeps its
-    evaluated steps). Every process of a multi-process
-    job calls this with the same config. SIGTERM makes it finish the current step, save a
-    checkpoint and return; more than `fault.max_bad_steps` skipped (non-finite) updates in a
-    row raise BadStepsError with the last good checkpoint kept.
+    (`data.dir`, else the synthetic source). `hooks` run in order, before the checkpoint
+    of the same step; `checkpoint_at` adds checkpoints (the sweep keeps its evaluated
+    steps). Every process of a multi-process job calls this with the same config. SIGTERM
+    makes it finish the current step, save a checkpoint and return (`preempted_at` says
+    where); more than `fault.max_bad_steps` skipped (non-finite) updates in a row raise
+    BadStepsError with the last good checkpoint kept.
     """
     run = RunDir(Path(workdir))
     validate(cfg, jax.device_count())
@@ -200,4 +206,4 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
               f"checkpoint {run.checkpoints / str(last_saved)}")
     elif lead:
         print(f"{run.root} is already at step {start} of train.steps={cfg.train.steps}")
-    return history
+    return TrainResult(history, stopped_at)

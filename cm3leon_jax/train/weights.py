@@ -16,11 +16,14 @@ by dots (`embed`, `blocks.attn.qkv`, ...) with the layer-stacked layout unchange
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from safetensors import safe_open
 
@@ -33,7 +36,8 @@ from cm3leon_jax.train.state import ModelDef, model_def
 
 FORMAT = "cm3leon_jax"  # config.json "format" of our exports
 VERSION = 1
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
+          np.dtype(np.int64): "I64", np.dtype(jnp.bfloat16): "BF16"}  # safetensors names
 # Model keys that decide what the tensors mean; the rest (dtype, remat, z_loss, ...) may
 # change when generating from or fine-tuning weights.
 SAME_MODEL = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "activation",
@@ -92,16 +96,8 @@ def inference_mesh(cfg: Config, devices=None) -> Mesh:
 
 # --- configs -------------------------------------------------------------------------------
 
-def _run_config(run: str | Path, step: int | None) -> tuple[dict, int, str]:
-    mngr = checkpoint.reader(layout.RunDir(Path(run)).checkpoints)
-    step = checkpoint.resolve_step(mngr, step)
-    return checkpoint.saved_config(mngr, step), step, f"{mngr.directory}/{step}"
-
-
-def _export_config(export: str | Path) -> tuple[dict, int, str]:
-    path = layout.ExportDir(Path(export)).config
-    if not path.is_file():
-        raise ConfigError(f"{export} is not an export directory: {path} does not exist")
+def _export_config(export: Path) -> tuple[dict, int, str]:
+    path = layout.ExportDir(export).config
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -115,10 +111,12 @@ def _export_config(export: str | Path) -> tuple[dict, int, str]:
     return meta["config"], int(meta.get("step", 0)), str(export)
 
 
-def _saved(path: Path, step: int | None) -> tuple[dict, int, str]:
-    """(raw config, step, origin) of a run directory's checkpoint or an export."""
-    if layout.is_run(path):
-        return _run_config(path, step)
+def _saved(path: Path, step: int | None, mngr=None) -> tuple[dict, int, str]:
+    """(raw config, step, origin) of a run directory's checkpoint (read through `mngr`) or
+    of an export."""
+    if mngr is not None:
+        step = checkpoint.resolve_step(mngr, step)
+        return checkpoint.saved_config(mngr, step), step, f"{mngr.directory}/{step}"
     if layout.ExportDir(path).config.is_file():
         if step is not None:
             raise ConfigError(f"{path} is an export (one step); --step applies to run "
@@ -129,19 +127,34 @@ def _saved(path: Path, step: int | None) -> tuple[dict, int, str]:
 
 
 def _resolve(raw: dict, overrides: list[str], origin: str) -> Config:
+    """The saved config (an error in it names where it was saved), then `overrides` on it
+    (an error in one names only its key)."""
     try:
-        cfg = from_dict(apply_overrides(raw, list(overrides)))
-        validate(cfg)
+        saved = from_dict(raw, saved=True)
+        validate(saved)
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
+    if not overrides:
+        return saved
+    cfg = from_dict(apply_overrides(raw, list(overrides)), saved=True)
+    validate(cfg)
     return cfg
+
+
+def _reader(path: Path):
+    """A reader of the run's checkpoints, or a no-op context for an export."""
+    if layout.is_run(path):
+        return checkpoint.reader(layout.RunDir(path).checkpoints)
+    return contextlib.nullcontext()
 
 
 def saved_config(path: str | Path, step: int | None = None,
                  overrides: list[str] = ()) -> tuple[Config, int, str]:
     """(config, step, origin) of a run directory's checkpoint (`step`, or the latest) or of
     an export directory, with `overrides` applied and validated."""
-    raw, step, origin = _saved(Path(path), step)
+    path = Path(path)
+    with _reader(path) as mngr:
+        raw, step, origin = _saved(path, step, mngr)
     return _resolve(raw, overrides, origin), step, origin
 
 
@@ -157,6 +170,30 @@ def check_same_model(saved: Config, cfg: Config, where: str, kind: str = "weight
                               f"{ours!r}")
 
 
+NO_TOKENIZERS = ("no tokenizers: set sft.tokenizers (or data.dir) to a prepared data "
+                 "directory or an export's tokenizers/")
+
+
+def tokenizer_dir(cfg: Config, path: str | Path | None = None) -> tuple[Path, str] | None:
+    """Where the tokenizers of a model are, and what says so (None: nowhere, as for the
+    synthetic source): `sft.tokenizers`; for weights at an export `path`, its own
+    tokenizers/; the init's (`train.init_from`, the same way); else `data.dir`."""
+    if cfg.sft.tokenizers:
+        return Path(cfg.sft.tokenizers), "sft.tokenizers"
+    if path is not None and not layout.is_run(path):
+        own = layout.ExportDir(Path(path)).tokenizers.root
+        if own.is_dir():
+            return own, f"the tokenizers of {path}"
+    init = cfg.train.init_from
+    if init:
+        found = tokenizer_dir(saved_config(init)[0], init)
+        if found is not None:
+            return found[0], f"train.init_from={init}"
+    if cfg.data.dir:
+        return Path(cfg.data.dir), "data.dir"
+    return None
+
+
 # --- parameters ----------------------------------------------------------------------------
 
 def load(path: str | Path, step: int | None = None, *, overrides: list[str] = (),
@@ -167,22 +204,23 @@ def load(path: str | Path, step: int | None = None, *, overrides: list[str] = ()
     the vocabulary); `dtype` sets model.dtype (the compute dtype).
     """
     path = Path(path)
-    raw, step, origin = _saved(path, step)
-    extra = [*overrides, *([f"model.dtype={dtype}"] if dtype else [])]
-    cfg = _resolve(raw, extra, origin)
-    if extra:
+    kind = "run" if layout.is_run(path) else "export"
+    with _reader(path) as mngr:
+        raw, step, origin = _saved(path, step, mngr)
+        extra = [*overrides, *([f"model.dtype={dtype}"] if dtype else [])]
+        cfg = _resolve(raw, extra, origin)
         check_same_model(_resolve(raw, [], origin), cfg, f"{origin} with {' '.join(extra)}",
-                         "run" if layout.is_run(path) else "export")
-    mdef = model_def(cfg)
-    mesh = mesh or inference_mesh(cfg)
-    shardings = mdef.param_shardings(mesh)
-    if layout.is_run(path):
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                mdef.abstract_params, shardings)
-        mngr = checkpoint.reader(layout.RunDir(path).checkpoints)
-        params = checkpoint.restore_params(mngr, step, abstract)
-    else:
-        params = _read_export(layout.ExportDir(path).weights, mdef, shardings)
+                         kind)
+        mdef = model_def(cfg)
+        mesh = mesh or inference_mesh(cfg)
+        shardings = mdef.param_shardings(mesh)
+        if mngr is not None:
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                mdef.abstract_params, shardings)
+            params = checkpoint.restore_params(mngr, step, abstract)
+        else:
+            params = _read_export(layout.ExportDir(path).weights, mdef, shardings)
     return Weights(cfg, mdef, params, mesh, step, origin)
 
 
@@ -202,7 +240,7 @@ def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:
         for name, abstract in want.items():
             piece = f.get_slice(name)
             shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
-            need = SAFETENSORS_DTYPES[str(abstract.dtype)]
+            need = DTYPES[np.dtype(abstract.dtype)]
             if shape != tuple(abstract.shape) or dtype != need:
                 raise ConfigError(f"{path}: tensor {name} is {dtype}{list(shape)}, the model "
                                   f"needs {need}{list(abstract.shape)}")
