@@ -53,9 +53,9 @@ def test_undo_restores_every_example_exactly():
     for trial in range(3000):
         tokens, _, _ = random_example(rng)
         lam = float(rng.choice([0.5, 1.0, 3.0]))
-        rotation = float(rng.choice([0.0, 0.5]))
+        whole = float(rng.choice([0.0, 0.5]))
         max_len = 10_000 if trial % 2 else int(rng.integers(8, 120))
-        masked, origin, cut = cm3.cm3_transform(tokens, rng, VOCAB, lam, max_len, rotation)
+        masked, origin, cut, _ = cm3.cm3_transform(tokens, rng, VOCAB, lam, max_len, whole)
         assert masked.size <= max_len
         np.testing.assert_array_equal(cm3.unmask(masked, VOCAB), tokens[:tokens.size - cut])
         moved = ~(VOCAB.is_sentinel(masked) | (masked == VOCAB.eoss))
@@ -70,22 +70,49 @@ def test_no_span_crosses_or_masks_a_boundary():
     rng = np.random.default_rng(1)
     for trial in range(3000):
         tokens, _, _ = random_example(rng)
-        rotation = 1.0 if trial % 3 == 0 else 0.0
-        spans = cm3.choose_spans(tokens, int(rng.integers(0, 6)), rng, VOCAB, rotation)
+        whole = 1.0 if trial % 3 == 0 else 0.0
+        spans = cm3.choose_spans(tokens, int(rng.integers(0, 6)), rng, VOCAB, whole)
         boundary = (tokens == VOCAB.eos) | (tokens == VOCAB.brk)
         prev_end = 0
         for s, e in spans:
             assert prev_end <= s < e  # sorted, disjoint, non-empty
             assert not boundary[s:e].any()
-            if rotation:  # a whole segment: bounded by boundaries on both sides
-                assert boundary[s - 1] and (e == tokens.size or boundary[e])
             prev_end = e
+        if whole and spans:  # one of them a whole segment: boundaries on both sides
+            assert any(boundary[s - 1] and (e == tokens.size or boundary[e]) for s, e in spans)
         masked, _ = cm3.apply_spans(tokens, spans, VOCAB)
         # every <break> and <eos> stays in the source part, in place
         n = len(spans)
         source = masked[:masked.size - sum(e - s + 2 for s, e in spans)]
         assert np.sum(masked == VOCAB.brk) == np.sum(source == VOCAB.brk) == np.sum(tokens == VOCAB.brk)
         assert np.sum(VOCAB.is_sentinel(source)) == n
+
+
+def test_a_whole_segment_span_lands_on_every_segment_equally_often():
+    """metaseq's full-segment rotation: the segment is uniform among the example's segments,
+    not drawn in proportion to its length (a 3-token caption as often as a 60-token image)."""
+    v = VOCAB
+    lengths = [3, 60, 5, 40, 2, 30]  # caption, image, caption, image, query caption, image
+    parts = [v.text_ids(np.zeros(n, int)) if i % 2 == 0 else v.image_ids(np.zeros(n, int))
+             for i, n in enumerate(lengths)]
+    docs = [np.concatenate([parts[i], [v.brk], parts[i + 1]]) for i in (0, 2, 4)]
+    tokens, _ = sequences.example(docs[2], docs[:2], v)
+    starts = np.flatnonzero((tokens == v.eos) | (tokens == v.brk))[:-1] + 1
+    rng = np.random.default_rng(3)
+    hits = np.zeros(len(lengths), int)
+    for _ in range(6000):
+        (span,) = cm3.choose_spans(tokens, 1, rng, v, whole_segment=1.0)
+        hits[int(np.searchsorted(starts, span[0], side="right")) - 1] += 1
+        assert span[1] - span[0] == lengths[int(np.searchsorted(starts, span[0], "right")) - 1]
+    assert stats.chisquare(hits).pvalue > 1e-3, hits  # uniform over the six segments
+    by_length = np.asarray(lengths) / sum(lengths)  # what growing a random span would give
+    assert stats.chisquare(hits, hits.sum() * by_length).pvalue < 1e-6, hits
+    # with more spans, one is whole and the others keep out of it
+    for _ in range(500):
+        spans = cm3.choose_spans(tokens, 3, rng, v, whole_segment=1.0)
+        assert len(spans) == 3
+        whole = [(s, e) for s, e in spans if e - s in lengths and s in starts]
+        assert whole
 
 
 def clamped_poisson(lam, top):
@@ -99,7 +126,7 @@ def test_span_counts_follow_clamped_poisson():
     counts = np.zeros(top + 1, int)
     for _ in range(5000):
         tokens, _, _ = random_example(rng, min_len=12)  # >= 2*top - 1 maskable tokens
-        masked, _, cut = cm3.cm3_transform(tokens, rng, VOCAB, lam, 10_000)
+        masked, _, cut, _ = cm3.cm3_transform(tokens, rng, VOCAB, lam, 10_000)
         counts[int(VOCAB.is_sentinel(masked).sum()) // 2] += 1
     assert counts[top] > 0  # the clamp was hit
     p_ok = stats.chisquare(counts, counts.sum() * clamped_poisson(lam, top)).pvalue
@@ -123,7 +150,7 @@ def test_loss_weights_follow_documents_and_sentinels():
     sw, rw = 0.0, 0.1
     for _ in range(1000):
         tokens, flags, k = random_example(rng)
-        masked, origin, _ = cm3.cm3_transform(tokens, rng, VOCAB, 2.0, 10_000)
+        masked, origin, _, _ = cm3.cm3_transform(tokens, rng, VOCAB, 2.0, 10_000)
         w = cm3.target_weights(masked, origin, flags, VOCAB, sw, rw)
         region = span_region(masked)
         # reference: region of each token from its id, or its span, or the token before it

@@ -92,6 +92,7 @@ def test_renamed_key_moves_to_its_new_name(tiny):
     assert tiny("data.retrieval_dir=/a", "retrieval.dir=/a").retrieval.dir == "/a"
     with pytest.raises(ConfigError, match="old name of retrieval.dir.*disagree"):
         tiny("data.retrieval_dir=/a", "retrieval.dir=/b")
+    assert tiny("data.rotation=0.3").data.whole_segment == 0.3
 
 
 def test_removed_key_is_refused_in_a_config_and_dropped_from_saved_ones(tiny):

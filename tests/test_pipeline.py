@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cm3leon_jax import layout
 from cm3leon_jax.config import ConfigError, load_config
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.records import shard_name, write_shard
@@ -64,7 +65,8 @@ def example_bytes(ex):
 
 
 def test_packing_keeps_every_token(data):
-    cfg, docs, table = data("data.seq_len=64", "model.max_seq_len=64", "data.cm3_lambda=2")
+    cfg, docs, table = data("data.seq_len=64", "model.max_seq_len=64", "data.cm3_lambda=2",
+                            "data.packing=pack")
     vocab = cfg.vocab.build()
     it = pipeline.batches(cfg, log=lambda _: None)
     rows = [next(it) for _ in range(12)]
@@ -89,8 +91,13 @@ def test_packing_keeps_every_token(data):
     # m - truncated + 3n - 1 (input, target) pairs
     doc_len = [d["text"].size + d["image"].size + 1 for d in docs]
     tokens_in = truncated = spans_total = 0
-    for e in made:
-        nbrs = [j for j in table[e["document"], :cfg.data.k] if j >= 0]
+    table_file = str(layout.retrieval_dir(cfg).neighbors)
+    maker = pipeline.ExampleMaker(str(cfg.data.dir), table_file, cfg.data.k, vocab, cfg.data)
+    for pos, e in enumerate(made):
+        # the draw is the first use of the example's randomness (data.seed, position)
+        nbrs = maker.draw(e["document"], np.random.default_rng([cfg.data.seed, pos]))
+        pool = {j for j in table[e["document"]] if j >= 0}
+        assert set(nbrs) <= pool and len(nbrs) == len(set(nbrs)) == min(cfg.data.k, len(pool))
         assert e["retrieved"] == len(nbrs)
         assembled = 2 + doc_len[e["document"]] + sum(doc_len[j] + 1 for j in nbrs)
         spans = int(vocab.is_sentinel(np.append(e["inputs"], e["targets"][-1])).sum()) // 2
@@ -102,6 +109,30 @@ def test_packing_keeps_every_token(data):
     assert truncated > 0 and spans_total > 0  # both paths exercised
     print(f"packed {len(made)} examples: {tokens_in} tokens in, {truncated} truncated, "
           f"{out_tokens} pairs out, fill {out_tokens / (12 * 8 * 64):.2f}")
+
+
+def test_stream_rows_are_the_examples_back_to_back(data):
+    """`stream` packing: every slot holds a real token, the rows read in order are this
+    process's examples in order (an example cut at a row's end goes on at the start of the
+    next row), and positions restart at 0 with every segment."""
+    cfg, _, _ = data("data.cm3_lambda=2")  # examples shorter than a row: none truncated
+    it = pipeline.batches(cfg, log=lambda _: None)
+    rows = [next(it) for _ in range(6)]
+    for b in rows:
+        assert (b["segment_ids"] > 0).all()
+        for seg, pos in zip(b["segment_ids"], b["positions"]):
+            start = np.flatnonzero(np.diff(seg, prepend=0) != 0)
+            within = np.arange(seg.size) - np.repeat(start, np.diff(np.append(start, seg.size)))
+            np.testing.assert_array_equal(pos, within)
+    got = {k: np.concatenate([r for b in rows for r in b[k]]) for k in pipeline.SEQUENCE}
+    ex, made, n = pipeline.examples(cfg), [], 0
+    while n < got["inputs"].size:
+        made.append(ex[len(made)])
+        n += made[-1]["inputs"].size
+    for k in pipeline.SEQUENCE:
+        want = np.concatenate([e[k] for e in made])[:got[k].size]
+        np.testing.assert_array_equal(got[k], want, err_msg=k)
+    assert any(e["truncated"] == 0 for e in made) and len(made) > 6 * 8
 
 
 def test_padding_puts_one_example_per_row(data):
@@ -204,7 +235,7 @@ def test_train_through_the_pipeline(data, tmp_path):
     from cm3leon_jax.train.trainer import train
 
     cfg, _, _ = data("train.steps=60", "data.retrieved_dropout=0.3", "data.sentinel_weight=0",
-                     "data.retrieved_weight=0.5", "data.image_first=0.2", "data.rotation=0.1")
+                     "data.retrieved_weight=0.5", "data.image_first=0.2", "data.whole_segment=0.1")
     hist = train(cfg, tmp_path / "run").history
     first, last = hist[0], hist[-1]
     assert last["text_loss"] < first["text_loss"] - 1.5
@@ -214,9 +245,9 @@ def test_train_through_the_pipeline(data, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.rotation=1.5", r"data.rotation=1.5 must be in \[0, 1\]"),
+    ("data.whole_segment=1.5", r"data.whole_segment=1.5 must be in \[0, 1\]"),
     ("data.k=-1", "data.k=-1 must be >= 0"),
-    ("data.packing=split", r"data.packing='split' is not one of \['pack', 'pad'\]"),
+    ("data.packing=split", r"data.packing='split' is not one of \['stream', 'pack', 'pad'\]"),
     ("data.retrieved_weight=-0.1", "data.retrieved_weight=-0.1 must be >= 0"),
 ])
 def test_data_keys_are_validated(tiny, override, message):

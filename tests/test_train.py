@@ -24,7 +24,8 @@ def test_resumed_run_has_identical_losses(tiny, tmp_path):
     assert [m["loss"] for m in logged] == [m["loss"] for m in full]
     for m in logged:
         assert {"step", "loss", "text_loss", "image_loss", "grad_norm", "lr", "tokens_per_s",
-                "mfu"} <= set(m)
+                "real_tokens", "real_tokens_per_s", "mfu"} <= set(m)
+        assert m["real_tokens"] == 8 * 128  # the synthetic rows have no padding
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["50", "60"]
     # nothing left to do: a third call trains no step
     assert train(tiny("train.steps=60", *STEPS), tmp_path / "split").history == []

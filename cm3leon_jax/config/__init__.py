@@ -68,7 +68,8 @@ class Config:
 
 # Keys that were replaced, and by what: run directories and checkpoints written before load
 # with the old value moved to the new key; an error only when both are set and differ.
-RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir")}
+RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir"),
+                ("data", "rotation"): ("data", "whole_segment")}
 # Keys that no longer exist, and why. A run directory or export written before the removal
 # loads without them; a config a person writes that still has one is refused.
 REMOVED_KEYS = {

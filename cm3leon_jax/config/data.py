@@ -19,15 +19,15 @@ class DataConfig:
     retrieved_dropout: float = 0.0  # probability each retrieved document is left out
     image_first: float = 0.0  # fraction of documents written image <break> caption
     cm3_lambda: float = 1.0  # Poisson mean of masked spans per example; 0: plain causal LM
-    rotation: float = 0.0  # probability a masked span grows to its whole segment
-    packing: Literal["pack", "pad"] = "pack"  # first-fit packing, or one example per row
+    whole_segment: float = 0.0  # P(one span is a whole caption or image, chosen uniformly)
+    packing: Literal["stream", "pack", "pad"] = "stream"  # rows of examples: see data/pipeline.py
     workers: int = 0  # grain mp_prefetch processes making examples; 0: in this process
     sentinel_weight: float = 1.0  # loss weight on predicting <mask:i> (metaseq 1, CM3 0)
     retrieved_weight: float = 1.0  # loss weight on retrieved documents (CM3Leon 1, RA-CM3 0.1)
 
     def check(self) -> None:
         positive("data", self, "seq_len")
-        fraction("data", self, "retrieved_dropout", "image_first", "rotation")
+        fraction("data", self, "retrieved_dropout", "image_first", "whole_segment")
         nonnegative("data", self, "k", "cm3_lambda", "workers", "sentinel_weight",
                     "retrieved_weight")
 

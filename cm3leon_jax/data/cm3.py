@@ -10,8 +10,13 @@
   keeps the Poisson count exact). Each span is then clipped to the one segment it overlaps
   most. Segments are the runs between `<break>` and `<eos>`: a span never contains or
   crosses either, so the leading `<eos>` is never masked either.
-- With probability `rotation` a span grows to its whole segment (a whole caption or image);
-  other spans in that segment are absorbed into it.
+- With probability `whole_segment` one of the n spans is a whole segment (a whole caption or
+  image, of the query or of a retrieved document), chosen uniformly among the example's
+  segments whatever their lengths (metaseq's `cm3_percent_full_document_rotation`); the
+  other n - 1 spans come from the rest as above. Without it a caption is almost never
+  masked whole at paper shapes (a 20-token caption beside 3,000 image tokens), and that is
+  the layout of classifier-free guidance's unconditional stream and of captioning by
+  infilling.
 - Output: the source with `<mask:i>` in place of span i, then `<mask:i> span_i <eoss>` for
   each span. The example is first cut so the output fits `max_len` (metaseq truncates the
   causal part so the moved spans fit), so every sentinel has its span and `unmask` inverts
@@ -21,6 +26,8 @@ Pure numpy, randomness only from the `rng` passed in.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,39 +46,35 @@ def _boundaries(tokens: np.ndarray, vocab: Vocab) -> np.ndarray:
 
 
 def choose_spans(tokens: np.ndarray, n: int, rng: np.random.Generator, vocab: Vocab,
-                 rotation: float = 0.0) -> list[tuple[int, int]]:
-    """Up to n sorted, disjoint [start, end) spans, each inside one segment.
+                 whole_segment: float = 0.0) -> list[tuple[int, int]]:
+    """Up to n sorted, disjoint [start, end) spans, each inside one segment; with
+    probability `whole_segment` one of them is a whole segment, chosen uniformly.
 
-    Exactly n unless the example has fewer than 2n - 1 maskable tokens, or rotation merged
-    spans of one segment.
+    Exactly n unless the example has too few maskable tokens (fewer than 2n - 1 outside a
+    whole-segment span).
     """
     boundary = _boundaries(tokens, vocab)
     maskable = np.flatnonzero(~boundary)
-    m = maskable.size
-    n = min(n, (m + 1) // 2)
-    if n == 0:
-        return []
-    picks = np.sort(rng.choice(m + 1, 2 * n, replace=False))
     label = np.cumsum(boundary)[maskable]  # segment of each maskable token (non-decreasing)
+    n = min(n, (maskable.size + 1) // 2)
     spans: list[tuple[int, int]] = []
-    rotated: dict[int, tuple[int, int]] = {}
-    for a, b in zip(picks[0::2], picks[1::2]):  # maskable tokens a..b-1
-        labels, counts = np.unique(label[a:b], return_counts=True)
-        lab = labels[np.argmax(counts)]
-        if rotation and rng.random() < rotation:
-            lo, hi = np.searchsorted(label, [lab, lab + 1])
-            rotated[int(lab)] = (int(maskable[lo]), int(maskable[hi - 1]) + 1)
-            spans.append(rotated[int(lab)])
-            continue
-        lo = a + np.searchsorted(label[a:b], lab, "left")
-        hi = a + np.searchsorted(label[a:b], lab, "right")
+    if n and whole_segment and rng.random() < whole_segment:
+        segments = np.unique(label)
+        lab = segments[rng.integers(segments.size)]
+        lo, hi = np.searchsorted(label, [lab, lab + 1])
         spans.append((int(maskable[lo]), int(maskable[hi - 1]) + 1))
-    if rotated:
-        seg = np.cumsum(boundary)
-        whole = {v for v in rotated.values()}
-        spans = [s for s in spans if s in whole or int(seg[s[0]]) not in rotated]
-        spans = sorted(set(spans))
-    return spans
+        rest = label != lab
+        maskable, label = maskable[rest], label[rest]
+        n = min(n - 1, (maskable.size + 1) // 2)
+    if n:
+        picks = np.sort(rng.choice(maskable.size + 1, 2 * n, replace=False))
+        for a, b in zip(picks[0::2], picks[1::2]):  # maskable tokens a..b-1
+            labels, counts = np.unique(label[a:b], return_counts=True)
+            lab = labels[np.argmax(counts)]
+            lo = a + np.searchsorted(label[a:b], lab, "left")
+            hi = a + np.searchsorted(label[a:b], lab, "right")
+            spans.append((int(maskable[lo]), int(maskable[hi - 1]) + 1))
+    return sorted(spans)
 
 
 def apply_spans(tokens: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab
@@ -118,20 +121,25 @@ def unmask(masked: np.ndarray, vocab: Vocab) -> np.ndarray:
     return np.concatenate(parts)
 
 
+class Masked(NamedTuple):
+    tokens: np.ndarray  # the masked example
+    origin: np.ndarray  # input index of each output token (see apply_spans)
+    truncated: int  # input tokens cut so the output fits
+    spans: list[tuple[int, int]]  # the masked [start, end) input ranges, sorted
+
+
 def cm3_transform(tokens: np.ndarray, rng: np.random.Generator, vocab: Vocab, lam: float,
-                  max_len: int, rotation: float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(masked tokens, origin, tokens truncated): the example cut so the output fits
-    `max_len`, then masked."""
+                  max_len: int, whole_segment: float = 0.0) -> Masked:
+    """The example cut so the output fits `max_len`, then masked."""
     if vocab.is_sentinel(tokens).any() or (tokens == vocab.eoss).any():
         raise ValueError("the example already holds <mask:i> or <eoss> tokens")
     n = span_count(rng, lam, vocab)
     keep = min(tokens.size, max_len - EXTRA_PER_SPAN * n)
     if keep < 1:
         n, keep = 0, min(tokens.size, max_len)
-    spans = choose_spans(tokens[:keep], n, rng, vocab, rotation)
+    spans = choose_spans(tokens[:keep], n, rng, vocab, whole_segment)
     masked, origin = apply_spans(tokens[:keep], spans, vocab)
-    return masked, origin, tokens.size - keep
+    return Masked(masked, origin, tokens.size - keep, spans)
 
 
 def target_weights(masked: np.ndarray, origin: np.ndarray, is_retrieved: np.ndarray,

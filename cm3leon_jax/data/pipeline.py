@@ -5,8 +5,15 @@
       -> example (grain map): read the document and its first k neighbors, retrieved-document
          dropout, image-first coin per document, `<eos> r1 <break> r2 <break> q <eos>`,
          CM3 masking, cut to seq_len + 1, inputs/targets/weights
-      -> [mp_prefetch workers] -> first-fit packing into seq_len rows (or one example per
-         row) -> batch of train.batch_size / P rows -> the step's batch dict
+      -> [mp_prefetch workers] -> rows of seq_len (`data.packing`) -> batch of
+         train.batch_size / P rows -> the step's batch dict
+
+Rows (`data.packing`): `stream` (the default) concatenates the examples and cuts the stream
+into rows, so every slot holds a real token; an example cut at a row's end goes on at the
+start of the next as its own segment (positions from 0, attending only to itself), as
+metaseq's block mode streams documents across blocks. At paper shapes an example is ~3,140
+tokens: first-fit `pack` fits one per 4,096-token row (~77% real tokens), `pad` puts one
+example per row. Segment ids keep examples apart in attention in every mode.
 
 Each example's randomness comes from (data.seed, its global position) only, so an example is
 the same whatever the process count or worker count; only the split (and, per process, the
@@ -33,6 +40,7 @@ from cm3leon_jax.data.records import decode_document, open_documents, shard_path
 from cm3leon_jax.data.synthetic import synthetic_batches
 from cm3leon_jax.vocab import Vocab
 
+SEQUENCE = ("inputs", "targets", "weights")  # an example's per-token features (the rest: its facts)
 READ_THREADS = 2
 READ_BUFFER = 64
 
@@ -91,37 +99,60 @@ def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
 
 @dataclasses.dataclass(frozen=True)
 class ExampleMaker:
-    """(global position, document index) -> one masked example; picklable for workers."""
+    """(global position, document index) -> one masked example and its facts; picklable
+    for workers.
+
+    The retrieved documents are drawn from the document's pool (its row of the neighbors
+    table: the text-query and image-query candidates) at every read: k distinct ones,
+    uniformly, by the example's own randomness (data.seed, position), so each epoch draws
+    afresh and a resumed run draws the same.
+    """
     data_dir: str
     neighbors: Optional[str]
     k: int
     vocab: Vocab
     data: DataConfig
 
-    def document(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    def document(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """The document's tokens, and where its caption and image are in them."""
         doc = decode_document(_documents(self.data_dir)[index])
         first = bool(self.data.image_first) and rng.random() < self.data.image_first
-        return sequences.document(doc["text"], doc["image"], self.vocab, first,
-                                  where=f"{self.data_dir} document {index} ({doc['id']!r})")
+        tokens = sequences.document(doc["text"], doc["image"], self.vocab, first,
+                                    where=f"{self.data_dir} document {index} ({doc['id']!r})")
+        t, m = doc["text"].size, doc["image"].size
+        gap = 1 if t and m else 0  # the <break> between them
+        caption = (m + gap, m + gap + t) if first else (0, t)
+        image = (0, m) if first else (t + gap, t + gap + m)
+        return tokens, {"caption": caption if t else None, "image": image if m else None}
+
+    def draw(self, index: int, rng: np.random.Generator) -> list[int]:
+        """k distinct documents of `index`'s pool (fewer when the pool is smaller)."""
+        row = _neighbors(self.neighbors)[index]
+        pool = [int(j) for j in dict.fromkeys(row.tolist()) if j >= 0 and j != index]
+        picks = rng.permutation(len(pool))[:self.k] if pool else []
+        return [pool[i] for i in picks]
 
     def __call__(self, item) -> dict:
         pos, index = int(item[0]), int(item[1])
         d = self.data
         rng = np.random.default_rng([d.seed, pos])
         retrieved = []
-        if self.k:
-            for j in _neighbors(self.neighbors)[index, :self.k]:
-                if j < 0 or (d.retrieved_dropout and rng.random() < d.retrieved_dropout):
-                    continue
-                retrieved.append(self.document(int(j), rng))
-        query = self.document(index, rng)
+        for j in (self.draw(index, rng) if self.k else []):
+            if d.retrieved_dropout and rng.random() < d.retrieved_dropout:
+                continue
+            retrieved.append(self.document(j, rng)[0])
+        query, where = self.document(index, rng)
         tokens, is_retrieved = sequences.example(query, retrieved, self.vocab)
-        masked, origin, cut = cm3.cm3_transform(tokens, rng, self.vocab, d.cm3_lambda,
-                                                d.seq_len + 1, d.rotation)
+        masked, origin, cut, spans = cm3.cm3_transform(tokens, rng, self.vocab, d.cm3_lambda,
+                                                       d.seq_len + 1, d.whole_segment)
         weights = cm3.target_weights(masked, origin, is_retrieved, self.vocab,
                                      d.sentinel_weight, d.retrieved_weight)
+        q0 = tokens.size - 1 - query.size  # the query's first token in the example
+        whole = lambda r: r is not None and (q0 + r[0], q0 + r[1]) in spans
         return {"inputs": masked[:-1], "targets": masked[1:], "weights": weights,
-                "document": index, "retrieved": len(retrieved), "truncated": cut}
+                "document": index, "retrieved": len(retrieved), "truncated": cut,
+                "spans": len(spans), "caption_whole": whole(where["caption"]),
+                "image_whole": whole(where["image"])}
 
 
 def _position_and_document(pos: int, doc) -> tuple[int, int]:
@@ -173,13 +204,20 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
     if cfg.data.workers:
         _allow_workers()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
-    length = {key: cfg.data.seq_len for key in ("inputs", "targets", "weights")}
-    it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct=length, num_packing_bins=local, seed=cfg.data.seed,
-        shuffle_bins=False, max_sequences_per_bin=1 if cfg.data.packing == "pad" else None)
+    length = {key: cfg.data.seq_len for key in SEQUENCE}
+    if cfg.data.packing == "stream":
+        it = grain.experimental.ConcatThenSplitIterDataset(it.map(_sequences),
+                                                           length_struct=length)
+    else:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct=length, num_packing_bins=local, seed=cfg.data.seed,
+            shuffle_bins=False, max_sequences_per_bin=1 if cfg.data.packing == "pad" else None)
     it = it.batch(local, drop_remainder=True).map(to_batch)
     return iter(it)
 
+
+def _sequences(example: dict) -> dict:
+    return {k: example[k] for k in SEQUENCE}
 
 
 def train_batches(cfg: Config, process_index: int = 0, process_count: int = 1):

@@ -1,11 +1,15 @@
 """A built-in synthetic token source with the CM3Leon document shape, for runs without data.
 
-Each row packs documents `caption <break> image <eos>` into seq_len + 1 tokens. Captions
+Two forms. Rows for training (`synthetic_batches`): each row packs documents `caption <break> image <eos>` into seq_len + 1 tokens. Captions
 follow a noisy Markov chain over a few text ids and image tokens copy the caption through
 a fixed code map, so both the text and the image loss can fall. Row i depends only on
 (seed, i), and global batch n is rows [n*B, (n+1)*B) split by process: the data order is
 the same for any process count. It is served through grain so it shares the iterator,
-state and checkpoint interface of the real pipeline.
+state and checkpoint interface of the real pipeline. Documents at a config's shapes
+(`synthetic_documents`, `synthetic_pools`) for looking at the real pipeline without data:
+captions of 10-30 text tokens (~20, as CM3Leon's), the config's image tokens per image,
+and retrieval pools of other documents; `cm3leon data-stats` writes them as a prepared
+directory.
 """
 
 from __future__ import annotations
@@ -64,3 +68,27 @@ def synthetic_batches(vocab: Vocab, seq_len: int, global_batch: int, seed: int,
                              "example_id": np.int64(row)})
     ds = ds.batch(local, drop_remainder=True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+def synthetic_documents(vocab: Vocab, count: int, image_tokens: int, seed: int = 0) -> list[dict]:
+    """`count` documents as prepared records: a caption of 10-30 text ids, `image_tokens`
+    image ids; document i depends only on (seed, i)."""
+    docs = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, i, 1])
+        text = rng.integers(0, min(TEXT_IDS, vocab.text_size), int(rng.integers(10, 31)))
+        codes = rng.integers(0, vocab.image_size, image_tokens)
+        docs.append({"id": f"synthetic-{seed}-{i}", "caption": "", "text": vocab.text_ids(text),
+                     "image": vocab.image_ids(codes)})
+    return docs
+
+
+def synthetic_pools(count: int, pool: int, seed: int = 0) -> np.ndarray:
+    """int64 [count, pool]: for each document, `pool` other documents (a retrieval table)."""
+    rng = np.random.default_rng([seed, 2])
+    table = np.empty((count, pool), np.int64)
+    for i in range(count):
+        others = rng.choice(count - 1, size=min(pool, count - 1), replace=False)
+        table[i, :others.size] = others + (others >= i)  # skip i itself
+        table[i, others.size:] = -1
+    return table

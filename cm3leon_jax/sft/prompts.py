@@ -4,7 +4,7 @@ Training documents are `<eos> segment <break> segment ... <eos>` under the CM3 o
 a task is asked the way its training document would look:
 
 - caption, vqa (the answer is text, written before the image): the whole text segment is
-  masked, as CM3's whole-segment spans (`data.rotation`) train, and its infill is started
+  masked, as CM3's whole-segment spans (`data.whole_segment`) train, and its infill is started
   with the instruction: `<eos> <mask:0> <break> image <eos> <mask:0> instruction` → the
   answer, then `<eoss>` (CM3Leon's "Image of <mask> ... <infill>" captioning, with the
   question given; the VQA answer's final "." is part of the answer).

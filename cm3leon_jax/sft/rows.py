@@ -12,7 +12,7 @@ with one segment id each (1, 2, ...; 0 is padding), positions restarting per exa
 loss across an example boundary. Two objectives (`sft.loss`):
 - `cm3`: CM3Leon's SFT (§6: the pretraining objective on instruction + output): the framed
   example goes through the CM3 span transform of data/cm3.py with data.cm3_lambda /
-  data.rotation / data.sentinel_weight, seeded by (data.seed, draw); with cm3_lambda 0 every
+  data.whole_segment / data.sentinel_weight, seeded by (data.seed, draw); with cm3_lambda 0 every
   target inside the example counts.
 - `response`: Chameleon's prompt masking: only targets after the example's last `<break>`
   (the image to generate, or the edit/control target) and the closing `<eos>` count.
@@ -67,8 +67,8 @@ def framed_example(ids: np.ndarray, vocab: Vocab, loss: str, data: DataConfig,
     if loss == "response":
         counted = np.concatenate([[False], response_mask(ids, vocab), [True]])
         return framed, counted[1:].astype(np.float32)
-    masked, origin, _ = cm3.cm3_transform(framed, rng, vocab, data.cm3_lambda, data.seq_len + 1,
-                                          data.rotation)
+    masked, origin, _, _ = cm3.cm3_transform(framed, rng, vocab, data.cm3_lambda, data.seq_len + 1,
+                                          data.whole_segment)
     weights = cm3.target_weights(masked, origin, np.zeros(framed.size, bool), vocab,
                                  data.sentinel_weight, 1.0)
     return masked, weights

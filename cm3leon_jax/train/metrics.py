@@ -20,7 +20,8 @@ PEAK_TFLOPS = {
     "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
     "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
 }
-TB_KEYS = ("loss", "text_loss", "image_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu")
+TB_KEYS = ("loss", "text_loss", "image_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
+           "real_tokens_per_s", "mfu")
 
 
 def device_peak_tflops(device=None) -> float | None:

@@ -114,6 +114,7 @@ def make_train_step(cfg: Config, mdef: ModelDef, tx: optax.GradientTransformatio
             "image_loss": sums["image_ce"] / jnp.maximum(sums["image_w"], 1.0),
             "text_tokens": sums["text_w"],
             "image_tokens": sums["image_w"],
+            "real_tokens": (batch["segment_ids"] > 0).sum(),  # not padding
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "skipped": 1.0 - finite.astype(jnp.float32),

@@ -136,7 +136,8 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
             nonlocal last, bad_run, skipped
             record = host_metrics(step, device_metrics)  # waits for that step to finish
             now = time.perf_counter()
-            record["tokens_per_s"] = tokens_per_step / (now - last)
+            record["tokens_per_s"] = tokens_per_step / (now - last)  # row slots, padding too
+            record["real_tokens_per_s"] = record["real_tokens"] / (now - last)
             record["mfu"] = mfu(flops, record["tokens_per_s"], peak, jax.device_count())
             last = now
             bad_run = bad_run + 1 if record["skipped"] else 0
