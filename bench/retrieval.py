@@ -101,7 +101,8 @@ def main() -> None:
                               "index_recall_at_10": built["recall_at_10"],
                               "neighbors_seconds": m["seconds"],
                               "documents_per_second": m["documents_per_second"],
-                              "rows_with_k": m["rows_with_k"], "skipped": m["skipped"]}))
+                              "fill": m["fill"], "k_histogram": m["k_histogram"],
+                              "skipped": m["skipped"]}))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ captions, pixels at `--resolution`; no image tokens, which the encoder does not 
 runs `cm3leon retrieval train-encoder` and `cm3leon index` on the bank and `cm3leon
 neighbors` for the held-out documents against it. A held-out query is a hit when its first
 neighbor's scene has the same (colour, shape) objects as the query's (the JSON ground truth
-in meta). Reported for the default heuristics and for plain top-1 (max_score=1), with
-queries from text+image (default), text only and image only, and without query dropout.
+in meta). Reported for the default heuristics (split lists: the text list's and the image
+list's first) and for plain top-1 (max_score=max_image_score=1), with queries from
+text+image, text only and image only, and without query dropout.
 """
 
 from __future__ import annotations
@@ -71,17 +72,24 @@ def main() -> None:
     assert cli.main(["retrieval", "train-encoder", *base, f"data.dir={bank}"]) == 0
     assert cli.main(["index", *base, f"data.dir={bank}"]) == 0
     results = {}
-    top1 = ["retrieval.max_score=1.0"]
-    runs = {"both/heuristics": ["retrieval.query=both"], "both/top1": ["retrieval.query=both", *top1],
+    top1 = ["retrieval.max_score=1.0", "retrieval.max_image_score=1.0"]
+    runs = {"split/heuristics": ["retrieval.query=split"],
+            "both/heuristics": ["retrieval.query=both"],
+            "both/top1": ["retrieval.query=both", *top1],
             "text/top1": ["retrieval.query=text", *top1],
             "image/top1": ["retrieval.query=image", *top1],
-            "both/top1/no_dropout": ["retrieval.query=both", "retrieval.query_text_dropout=0", *top1]}
+            "both/top1/no_dropout": ["retrieval.query=both", "retrieval.query_text_dropout=0",
+                                     *top1]}
     for name, extra in runs.items():
         assert cli.main(["neighbors", *base, f"data.dir={queries}", f"retrieval.bank={bank}",
                          *extra]) == 0
-        first = np.load(ret / "neighbors.npy")[:, 0]
-        hits = [f >= 0 and bank_truth[f] == t for f, t in zip(first, query_truth)]
-        results[name] = round(float(np.mean(hits)), 4)
+        table = np.load(ret / "neighbors.npy")
+        pool = json.loads((ret / "manifest.json").read_text())["pool"]
+        lists = ("text", "image") if name.startswith("split") else (name.split("/")[0],)
+        for j, query in enumerate(lists):
+            first = table[:, j * pool]
+            hits = [f >= 0 and bank_truth[f] == t for f, t in zip(first, query_truth)]
+            results[name + (f"/{query}" if len(lists) > 1 else "")] = round(float(np.mean(hits)), 4)
     info = json.loads((ret / "encoder" / "encoder.json").read_text())
     print(json.dumps({"bank": args.train, "heldout": args.heldout,
                       "resolution": args.resolution, "max_objects": args.max_objects,

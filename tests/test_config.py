@@ -93,6 +93,8 @@ def test_renamed_key_moves_to_its_new_name(tiny):
     with pytest.raises(ConfigError, match="old name of retrieval.dir.*disagree"):
         tiny("data.retrieval_dir=/a", "retrieval.dir=/b")
     assert tiny("data.rotation=0.3").data.whole_segment == 0.3
+    assert tiny("retrieval.k=3").retrieval.pool == 3
+    assert tiny("retrieval.max_score=0.8").retrieval.max_text_score == 0.8
 
 
 def test_removed_key_is_refused_in_a_config_and_dropped_from_saved_ones(tiny):
@@ -101,6 +103,9 @@ def test_removed_key_is_refused_in_a_config_and_dropped_from_saved_ones(tiny):
     saved = tiny().to_dict()
     saved["sft"]["enabled"] = True  # a run directory written before the removal
     assert from_dict(saved, saved=True) == tiny()
+    with pytest.raises(ConfigError, match=r"retrieval.max_pair_score was removed: duplicates "
+                                          "among the chosen"):
+        tiny("retrieval.max_pair_score=0.9")
 
 
 SHIPPED = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))

@@ -20,7 +20,8 @@ from cm3leon_jax.layout import DataDir
 from cm3leon_jax.sft.evaluate import chance, eval_examples, metrics, truth
 from cm3leon_jax.sft.prompts import answer_text, instruction_prefix, task_prompt
 from cm3leon_jax.sft.shapes_suite import ShapesSFT
-from cm3leon_jax.sft.tasks import TASKS, tokenize_example
+from cm3leon_jax.config.sft import SHAPES_TASKS
+from cm3leon_jax.sft.tasks import tokenize_example
 from cm3leon_jax.shapes.scores import score_caption, score_vqa
 from conftest import CONFIGS
 from test_export import write_run
@@ -46,7 +47,7 @@ def _document(example, text, image, vocab):
     return doc, np.flatnonzero(doc == vocab.brk)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", SHAPES_TASKS)
 def test_prompts_are_training_documents_cut_at_the_answer(tokenizers, task):
     text, image, vocab = tokenizers
     suite = ShapesSFT(seed=0, resolution=32, max_objects=3)

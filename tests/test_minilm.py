@@ -59,7 +59,7 @@ def test_minilm_index_and_neighbors_end_to_end(tmp_path, minilm):
 
     docs = write_prepared(tmp_path / "prep", 20)
     cfg = load_config(TINY, [f"data.dir={tmp_path / 'prep'}", "retrieval.encoder=minilm",
-                             "retrieval.embed_batch=8"])
+                             "retrieval.query=text", "retrieval.embed_batch=8"])
     assert neighbors.build_bank_index(cfg)["dim"] == 384
     bank = tmp_path / "prep" / "retrieval" / "bank"
     # text only: the document vector is the caption's MiniLM vector
@@ -68,5 +68,5 @@ def test_minilm_index_and_neighbors_end_to_end(tmp_path, minilm):
     assert not np.load(bank / "image.npy").any()
     m = neighbors.compute_neighbors(cfg)
     ids = np.load(tmp_path / "prep" / "retrieval" / "neighbors.npy")
-    assert ids.shape == (20, 2) and m["skipped"]["self"] == 20
+    assert ids.shape == (20, 4) and m["skipped"]["self"] == 20
     assert all(i not in row for i, row in enumerate(ids.tolist()))

@@ -1,6 +1,7 @@
 """The grain pipeline on a prepared directory written here: packing, process shards,
 resumable state, checkpoints and training through it."""
 
+import collections
 import json
 
 import numpy as np
@@ -109,6 +110,32 @@ def test_packing_keeps_every_token(data):
     assert truncated > 0 and spans_total > 0  # both paths exercised
     print(f"packed {len(made)} examples: {tokens_in} tokens in, {truncated} truncated, "
           f"{out_tokens} pairs out, fill {out_tokens / (12 * 8 * 64):.2f}")
+
+
+def test_retrieved_documents_are_redrawn_at_every_read(data):
+    """Each read draws k distinct documents of the pool uniformly, from (seed, position)
+    alone: another epoch (another position) draws afresh, the same position draws the same."""
+    cfg, _, table = data()
+    maker = pipeline.ExampleMaker(str(cfg.data.dir), str(layout.retrieval_dir(cfg).neighbors),
+                                  cfg.data.k, cfg.vocab.build(), cfg.data)
+    doc = next(i for i, row in enumerate(table) if (row >= 0).sum() == 3)
+    draw = lambda pos: tuple(sorted(maker.draw(doc, np.random.default_rng([cfg.data.seed, pos]))))
+    draws = [draw(pos) for pos in range(600)]
+    assert draws == [draw(pos) for pos in range(600)]
+    counts = {pair: draws.count(pair) for pair in set(draws)}
+    assert len(counts) == 3 and all(len(set(p)) == 2 and set(p) <= set(table[doc]) for p in counts)
+    assert all(160 <= c <= 240 for c in counts.values())  # 200 each; binomial sd 11.5
+    # the train log's histogram is that of the first examples, as made
+    lines = []
+    it = pipeline.batches(cfg, log=lines.append)
+    for _ in range(200):
+        if len(lines) == 2:
+            break
+        next(it)
+    made = pipeline.examples(cfg)
+    want = collections.Counter(int(made[i]["retrieved"]) for i in range(pipeline.LOGGED_EXAMPLES))
+    assert lines[1].startswith(f"data: retrieved documents per example, first 256: "
+                               f"{dict(sorted(want.items()))};")
 
 
 def test_stream_rows_are_the_examples_back_to_back(data):

@@ -66,74 +66,113 @@ def unit_rows(a):
 
 # --- heuristics on constructed embeddings --------------------------------------------
 
+def _unit(*parts):
+    """A unit vector of 8 from (axis, coefficient) pairs, the last axis taking the rest."""
+    x = np.zeros(8, np.float32)
+    for axis, c in parts[:-1]:
+        x[axis] = c
+    x[parts[-1]] = np.sqrt(1 - np.sum(x * x))
+    return x
+
+
 def _bank():
-    """Unit vectors with known cosines to the query e0 (and to each other)."""
-    def v(c, j):  # cosine c to e0, the rest along axis j
-        x = np.zeros(8, np.float32)
-        x[0], x[j] = c, np.sqrt(1 - c * c)
-        return x
-    return np.stack([v(1.0, 1), v(0.95, 1), v(0.85, 2), v(0.84, 2), v(0.8, 3), v(0.7, 4)])
+    """Documents with known side cosines to the query document 0 (text e0, image e1)."""
+    twin_image = _unit((1, 0.5), 4)
+    close_to_twin = unit_rows((0.995 * twin_image + 0.0999 * np.eye(8)[6])[None])[0]
+    texts = [_unit(0), _unit((0, 0.95), 2), _unit(0), _unit((0, 0.3), 5), _unit(0),
+             _unit((0, 0.6), 5), _unit(0), np.zeros(8), np.zeros(8), _unit((0, 0.95), 2)]
+    images = [_unit(1), _unit((1, 0.995), 3), twin_image, _unit(1), close_to_twin,
+              _unit((1, 0.4), 6), np.zeros(8), np.zeros(8), _unit(1), np.zeros(8)]
+    # 0 the document itself, 1 its duplicate (text 0.95, image 0.995), 2 the same caption
+    # with another image (kept), 3 the same image with another caption, 4 the same caption
+    # and the same image (0.995) as 2, 5 another document, 6 the caption alone (kept),
+    # 7 never embedded, 8 the image alone, 9 a duplicate of 6 (text-only, 0.95)
+    return neighbors.Sides(np.stack(texts).astype(np.float32),
+                           np.stack(images).astype(np.float32))
 
 
-def _select(bank, pairs, query_self, **kw):
-    r = RetrievalConfig(**{"k": 2, **kw})
-    q = np.eye(8, dtype=np.float32)[:1]
-    ids, scores = index.exact_search(q, bank, len(bank))
-    return neighbors.select(np.array([query_self]), ids, scores, bank, pairs, r)
+CANDIDATES = np.array([[0, 1, 3, 8, 6, 2, 4, 5, 7]])  # best first
+SCORES = np.array([[1.0, 0.95, 0.9, 0.89, 0.88, 0.85, 0.84, 0.7, 0.6]], np.float32)
+PAIRS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
 
 
-def test_heuristics_self_near_duplicate_and_duplicate_of_chosen():
+def _select(bank, query_self, pairs=PAIRS, **kw):
+    r = RetrievalConfig(**{"pool": 2, **kw})
+    return neighbors.select(np.array([query_self]), CANDIDATES, SCORES, bank.take([0]), bank,
+                            pairs, r)
+
+
+def test_duplicate_and_same_image_rules_on_constructed_sides():
     bank = _bank()
-    pairs = np.ones(len(bank), bool)
-    ids, scores, skipped = _select(bank, pairs, query_self=0)
-    # 0 is the query itself, 1 scores 0.95 > 0.9, 3 is a duplicate of 2 (cos > 0.99)
-    assert ids.tolist() == [[2, 4]]
-    np.testing.assert_allclose(scores, [[0.85, 0.8]], atol=1e-6)
-    assert skipped == {"self": 1, "near_duplicate": 1, "duplicate_of_chosen": 1, "empty": 0}
-    # without self exclusion the document itself (score 1.0) is a near duplicate anyway
-    ids, _, skipped = _select(bank, pairs, query_self=-1)
-    assert ids.tolist() == [[2, 4]] and skipped["near_duplicate"] == 2
-    # thresholds are configurable: with 0.99 the 0.95 candidate is kept
-    ids, _, _ = _select(bank, pairs, query_self=0, max_score=0.99)
-    assert ids.tolist() == [[1, 2]]
+    dup = neighbors.duplicate(bank, bank, 0.9, 0.99)
+    assert np.flatnonzero(dup[0]).tolist() == [0, 1]
+    assert dup[2, 4] and dup[4, 2] and dup[6, 9] and not dup[2, 5] and not dup[7].any()
+    assert not dup[0, 6] and not dup[0, 8]  # other sides: the caption or image alone
+    assert not neighbors.duplicate(bank, bank, 0.9, 0.999)[0, 1]
+    same = neighbors.same_image(bank, bank, 0.99)
+    assert np.flatnonzero(same[0]).tolist() == [0, 1, 3, 8]
+
+
+def test_heuristics_keep_same_caption_twins_and_skip_duplicates():
+    bank = _bank()
+    ids, scores, skipped = _select(bank, query_self=0)
+    assert ids.tolist() == [[2, 5]]
+    np.testing.assert_array_equal(scores, SCORES[:, [5, 7]])
+    assert skipped == {"self": 1, "near_duplicate": 1, "same_image": 2,
+                       "duplicate_of_chosen": 1, "empty": 1}
+    # without self exclusion the document itself is a duplicate anyway
+    ids, _, skipped = _select(bank, query_self=-1)
+    assert ids.tolist() == [[2, 5]] and skipped["near_duplicate"] == 2
+    # thresholds are configurable: at 0.999 the 0.995 images are other images
+    ids, _, skipped = _select(bank, query_self=0, max_image_score=0.999)
+    assert ids.tolist() == [[1, 2]] and skipped["same_image"] == 2
+    ids, _, _ = _select(bank, query_self=0, prefer_pairs=False)
+    assert ids.tolist() == [[6, 2]]
 
 
 def test_heuristics_prefer_pairs_and_fill_with_minus_one():
     bank = _bank()
-    pairs = np.array([1, 1, 0, 1, 0, 1], bool)
-    ids, _, _ = _select(bank, pairs, query_self=0)
-    assert ids.tolist() == [[3, 5]]  # pairs first (3 and 5), single-modality 2, 4 after
-    ids, _, _ = _select(bank, pairs, query_self=0, prefer_pairs=False)
-    assert ids.tolist() == [[2, 4]]
-    ids, scores, _ = _select(bank, pairs, query_self=0, k=5)
-    assert ids.tolist() == [[3, 5, 4, -1, -1]]  # 2 duplicates the chosen 3
+    ids, scores, _ = _select(bank, query_self=0, pool=5)
+    assert ids.tolist() == [[2, 5, 6, -1, -1]]  # pairs first; 4 duplicates the chosen 2
     assert np.all(scores[0, 3:] == -np.inf)
-    zero = bank.copy()
-    zero[3] = 0  # an unembedded document is never chosen
-    ids, _, skipped = _select(zero, pairs, query_self=0)
-    assert 3 not in ids and skipped["empty"] == 1
+    pairs = PAIRS.copy()
+    pairs[2] = False  # by these flags 2 is single-modality: 4 and 5 first
+    ids, _, _ = _select(bank, query_self=0, pairs=pairs, pool=5)
+    assert ids.tolist() == [[4, 5, 6, -1, -1]]
 
 
 def test_heuristics_invariants_on_random_banks():
     rng = np.random.default_rng(0)
-    r = RetrievalConfig(k=3, max_score=0.9, max_pair_score=0.8)
+    r = RetrievalConfig(pool=3, max_text_score=0.9, max_image_score=0.97)
     for trial in range(20):
-        base = rng.normal(size=(6, 16))
-        bank = unit_rows(base[rng.integers(0, 6, 60)] + 0.4 * rng.normal(size=(60, 16)))
-        pairs = rng.random(60) < 0.5
+        classes = unit_rows(rng.normal(size=(4, 16)))
+        label = rng.integers(0, 4, 60)
+        text = classes[label].copy()  # class captions: every caption repeats
+        image = unit_rows(classes[label] + 0.5 * rng.normal(size=(60, 16)))
+        image[rng.integers(0, 60, 10)] = image[rng.integers(0, 60, 10)]  # repeated images
+        text[rng.random(60) < 0.1] = 0
+        image[rng.random(60) < 0.1] = 0
+        bank = neighbors.Sides(text, image)
+        vec = embed.document_vectors(text, image)
+        pairs = (np.linalg.norm(text, axis=1) > 0) & (np.linalg.norm(image, axis=1) > 0)
         q = np.arange(20)
-        cand, sc = index.exact_search(bank[q], bank, 15)
-        ids, scores, _ = neighbors.select(q, cand, sc, bank, pairs, r)
+        cand, sc = index.exact_search(vec[q], vec, 15)
+        ids, scores, _ = neighbors.select(q, cand, sc, bank.take(q), bank, pairs, r)
         for row, (i, s) in enumerate(zip(ids, scores)):
             got = i[i >= 0]
+            assert got.tolist() == i[:len(got)].tolist()  # found ones first, then -1
             assert row not in got and len(set(got)) == len(got)
-            assert np.all(s[i >= 0] <= 0.9)
-            np.testing.assert_allclose(s[i >= 0], bank[got] @ bank[row], atol=1e-5)
-            sims = bank[got] @ bank[got].T
-            assert np.all(sims[~np.eye(len(got), dtype=bool)] <= 0.8 + 1e-6)
-            if pairs[got].any():  # pairs come before any single-modality neighbor
-                flags = pairs[got]
-                assert not np.any(~flags[:-1] & flags[1:])
+            me, chosen = bank.take([row]), bank.take(got)
+            assert not neighbors.duplicate(me, chosen, 0.9, 0.97).any()
+            assert not neighbors.same_image(me, chosen, 0.97).any()
+            np.testing.assert_allclose(s[i >= 0], vec[got] @ vec[row], atol=1e-5)
+            clash = neighbors.duplicate(chosen, chosen, 0.9, 0.97)
+            clash |= neighbors.same_image(chosen, chosen, 0.97)
+            assert not clash[~np.eye(len(got), dtype=bool)].any()
+            flags = pairs[got]  # pairs come before any single-modality neighbor
+            assert not np.any(~flags[:-1] & flags[1:])
+        # same-caption twins are kept: every document with both sides fills its pool
+        assert (ids[pairs[q]] >= 0).all()
 
 
 def test_query_dropout_is_exact_and_deterministic_by_seed():
@@ -228,23 +267,34 @@ def test_npy_encoder_index_and_sharded_neighbors(tmp_path):
     np.save(data / "embeddings" / "text.npy", text)
     np.save(data / "embeddings" / "image.npy", image)
     cfg = _cfg(tmp_path, data, "retrieval.encoder=npy", "retrieval.query_text_dropout=0",
-               "retrieval.k=3")
+               "retrieval.pool=3")
     manifest = neighbors.build_bank_index(cfg)
     assert manifest["kind"] == "exact" and manifest["recall_at_10"] == 1.0
     assert manifest["pairs"] == 32
     full = neighbors.compute_neighbors(cfg)
     out = tmp_path / "prep" / "retrieval"
     ids, scores = np.load(out / "neighbors.npy"), np.load(out / "scores.npy")
-    assert ids.shape == (40, 3) and ids.dtype == np.int64 and scores.dtype == np.float32
-    # the same table from the definition: exact search + the heuristics
-    vec = embed.document_vectors(embed.unit(text), embed.unit(image))
-    cand, sc = index.exact_search(vec, vec, cfg.retrieval.candidates + 1)
-    want, want_s, _ = neighbors.select(np.arange(40), cand, sc, vec,
-                                       np.array([bool(d["pixels"] is not None) for d in docs]),
-                                       cfg.retrieval)
-    np.testing.assert_array_equal(ids, want)
-    np.testing.assert_allclose(scores, want_s, atol=1e-5)
-    assert full["documents"] == 40 and json.loads((out / "manifest.json").read_text())["k"] == 3
+    assert ids.shape == (40, 6) and ids.dtype == np.int64 and scores.dtype == np.float32
+    # the same table from the definition: a text-query and an image-query list, each exact
+    # search + the heuristics; a document without an image has an empty image list
+    sides = neighbors.Sides(embed.unit(text).astype(np.float32), embed.unit(image))
+    vec = embed.document_vectors(sides.text, sides.image)
+    pairs = np.array([bool(d["pixels"] is not None) for d in docs])
+    want, want_s = [], []
+    for query in (sides.text, sides.image):
+        cand, sc = index.exact_search(embed.unit(query), vec, cfg.retrieval.candidates + 1)
+        cand[np.linalg.norm(query, axis=1) == 0] = -1
+        i, s, _ = neighbors.select(np.arange(40), cand, sc, sides, sides, pairs, cfg.retrieval)
+        want.append(i), want_s.append(s)
+    np.testing.assert_array_equal(ids, np.concatenate(want, 1))
+    np.testing.assert_allclose(scores, np.concatenate(want_s, 1), atol=1e-5)
+    assert np.all(ids[::5, 3:] == -1) and np.all(ids[:, :3] >= 0)
+    m = json.loads((out / "manifest.json").read_text())
+    assert full["documents"] == 40 and m["lists"] == ["text", "image"] and m["pool"] == 3
+    counts = [len(set(row[row >= 0])) for row in ids]
+    assert m["fill"] == np.mean(np.array(counts) >= cfg.data.k)
+    assert m["k_histogram"] == {str(c): counts.count(c) for c in sorted(set(counts))}
+    assert m["empty_queries"] == {"text": 0, "image": 8}
     # three shards merge into the same table
     for s in (2, 0):
         neighbors.compute_neighbors(cfg, s, 3)
@@ -288,9 +338,10 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
     assert cli.main(["index", *args]) == 0
     assert cli.main(["neighbors", *args]) == 0
     out = capsys.readouterr().out
-    assert "exact over 64 documents x 16" in out and "neighbors: 12 documents x k=2" in out
+    assert "exact over 64 documents x 16" in out
+    assert "neighbors: 12 documents x text+image lists of 4;" in out
     ids = np.load(tmp_path / "ret" / "neighbors.npy")
-    assert ids.shape == (12, 2) and ids.min() >= -1 and ids.max() < 64
+    assert ids.shape == (12, 8) and ids.min() >= -1 and ids.max() < 64
     # the stored bank vectors are the loaded encoder's, recomputed another way
     enc = make_encoder(_cfg(tmp_path, data).retrieval, RetrievalDir(tmp_path / "ret"))
     docs = list(records.iter_documents(bank))[:5]
@@ -331,16 +382,22 @@ def test_builtin_encoder_trains_and_serves_the_cli(tmp_path, capsys):
 
 
 def test_retrieval_config_is_validated():
-    with pytest.raises(ConfigError, match="retrieval.candidates=1 is below retrieval.k=2"):
+    with pytest.raises(ConfigError, match="retrieval.candidates=1 is below retrieval.pool=4"):
         load_config(TINY, ["retrieval.candidates=1"])
+    with pytest.raises(ConfigError, match="data.k=3 exceeds retrieval.pool=2"):
+        load_config(TINY, ["retrieval.pool=2", "data.k=3"])
+    with pytest.raises(ConfigError, match="retrieval.min_fill=1.5"):
+        load_config(TINY, ["retrieval.min_fill=1.5"])
+    with pytest.raises(ConfigError, match="retrieval.query=split needs an image encoder"):
+        load_config(TINY, ["retrieval.encoder=minilm"])
     with pytest.raises(ConfigError, match="query_text_dropout=1.0"):
         load_config(TINY, ["retrieval.query_text_dropout=1.0"])
     with pytest.raises(ConfigError, match="minilm embeds text only"):
         load_config(TINY, ["retrieval.encoder=minilm", "retrieval.query=image"])
     with pytest.raises(ConfigError, match="cannot drop query tokens"):
         load_config(TINY, ["retrieval.encoder=npy"])
-    with pytest.raises(ConfigError, match="retrieval.max_score=1.5"):
-        load_config(TINY, ["retrieval.max_score=1.5"])
+    with pytest.raises(ConfigError, match="retrieval.max_text_score=1.5"):
+        load_config(TINY, ["retrieval.max_text_score=1.5"])
     with pytest.raises(ConfigError, match="unknown config key 'retrieval.knn'"):
         load_config(TINY, ["retrieval.knn=3"])
     with pytest.raises(ConfigError, match="data.dir is not set"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cm3leon_jax.config import ConfigError, VQGANConfig, load_config
+from cm3leon_jax.config.sft import SHAPES_TASKS
 from cm3leon_jax.sft.jsonl import SFTDataError, jsonl_example, read_sft_jsonl
 from cm3leon_jax.sft.mixture import config_shares, mixture_draw, mixture_report, mixture_weights
 from cm3leon_jax.sft.rows import framed_example, pack_row
@@ -28,7 +29,7 @@ def tokenizers():
     from cm3leon_jax.tokenizers.text import train_text_tokenizer
 
     suite = ShapesSFT(seed=0, resolution=RES)
-    texts = [s for t in TASKS for i in range(10)
+    texts = [s for t in SHAPES_TASKS for i in range(10)
              for s in suite.example(t, "train", i).segments if isinstance(s, str)]
     text = train_text_tokenizer(texts, 320)
     image = ImageTokenizer.create(TINY_VQ, seed=0, batch_size=4)
@@ -94,16 +95,19 @@ def test_every_phrasing_keeps_its_fields():
     o, image, box = _one_object_scene()
     fields = {"caption": "CAP", "question": "Q?", "answer": "ANS", "image": image,
               "objects": [("red circle", box)], "edit": "EDIT", "target": image,
-              "condition": "edge", "condition_image": image}
+              "condition": "edge", "condition_image": image, "text": "TXT",
+              "choices": ["north", "south"], "answer_index": 1}
     for task in TASKS:
         texts = set()
         for p in range(len(PHRASINGS[task])):
-            ex = format_example(task, fields, p, "x")
+            ex = format_example(task, {**fields, "answer": fields["answer_index"]}
+                                if task == "scienceqa" else fields, p, "x")
             text = " ".join(s for s in ex.segments if isinstance(s, str))
             texts.add(text)
             need = {"caption": ["CAP"], "vqa": ["Q?", "ANS"], "edit": ["EDIT"],
                     "grounding": ["CAP", "red circle at (11, 11) -> (21, 21)"],
-                    "control": ["CAP", "edge"]}[task]
+                    "control": ["CAP", "edge"], "ocr": ['"TXT"'],
+                    "scienceqa": ["Q?", "(A) north (B) south", "(B) south."]}[task]
             assert all(n in text for n in need), (task, p, text)
         assert len(texts) == len(PHRASINGS[task]) >= 3
 
@@ -212,7 +216,7 @@ def test_grounding_boxes_hold_their_objects_and_control_maps_match():
 
 
 def test_suite_is_deterministic_with_disjoint_splits():
-    for task in TASKS:
+    for task in SHAPES_TASKS:
         a, b = _examples(task, 5), _examples(task, 5)
         for x, y in zip(a, b):
             assert x.id == y.id and x.meta == y.meta
@@ -260,7 +264,8 @@ def test_sft_config_checked(tiny, tmp_path):
     cfg = tiny("sft.sizes=[1000, 10000, 100]", "sft.tasks=[caption, vqa, edit]")
     assert [round(s.weight, 6) for s in config_shares(cfg.sft)] == [
         round(3 / 7, 6), round(37 / 70, 6), round(3 / 70, 6)]
-    for bad, msg in [("sft.tasks=[caption, ocr]", "'ocr' is not one of"),
+    for bad, msg in [("sft.tasks=[caption, ocrr]", "'ocrr' is not one of"),
+                     ("sft.tasks=[caption, ocr]", "['ocr'] come from JSONL files only"),
                      ("sft.sizes=[1, 2]", "sft.sizes has 2 entries"),
                      ("sft.weights=[1, 1]", "sft.weights has 2 entries"),
                      ("sft.min_ratio=0", "sft.min_ratio=0"),
@@ -296,11 +301,17 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
          "objects": [{"label": "dog", "box": [8, 0, 56, 48]}]},
         {"task": "control", "image": "a.png", "condition_image": "b.png",
          "condition": "canny edge", "caption": "a grey square"},
+        {"task": "ocr", "image": "a.png", "text": "STOP"},
+        {"task": "scienceqa", "image": "b.png", "question": "Which way does it point?",
+         "choices": ["north", "south", "east"], "answer": 2},
+        {"task": "ocr", "image": "a.png", "text": "fin", "prompt": "Chalk: {text} {{done}}"},
+        {"task": "scienceqa", "image": "b.png", "question": "Hot?", "choices": ["yes", "no"],
+         "answer": 0, "prompt": "Lecture first. {question} {choices} => {answer}"},
     ]
     f = tmp_path / "sft.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in good) + "\n")
     records = read_sft_jsonl(f)
-    assert [r["task"] for r in records] == list(TASKS[:2]) + ["edit", "grounding", "control"]
+    assert [r["task"] for r in records] == [r["task"] for r in good]
     exs = [jsonl_example(r, 32, 0) for r in records]
     assert exs[0].segments[0] == "Describe the given picture. a grey square"
     assert [s.shape for s in exs[2].segments[1::2]] == [(32, 32, 3)] * 2
@@ -321,10 +332,32 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
     assert abs(xs.min() - 8) <= 1 and abs(xs.max() + 1 - 22) <= 1
     assert abs(ys.min() - 4) <= 1 and abs(ys.max() + 1 - 20) <= 1
     assert exs[4].segments[2] == "a grey square" and "canny edge map" in exs[4].segments[0]
+    assert exs[5].segments[0] == 'Write "STOP".' and exs[5].segments[1].shape == (32, 32, 3)
+    assert exs[6].segments[0] == ("Question: Which way does it point? Options: (A) north "
+                                  "(B) south (C) east Answer: (C) east.")
+    assert exs[6].meta["prefix"] == ("Question: Which way does it point? Options: (A) north "
+                                     "(B) south (C) east Answer: ")
+    # a record's own prompt replaces the phrasings (whatever the draw's phrasing)
+    own = [jsonl_example(records[7], 32, p).segments[0] for p in range(3)]
+    assert own == ["Chalk: fin {done}"] * 3
+    assert exs[8].segments[0] == "Lecture first. Hot? (A) yes (B) no => (A) yes"
+    assert exs[8].meta["prefix"] == "Lecture first. Hot? (A) yes (B) no => "
 
     bad_lines = [
         ("{not json", "not JSON"),
-        ('{"task": "ocr", "image": "a.png"}', "key 'task' is 'ocr'"),
+        ('{"task": "ocrr", "image": "a.png"}', "key 'task' is 'ocrr'"),
+        ('{"task": "ocr", "image": "a.png"}', "task 'ocr' needs key 'text'"),
+        ('{"task": "scienceqa", "image": "a.png", "question": "q", "choices": ["a"], '
+         '"answer": 0}', "key 'choices' must be a list of 2 to 26"),
+        ('{"task": "scienceqa", "image": "a.png", "question": "q", "choices": ["a", "b"], '
+         '"answer": 2}', "key 'answer' must be the index of the right choice, an integer in "
+         "[0, 2), got 2"),
+        ('{"task": "ocr", "image": "a.png", "text": "t", "prompt": "Write it."}',
+         "key 'prompt' of task 'ocr' must use {text}, got [] in 'Write it.'"),
+        ('{"task": "vqa", "image": "a.png", "question": "q", "answer": "a", '
+         '"prompt": "{question} {answer} {image}"}', "must use {answer} {question}"),
+        ('{"task": "ocr", "image": "a.png", "text": "t", "prompt": "Write {text"}',
+         "key 'prompt' is not a template"),
         ('{"task": "vqa", "image": "a.png", "question": "q"}', "needs key 'answer'"),
         ('{"task": "caption", "image": "a.png", "caption": " "}', "key 'caption' must be"),
         ('{"task": "grounding", "image": "a.png", "caption": "c", "objects": '
@@ -390,7 +423,7 @@ def test_sft_data_cli_reports_shares_and_writes_samples(tmp_path, capsys):
     assert out[2].split()[:6] == ["vqa", "10000", "76.34%", "20.00%", "0.30", "26.88%"]
     assert out[3].split()[:6] == ["edit", "100", "0.76%", "20.00%", "3.00", "2.69%"]
     lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [x["task"] for x in lines] == [t for t in TASKS for _ in range(2)]
+    assert [x["task"] for x in lines] == [t for t in SHAPES_TASKS for _ in range(2)]
     with Image.open(tmp_path / "edit.png") as im:  # 2 rows of 2 padded 32 px images
         assert im.size == (2 * 36, 2 * 36)
     assert main(["sft-data", "--config", config, "--out", str(tmp_path), "sft.tasks=[ocr]"]) == 2

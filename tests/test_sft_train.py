@@ -15,7 +15,8 @@ from cm3leon_jax.data.cm3 import unmask
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.sft.rows import framed_example, response_mask, sft_batches, sft_rows
 from cm3leon_jax.sft.shapes_suite import ShapesSFT
-from cm3leon_jax.sft.tasks import TASKS, tokenize_example
+from cm3leon_jax.config.sft import SHAPES_TASKS
+from cm3leon_jax.sft.tasks import tokenize_example
 from cm3leon_jax.train import weights as weights_lib
 from cm3leon_jax.train.trainer import train
 from cm3leon_jax.train.metrics import read_metrics
@@ -37,7 +38,7 @@ def toks(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tokenizers")
     suite = ShapesSFT(seed=0, resolution=VQ.resolution)
-    texts = [s for t in TASKS for i in range(10)
+    texts = [s for t in SHAPES_TASKS for i in range(10)
              for s in suite.example(t, "train", i).segments if isinstance(s, str)]
     train_text_tokenizer(texts, 320).save(DataDir(d).text_tokenizer)
     ImageTokenizer.create(VQ, seed=0, batch_size=4).save(DataDir(d).image_tokenizer)

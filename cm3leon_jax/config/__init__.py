@@ -69,12 +69,17 @@ class Config:
 # Keys that were replaced, and by what: run directories and checkpoints written before load
 # with the old value moved to the new key; an error only when both are set and differ.
 RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir"),
-                ("data", "rotation"): ("data", "whole_segment")}
+                ("data", "rotation"): ("data", "whole_segment"),
+                ("retrieval", "k"): ("retrieval", "pool"),
+                ("retrieval", "max_score"): ("retrieval", "max_text_score")}
 # Keys that no longer exist, and why. A run directory or export written before the removal
 # loads without them; a config a person writes that still has one is refused.
 REMOVED_KEYS = {
     ("sft", "enabled"): "`cm3leon sft` trains on the SFT mixture (the trainer takes its "
                         "batches from the command); delete the key",
+    ("retrieval", "max_pair_score"): "duplicates among the chosen neighbors follow the same "
+                                     "rule as duplicates of the document (retrieval."
+                                     "max_text_score, retrieval.max_image_score); delete the key",
 }
 
 
@@ -137,6 +142,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.logits_chunk and d.seq_len % m.logits_chunk:
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
                           f"data.seq_len={d.seq_len}")
+    if d.k > cfg.retrieval.pool:
+        raise ConfigError(f"data.k={d.k} exceeds retrieval.pool={cfg.retrieval.pool}: the "
+                          "draws come from each document's pool; raise retrieval.pool")
     g = cfg.generate
     if g.image_tokens is not None and g.image_tokens + 2 > m.max_seq_len:
         raise ConfigError(f"generate.image_tokens={g.image_tokens} does not fit "

@@ -15,7 +15,7 @@ class DataConfig:
     seq_len: int = 4096  # tokens per training row
     seed: int = 0  # data order, masking and packing draws
     # --- the prepared-data pipeline (data/pipeline.py); unused by the synthetic source ---
-    k: int = 2  # retrieved documents in front of each query (<= the table's columns)
+    k: int = 2  # retrieved documents in front of each query, drawn from its pool per read
     retrieved_dropout: float = 0.0  # probability each retrieved document is left out
     image_first: float = 0.0  # fraction of documents written image <break> caption
     cm3_lambda: float = 1.0  # Poisson mean of masked spans per example; 0: plain causal LM

@@ -21,13 +21,14 @@ class RetrievalConfig:
     leaves_to_search: int = 32  # ScaNN leaves searched per query
     reorder: int = 100  # candidates rescored exactly after asymmetric hashing
     recall_queries: int = 1000  # sample size for the index's recall@10 report
-    k: int = 2  # neighbors kept per document
-    candidates: int = 32  # top candidates searched before the heuristics
-    query: Literal["text", "image", "both"] = "both"  # what of a document forms its query
+    pool: int = 4  # neighbors kept per query list; training draws data.k of a row per read
+    candidates: int = 32  # top candidates searched per query before the heuristics
+    query: Literal["split", "text", "image", "both"] = "split"  # split: text- and image-query lists
     query_text_dropout: float = 0.2  # fraction of the query's text tokens dropped
-    max_score: float = 0.9  # skip candidates scoring above this against the query
-    max_pair_score: float = 0.9  # skip candidates scoring above this against a chosen one
+    max_text_score: float = 0.9  # duplicates: texts above this (and images above the next)
+    max_image_score: float = 0.99  # the same image: image sides scoring above this
     prefer_pairs: bool = True  # documents with both modalities before single-modality ones
+    min_fill: float = 0.9  # `cm3leon neighbors` warns when fewer documents have data.k neighbors
     seed: int = 0  # query dropout
     # the built-in dual encoder
     embed_dim: int = 128  # embedding width
@@ -39,18 +40,22 @@ class RetrievalConfig:
     temperature: float = 0.05  # InfoNCE temperature
     train_text_dropout: float = 0.2  # half the training texts lose this fraction of tokens
 
+    def lists(self) -> tuple[str, ...]:
+        """The query of each candidate list, in the order of the neighbors table's blocks."""
+        return ("text", "image") if self.query == "split" else (self.query,)
+
     def check(self) -> None:
         for key in ("embed_batch", "exact_threshold", "leaves_to_search", "reorder",
-                    "recall_queries", "k", "candidates", "embed_dim", "width", "train_steps",
+                    "recall_queries", "pool", "candidates", "embed_dim", "width", "train_steps",
                     "train_batch_size", "train_lr", "temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be > 0")
         for key in ("num_leaves", "text_layers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be >= 0")
-        if self.candidates < self.k:
+        if self.candidates < self.pool:
             raise ConfigError(f"retrieval.candidates={self.candidates} is below "
-                              f"retrieval.k={self.k}")
+                              f"retrieval.pool={self.pool}")
         if self.candidates > self.reorder:
             raise ConfigError(f"retrieval.candidates={self.candidates} exceeds retrieval.reorder="
                               f"{self.reorder} (the candidates must come out of the exact "
@@ -61,13 +66,16 @@ class RetrievalConfig:
         for key in ("query_text_dropout", "train_text_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be in [0, 1)")
-        for key in ("max_score", "max_pair_score"):
+        if not 0 <= self.min_fill <= 1:
+            raise ConfigError(f"retrieval.min_fill={self.min_fill} must be a share in [0, 1]")
+        for key in ("max_text_score", "max_image_score"):
             if not -1 <= getattr(self, key) <= 1:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be a cosine in "
                                   "[-1, 1]")
-        if self.encoder == "minilm" and self.query == "image":
-            raise ConfigError("retrieval.query=image needs an image encoder; "
-                              "retrieval.encoder=minilm embeds text only")
+        if self.encoder == "minilm" and self.query in ("image", "split"):
+            raise ConfigError(f"retrieval.query={self.query} needs an image encoder; "
+                              "retrieval.encoder=minilm embeds text only: set "
+                              "retrieval.query=text")
         if self.encoder == "npy" and self.query_text_dropout and self.query != "image":
             raise ConfigError("retrieval.encoder=npy reads precomputed vectors and cannot drop "
                               "query tokens: set retrieval.query_text_dropout=0")

@@ -8,14 +8,15 @@ from typing import Literal, Optional
 
 from cm3leon_jax.config.loader import ConfigError
 
-TASKS = ("caption", "vqa", "edit", "grounding", "control")  # CM3Leon Table 5's task kinds
+SHAPES_TASKS = ("caption", "vqa", "edit", "grounding", "control")  # the built-in suite's
+TASKS = (*SHAPES_TASKS, "ocr", "scienceqa")  # CM3Leon Table 5's task kinds (the last: JSONL)
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning data (cm3leon_jax/sft/): tasks, sources, mixture."""
     source: Literal["shapes", "jsonl"] = "shapes"  # the built-in suite or JSONL files
-    tasks: tuple[str, ...] = TASKS  # tasks trained on (and evaluated)
+    tasks: tuple[str, ...] = SHAPES_TASKS  # tasks trained on (and evaluated)
     sizes: tuple[int, ...] = (2000, 4000, 2000, 2000, 2000)  # shapes: train examples per task
     files: tuple[str, ...] = ()  # jsonl: SFT files (records carry their task)
     weights: tuple[float, ...] = ()  # wanted share per task (tasks order); empty: uniform
@@ -37,6 +38,10 @@ class SFTConfig:
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"sft.tasks={list(self.tasks)} names a task twice")
         if self.source == "shapes":
+            other = [t for t in self.tasks if t not in SHAPES_TASKS]
+            if other:
+                raise ConfigError(f"sft.tasks: {other} come from JSONL files only (the shapes "
+                                  f"suite makes {list(SHAPES_TASKS)}); set sft.source=jsonl")
             if len(self.sizes) != len(self.tasks):
                 raise ConfigError(f"sft.sizes has {len(self.sizes)} entries for "
                                   f"{len(self.tasks)} sft.tasks")

@@ -2,8 +2,9 @@
 
     range(N) -> seeded global shuffle, reshuffled each epoch -> (global position, document)
       -> this process's share: positions p, p + P, p + 2P, ...
-      -> example (grain map): read the document and its first k neighbors, retrieved-document
-         dropout, image-first coin per document, `<eos> r1 <break> r2 <break> q <eos>`,
+      -> example (grain map): read the document, draw k distinct documents from its row of
+         the neighbors table (its text- and image-query pools), retrieved-document dropout,
+         image-first coin per document, `<eos> r1 <break> r2 <break> q <eos>`,
          CM3 masking, cut to seq_len + 1, inputs/targets/weights
       -> [mp_prefetch workers] -> rows of seq_len (`data.packing`) -> batch of
          train.batch_size / P rows -> the step's batch dict
@@ -24,14 +25,16 @@ returned grain iterator's state goes into the orbax checkpoint (train/checkpoint
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import grain
 import numpy as np
 from absl import flags
+from tqdm import tqdm
 
 from cm3leon_jax import layout
 from cm3leon_jax.config import Config, DataConfig
@@ -43,6 +46,7 @@ from cm3leon_jax.vocab import Vocab
 SEQUENCE = ("inputs", "targets", "weights")  # an example's per-token features (the rest: its facts)
 READ_THREADS = 2
 READ_BUFFER = 64
+LOGGED_EXAMPLES = 256  # the train log's retrieved-k histogram: process 0's first examples
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ def _allow_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=print):
+def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqdm.write):
     """The grain iterator of this process's [batch_size / process_count, seq_len] batches."""
     if cfg.train.batch_size % process_count:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
@@ -204,6 +208,8 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
     if cfg.data.workers:
         _allow_workers()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
+    if process_index == 0 and k:
+        it = it.map(RetrievedLog(k, cfg.data.retrieved_dropout, log))
     length = {key: cfg.data.seq_len for key in SEQUENCE}
     if cfg.data.packing == "stream":
         it = grain.experimental.ConcatThenSplitIterDataset(it.map(_sequences),
@@ -214,6 +220,26 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=pri
             shuffle_bins=False, max_sequences_per_bin=1 if cfg.data.packing == "pad" else None)
     it = it.batch(local, drop_remainder=True).map(to_batch)
     return iter(it)
+
+
+@dataclasses.dataclass
+class RetrievedLog:
+    """Passes examples through; once LOGGED_EXAMPLES have passed, logs how many documents
+    they had retrieved, so a run short of neighbors says so in its first lines."""
+    k: int
+    dropout: float
+    log: Callable[[str], None]
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def __call__(self, example: dict) -> dict:
+        if self.counts.total() < LOGGED_EXAMPLES:
+            self.counts[int(example["retrieved"])] += 1
+            if self.counts.total() == LOGGED_EXAMPLES:
+                short = sum(n for j, n in self.counts.items() if j < self.k) / LOGGED_EXAMPLES
+                self.log(f"data: retrieved documents per example, first {LOGGED_EXAMPLES}: "
+                         f"{dict(sorted(self.counts.items()))}; {short:.0%} below data.k="
+                         f"{self.k} (data.retrieved_dropout={self.dropout})")
+        return example
 
 
 def _sequences(example: dict) -> dict:

@@ -81,7 +81,7 @@ def data_stats(cfg: Config, examples: int, progress: bool = True) -> dict:
     if cfg.data.dir is not None:
         return measure(cfg, examples, progress)
     with tempfile.TemporaryDirectory() as tmp:
-        pool = 2 * max(cfg.data.k, cfg.retrieval.k)  # a text-query and an image-query list
+        pool = len(cfg.retrieval.lists()) * cfg.retrieval.pool  # a row of the neighbors table
         synthetic = write_synthetic(cfg, Path(tmp) / "data", max(examples, 64), pool)
         stats = measure(synthetic, examples, progress)
     return {**stats, "data": "synthetic"}

@@ -66,6 +66,15 @@ def chance() -> float:
     return 1.0 / (len(COLOURS) * len(SHAPES))
 
 
+def _neighbors(cfg: Config, log) -> None:
+    m = neighbors.compute_neighbors(cfg)
+    log(f"demo: neighbors: {m['fill']:.1%} of documents have data.k={m['k']}; distinct "
+        f"neighbors per document {m['k_histogram']}")
+    warning = neighbors.fill_warning(m, cfg.retrieval.min_fill)
+    if warning:
+        log(warning)
+
+
 def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
     """Prepare, retrieval encoder, index, neighbors, train; returns {stage: "ran"|"reused"}."""
     done = {}
@@ -80,7 +89,7 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
         "prepare": lambda: prepare(cfg),
         "encoder": lambda: train_encoder.train_encoder(cfg, cfg.data.dir, rdir.encoder),
         "index": lambda: neighbors.build_bank_index(cfg),
-        "neighbors": lambda: neighbors.compute_neighbors(cfg),
+        "neighbors": lambda: _neighbors(cfg, log),
     }
     for stage, action in actions.items():
         reuse = checks[stage].exists()

@@ -10,6 +10,8 @@ Stage modules are imported when a command runs, so `cm3leon --help` does not loa
 
 from __future__ import annotations
 
+import sys
+
 from cm3leon_jax.config import load_config
 from cm3leon_jax.config.cli import with_config
 from cm3leon_jax.layout import retrieval_dir
@@ -57,7 +59,8 @@ def build_index(args) -> None:
 
 
 def neighbors(args) -> None:
-    from cm3leon_jax.retrieval.neighbors import compute_neighbors, merge_shards  # heavy (--help)
+    from cm3leon_jax.retrieval.neighbors import (  # heavy: deferred (--help)
+        compute_neighbors, fill_warning, merge_shards)
 
     cfg = load_config(args.config, args.overrides)
     if args.merge:
@@ -68,7 +71,11 @@ def neighbors(args) -> None:
             print(f"neighbors shard {args.shard}/{args.num_shards}: documents {m['range']} "
                   f"in {m['seconds']} s, skipped {m['skipped']}")
             return
-    print(f"neighbors: {m['documents']:,} documents x k={m['k']}, {m['rows_with_k']:,} with k "
-          f"found ({m['filled_fraction']:.1%} filled), mean score {m['mean_score']}, skipped "
-          f"{m['skipped']}, {m['documents_per_second']:,} documents/s; saved to "
+    print(f"neighbors: {m['documents']:,} documents x {'+'.join(m['lists'])} lists of "
+          f"{m['pool']}; {m['fill']:.1%} have data.k={m['k']} distinct neighbors; distinct "
+          f"neighbors per document {m['k_histogram']}; mean score {m['mean_score']}; skipped "
+          f"{m['skipped']}; {m['documents_per_second']:,} documents/s; saved to "
           f"{retrieval_dir(cfg).root}")
+    warning = fill_warning(m, cfg.retrieval.min_fill)
+    if warning:
+        print(warning, file=sys.stderr)

@@ -1,18 +1,30 @@
 """Offline neighbor precompute with the CM3Leon retrieval heuristics (paper_spec.md §4.1).
 
-For each training document: build its query (text with a fraction of its tokens dropped,
-and/or its image, `retrieval.query`), take the top `candidates` from the memory bank, then
+Each training document gets candidate lists from the memory bank, one per query
+(`retrieval.query`): `split` (default) searches with the document's text (a fraction of its
+tokens dropped) and, separately, with its image, as the paper retrieves "based on image and
+text, respectively"; `text`, `image` or `both` (the averaged vector) make one list. A side
+the document lacks gives an empty list. For each query, of the top `candidates`:
 
     1. never the document itself (when the bank is the training set),
-    2. skip candidates scoring above `max_score` against the query (near duplicates),
-    3. documents with both modalities first (`prefer_pairs`), by score within each group,
-    4. skip a candidate scoring above `max_pair_score` against one already chosen,
-    5. keep k.
+    2. skip a duplicate: the same sides, each near-identical (texts scoring above
+       `max_text_score`, images above `max_image_score`),
+    3. skip the same image (image sides above `max_image_score`) under another caption,
+    4. documents with both modalities first (`prefer_pairs`), by score within each group,
+    5. skip a candidate that is a duplicate or the same image of one already chosen,
+    6. keep `pool`.
 
-Output (`<retrieval dir>`, layout.RetrievalDir): neighbors.npy int64 [N, k] (bank indices, -1 where fewer
-were found), scores.npy float32 [N, k] (query–neighbor score, -inf where none), and
-manifest.json. Row i is document i of the training set (records order). Work can be split
-by document range (`shard` of `num_shards`); shard files merge into the same table.
+A same-caption twin with another image is kept: on class-captioned data (every caption
+repeated thousands of times) it is the relevant neighbor, and skipping it starves the table.
+
+Training draws data.k distinct documents from a row at every read (data/pipeline.py), so
+the pool is what varies between epochs. Output (`<retrieval dir>`, layout.RetrievalDir):
+neighbors.npy int64 [N, lists x pool] (bank indices, the lists side by side, -1 where fewer
+were found), scores.npy float32 (query–neighbor score, -inf where none) and manifest.json
+with the fill rate (share of documents with at least data.k distinct neighbors) and the
+histogram of distinct neighbors per document. Row i is document i of the training set.
+Work can be split by document range (`shard` of `num_shards`); shard files merge into the
+same table.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -30,48 +43,96 @@ from cm3leon_jax.layout import RetrievalDir, data_dir, retrieval_dir
 from cm3leon_jax.retrieval import embed, index
 from cm3leon_jax.retrieval.encoders import make_encoder
 
-REASONS = ("self", "near_duplicate", "duplicate_of_chosen", "empty")
+REASONS = ("self", "near_duplicate", "same_image", "duplicate_of_chosen", "empty")
 BLOCK = 4096  # queries searched and filtered at a time (progress, bounded memory)
 
 
-def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
-           bank: np.ndarray, pairs: np.ndarray, r: RetrievalConfig) -> tuple:
-    """Apply the heuristics row by row: (ids [Q, k], scores [Q, k], skip counts).
+class Sides(NamedTuple):
+    """Unit text and image vectors of documents, [n, D] each; an all-zero row: no such side."""
+    text: np.ndarray
+    image: np.ndarray
 
-    self_ids[q] is the bank index of query q's own document (-1: not in the bank);
-    cand_* are best-first search results (-1 ids for missing); bank holds unit vectors
-    (all-zero rows are never chosen); pairs[m] says bank document m has both modalities.
+    def take(self, rows) -> "Sides":
+        return Sides(np.asarray(self.text[rows]), np.asarray(self.image[rows]))
+
+
+def _present(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x, axis=-1) > 0
+
+
+def same_image(a: Sides, b: Sides, threshold: float) -> np.ndarray:
+    """[len(a), len(b)]: both have an image and the images score above `threshold`."""
+    both = _present(a.image)[:, None] & _present(b.image)[None, :]
+    return both & (a.image @ b.image.T > threshold)
+
+
+def duplicate(a: Sides, b: Sides, text_threshold: float,
+              image_threshold: float) -> np.ndarray:
+    """[len(a), len(b)]: the documents have the same sides and each is near-identical -- the
+    same document, not merely the same caption or a similar image."""
+    shared = np.zeros((len(a.text), len(b.text)), bool)  # a side both have
+    close = np.ones_like(shared)  # no side one lacks, every side near-identical
+    for x, y, threshold in ((a.text, b.text, text_threshold),
+                            (a.image, b.image, image_threshold)):
+        px, py = _present(x), _present(y)
+        both = px[:, None] & py[None, :]
+        shared |= both
+        close &= (px[:, None] == py[None, :]) & (~both | (x @ y.T > threshold))
+    return shared & close
+
+
+def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
+           own: Sides, bank: Sides, pairs: np.ndarray, r: RetrievalConfig) -> tuple:
+    """Apply the heuristics row by row: (ids [Q, pool], scores [Q, pool], skip counts).
+
+    self_ids[q] is the bank index of query q's own document (-1: not in the bank), own its
+    sides (undropped); cand_* are best-first search results (-1 ids for missing); pairs[m]
+    says bank document m has both modalities. A bank document with no side is never chosen.
     """
     Q = len(cand_ids)
-    out_ids = np.full((Q, r.k), -1, np.int64)
-    out_scores = np.full((Q, r.k), -np.inf, np.float32)
+    out_ids = np.full((Q, r.pool), -1, np.int64)
+    out_scores = np.full((Q, r.pool), -np.inf, np.float32)
     skipped = dict.fromkeys(REASONS, 0)
-    valid = np.linalg.norm(bank, axis=1) > 0
     for q in range(Q):
         ids, scores = cand_ids[q], cand_scores[q]
-        keep = ids >= 0
-        keep &= valid[np.where(keep, ids, 0)]
-        skipped["empty"] += int(np.sum(ids >= 0) - keep.sum())
-        is_self = keep & (ids == self_ids[q])
+        found = ids >= 0
+        ids, scores = ids[found], scores[found]
+        cand = bank.take(ids)
+        valid = _present(cand.text) | _present(cand.image)
+        skipped["empty"] += int((~valid).sum())
+        me = own.take([q])
+        is_self = valid & (ids == self_ids[q])
+        near = valid & ~is_self & duplicate(me, cand, r.max_text_score, r.max_image_score)[0]
+        twin = valid & ~is_self & ~near & same_image(me, cand, r.max_image_score)[0]
         skipped["self"] += int(is_self.sum())
-        near = keep & ~is_self & (scores > r.max_score)
         skipped["near_duplicate"] += int(near.sum())
-        keep &= ~is_self & ~near
-        ids, scores = ids[keep], scores[keep]
+        skipped["same_image"] += int(twin.sum())
+        keep = valid & ~is_self & ~near & ~twin
+        ids, scores, cand = ids[keep], scores[keep], cand.take(keep)
         order = np.argsort(-scores, kind="stable")
         if r.prefer_pairs:
             order = order[np.argsort(~pairs[ids[order]], kind="stable")]
-        chosen = []
+        clash = (duplicate(cand, cand, r.max_text_score, r.max_image_score)
+                 | same_image(cand, cand, r.max_image_score))
+        chosen: list[int] = []
         for c in order:
-            if chosen and np.max(bank[ids[chosen]] @ bank[ids[c]]) > r.max_pair_score:
+            if len(chosen) == r.pool:
+                break
+            if clash[chosen, c].any():
                 skipped["duplicate_of_chosen"] += 1
                 continue
-            chosen.append(c)
-            if len(chosen) == r.k:
-                break
+            chosen.append(int(c))
         out_ids[q, :len(chosen)] = ids[chosen]
         out_scores[q, :len(chosen)] = scores[chosen]
     return out_ids, out_scores, skipped
+
+
+def distinct_counts(ids: np.ndarray) -> np.ndarray:
+    """Distinct neighbors per row (what training draws from)."""
+    s = np.sort(ids, axis=1)
+    new = np.ones_like(s, bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    return ((s >= 0) & new).sum(1)
 
 
 def train_dir(cfg: Config) -> str:
@@ -120,29 +181,39 @@ def build_bank_index(cfg: Config) -> dict:
 
 # --- cm3leon neighbors ---------------------------------------------------------------
 
-def _query_vectors(cfg: Config, lo: int, hi: int, same_bank: bool, cache: Path) -> np.ndarray:
+def _queries(cfg: Config, lo: int, hi: int, same_bank: bool,
+             cache: Path) -> tuple[dict[str, np.ndarray], Sides]:
+    """({list: query vectors [hi - lo, D]}, the documents' own undropped sides)."""
     r, out = cfg.retrieval, retrieval_dir(cfg)
     data_dir = train_dir(cfg)
-    want_text, want_image = r.query in ("text", "both"), r.query in ("image", "both")
     if r.encoder == "npy":
-        n = len(records.open_documents(data_dir))
-        sides = embed.read_npy(data_dir, r, n)
-        text, image = sides["text"][lo:hi], sides["image"][lo:hi]
+        sides = embed.read_npy(data_dir, r, len(records.open_documents(data_dir)))
+        own = Sides(sides["text"][lo:hi], sides["image"][lo:hi])
+        dropped = own.text
     else:
         encoder = make_encoder(r, out)
         built = json.loads((out.index / index.MANIFEST).read_text())["encoder_fingerprint"]
         if encoder.fingerprint != built:
             raise ValueError(f"{out.index}: built with encoder {built}, the encoder now is "
                              f"{encoder.fingerprint} (retrained?); rerun `cm3leon index`")
-        reuse_image = same_bank and want_image
-        sides = embed.embed_range(data_dir, encoder, lo, hi, r, cache,
-                                  dropout=r.query_text_dropout, want_text=want_text,
-                                  want_image=want_image and not reuse_image, desc="embed queries")
-        text, image = sides["text"], sides["image"]
-        if reuse_image:
-            image = np.load(out.bank / "image.npy", mmap_mode="r")[lo:hi]
-    zeros = np.zeros_like(text)
-    return embed.document_vectors(text if want_text else zeros, image if want_image else zeros)
+        if same_bank:
+            own = Sides(np.load(out.bank / "text.npy", mmap_mode="r")[lo:hi],
+                        np.load(out.bank / "image.npy", mmap_mode="r")[lo:hi])
+        else:
+            sides = embed.embed_range(data_dir, encoder, lo, hi, r, cache / "own",
+                                      desc="embed documents")
+            own = Sides(sides["text"], sides["image"])
+        dropped = own.text
+        if r.query_text_dropout and r.query != "image":
+            dropped = embed.embed_range(data_dir, encoder, lo, hi, r, cache / "query",
+                                        dropout=r.query_text_dropout, want_image=False,
+                                        desc="embed queries")["text"]
+    own = Sides(np.asarray(own.text, np.float32), np.asarray(own.image, np.float32))
+    zeros = np.zeros_like(own.text)
+    made = {"text": lambda: embed.document_vectors(dropped, zeros),
+            "image": lambda: embed.document_vectors(zeros, own.image),
+            "both": lambda: embed.document_vectors(dropped, own.image)}
+    return {name: made[name]() for name in r.lists()}, own
 
 
 def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
@@ -173,31 +244,39 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     n = len(records.open_documents(data_dir))
     lo, hi = shard_range(n, shard, num_shards)
     t0 = time.perf_counter()
-    queries = _query_vectors(cfg, lo, hi, same_bank,
-                             out.queries / f"shard-{shard:05d}-of-{num_shards:05d}")
+    queries, own = _queries(cfg, lo, hi, same_bank,
+                            out.queries / f"shard-{shard:05d}-of-{num_shards:05d}")
     t_embed = time.perf_counter() - t0
-    bank = np.load(out.bank / "vectors.npy")
+    bank = Sides(np.load(out.bank / "text.npy", mmap_mode="r"),
+                 np.load(out.bank / "image.npy", mmap_mode="r"))
     pairs = np.load(out.bank / "modalities.npy") == (embed.TEXT | embed.IMAGE)
     searcher = index.load_searcher(out.index)
     self_ids = np.arange(lo, hi) if same_bank else np.full(hi - lo, -1)
-    ids, scores = [], []
+    width = len(queries) * r.pool
+    ids = np.full((hi - lo, width), -1, np.int64)
+    scores = np.full((hi - lo, width), -np.inf, np.float32)
     skipped = dict.fromkeys(REASONS, 0)
     t_search = 0.0
-    with tqdm(total=hi - lo, desc="neighbors", unit="doc") as bar:
-        for s in range(0, hi - lo, BLOCK):
-            t1 = time.perf_counter()
-            cand = index.search(searcher, queries[s:s + BLOCK], r.candidates + int(same_bank))
-            t_search += time.perf_counter() - t1
-            i, sc, sk = select(self_ids[s:s + BLOCK], *cand, bank, pairs, r)
-            ids.append(i), scores.append(sc)
-            skipped = {k: skipped[k] + sk[k] for k in REASONS}
-            bar.update(len(i))
-    ids = np.concatenate(ids) if ids else np.full((0, r.k), -1, np.int64)
-    scores = np.concatenate(scores) if scores else np.full((0, r.k), -np.inf, np.float32)
+    with tqdm(total=(hi - lo) * len(queries), desc="neighbors", unit="query") as bar:
+        for j, q in enumerate(queries.values()):
+            cols = slice(j * r.pool, (j + 1) * r.pool)
+            for s in range(0, hi - lo, BLOCK):
+                rows = slice(s, min(s + BLOCK, hi - lo))
+                t1 = time.perf_counter()
+                cand_ids, cand_scores = index.search(searcher, q[rows],
+                                                     r.candidates + int(same_bank))
+                t_search += time.perf_counter() - t1
+                cand_ids[~_present(q[rows])] = -1  # an absent side retrieves nothing
+                i, sc, sk = select(self_ids[rows], cand_ids, cand_scores, own.take(rows),
+                                   bank, pairs, r)
+                ids[rows, cols], scores[rows, cols] = i, sc
+                skipped = {k: skipped[k] + sk[k] for k in REASONS}
+                bar.update(len(i))
     seconds = time.perf_counter() - t0
     summary = {"documents": hi - lo, "range": [lo, hi], "seconds": round(seconds, 2),
                "embed_seconds": round(t_embed, 2), "search_seconds": round(t_search, 2),
-               "skipped": skipped, "filled": int((ids >= 0).sum())}
+               "skipped": skipped,
+               "empty_queries": {name: int((~_present(q)).sum()) for name, q in queries.items()}}
     if num_shards == 1:
         return write_table(cfg, ids, scores, [summary], index_manifest)
     path = shard_path(out, shard, num_shards)
@@ -230,23 +309,40 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
 
 def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: list[dict],
                 index_manifest: dict) -> dict:
-    out = retrieval_dir(cfg)
+    out, r, k = retrieval_dir(cfg), cfg.retrieval, cfg.data.k
     for path, a in ((out.neighbors, ids.astype(np.int64)), (out.scores, scores.astype(np.float32))):
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, a)
         tmp.rename(path)
-    filled = ids >= 0
-    skipped = {k: sum(s["skipped"][k] for s in summaries) for k in REASONS}
+    counts = distinct_counts(ids)
+    found = ids >= 0
     seconds = sum(s["seconds"] for s in summaries)
     manifest = {
-        "documents": int(len(ids)), "k": int(ids.shape[1]), "data_dir": train_dir(cfg),
-        "bank": bank_dir(cfg), "same_bank": _same(train_dir(cfg), bank_dir(cfg)),
-        "filled_fraction": round(float(filled.mean()), 4) if ids.size else 0.0,
-        "rows_with_k": int(filled.all(1).sum()),
-        "mean_score": round(float(scores[filled].mean()), 4) if filled.any() else None,
-        "skipped": skipped, "shards": len(summaries), "seconds": round(seconds, 2),
+        "documents": int(len(ids)), "lists": list(r.lists()), "pool": r.pool, "k": k,
+        "data_dir": train_dir(cfg), "bank": bank_dir(cfg),
+        "same_bank": _same(train_dir(cfg), bank_dir(cfg)),
+        "fill": round(float(np.mean(counts >= k)), 4) if len(ids) else 0.0,
+        "k_histogram": {int(c): int(n) for c, n in zip(*np.unique(counts, return_counts=True))},
+        "mean_score": round(float(scores[found].mean()), 4) if found.any() else None,
+        "skipped": {key: sum(s["skipped"][key] for s in summaries) for key in REASONS},
+        "empty_queries": {name: sum(s["empty_queries"][name] for s in summaries)
+                          for name in r.lists()},
+        "shards": len(summaries), "seconds": round(seconds, 2),
         "documents_per_second": round(len(ids) / max(seconds, 1e-9), 1),
         "index": index_manifest, "retrieval": cfg.to_dict()["retrieval"],
     }
     out.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def fill_warning(manifest: dict, min_fill: float) -> str | None:
+    """A loud message when too few documents have data.k neighbors, else None."""
+    if manifest["fill"] >= min_fill:
+        return None
+    short = manifest["documents"] - round(manifest["fill"] * manifest["documents"])
+    return (f"WARNING: only {manifest['fill']:.1%} of documents have data.k={manifest['k']} "
+            f"distinct neighbors (retrieval.min_fill={min_fill}); {short:,} documents will "
+            "train with fewer retrieved documents. Skipped candidates: "
+            f"{manifest['skipped']}. Search more (retrieval.candidates), loosen "
+            "retrieval.max_text_score / max_image_score, or check the encoder "
+            "(docs/retrieval.md).")

@@ -1,7 +1,9 @@
 """SFT data from JSONL files, one record per line with a `task` field: COCO-style captions,
-VQA2-style question/answer, InstructPix2Pix-style edit triples, detection boxes and
-condition-map pairs. Every line is checked before any image is read; a bad one raises
-`SFTDataError` naming the file, the line and the key.
+VQA2-style question/answer, InstructPix2Pix-style edit triples, detection boxes,
+condition-map pairs, rendered text (OCR, "how-to-write") and ScienceQA-style multiple
+choice. A record may bring its own `prompt`: a template over the task's fields that replaces
+the built-in phrasings (`Render the words "{text}" in chalk.`). Every line is checked before
+any image is read; a bad one raises `SFTDataError` naming the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import numbers
 from pathlib import Path
 
 from cm3leon_jax.data.sources import BadRecord, fit_image, read_image
-from cm3leon_jax.sft.tasks import SFTExample, format_example
+from cm3leon_jax.sft.tasks import PHRASINGS, SFTExample, format_example, placeholders
+
 
 class SFTDataError(ValueError):
     """A JSONL record that cannot become an SFT example; the message names file:line."""
 
 
-# Per task: the fields a record needs and their kinds ("text", "image" path, "boxes").
+# Per task: the fields a record needs and their kinds ("text", "image" path, "boxes",
+# "choices": a list of option strings, "choice": the right option's index in it).
 JSONL_FIELDS: dict[str, dict[str, str]] = {
     "caption": {"image": "image", "caption": "text"},  # COCO captions, Flickr30k
     "vqa": {"image": "image", "question": "text", "answer": "text"},  # VQA2, OKVQA
@@ -25,6 +29,9 @@ JSONL_FIELDS: dict[str, dict[str, str]] = {
     "grounding": {"image": "image", "caption": "text", "objects": "boxes"},  # detection
     "control": {"image": "image", "condition_image": "image", "condition": "text",
                 "caption": "text"},  # ControlNet-style condition -> image
+    "ocr": {"image": "image", "text": "text"},  # rendered text ("how-to-write")
+    "scienceqa": {"image": "image", "question": "text", "choices": "choices",
+                  "answer": "choice"},  # ScienceQA: `answer` indexes `choices`
 }
 
 
@@ -56,7 +63,34 @@ def _check_record(record, where: str) -> dict:
                 if not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
                     raise SFTDataError(f"{where}: {key}[{j}].box={box} needs "
                                        "0 <= x1 < x2 and 0 <= y1 < y2")
+        if kind == "choices" and (not isinstance(value, list) or not 2 <= len(value) <= 26 or
+                                  not all(isinstance(c, str) and c.strip() for c in value)):
+            raise SFTDataError(f"{where}: key {key!r} must be a list of 2 to 26 non-empty "
+                               f"strings, got {value!r}")
+        if kind == "choice":
+            n = len(record.get("choices", ()))
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+                raise SFTDataError(f"{where}: key {key!r} must be the index of the right "
+                                   f"choice, an integer in [0, {n}), got {value!r}")
+    if "prompt" in record:
+        _check_prompt(record["prompt"], task, where)
     return record
+
+
+def _check_prompt(prompt, task: str, where: str) -> None:
+    """A record's own template must use exactly the fields of the task's phrasings."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SFTDataError(f"{where}: key 'prompt' must be a non-empty string, got {prompt!r}")
+    want = placeholders(PHRASINGS[task][0])
+    try:
+        got = placeholders(prompt)
+    except ValueError as e:
+        raise SFTDataError(f"{where}: key 'prompt' is not a template ({e}); write a literal "
+                           "brace as {{ or }}") from None
+    if got != want:
+        need = " ".join("{" + f + "}" for f in sorted(want)) or "no {field}"
+        raise SFTDataError(f"{where}: key 'prompt' of task {task!r} must use {need}, got "
+                           f"{sorted(got)} in {prompt!r}")
 
 
 def read_sft_jsonl(path: str | Path) -> list[dict]:
@@ -104,7 +138,8 @@ def jsonl_example(record: dict, resolution: int, phrasing: int) -> SFTExample:
                                            for v, s, t in zip(o["box"], *scale)])
                              for o in record["objects"]]
     return format_example(task, fields, phrasing, str(record.get("id", where)),
-                          {k: v for k, v in record.items() if not k.startswith("_")})
+                          {k: v for k, v in record.items() if not k.startswith("_")},
+                          template=record.get("prompt"))
 
 
 def _check_boxes(record: dict, shape, where: str, resolution: int):

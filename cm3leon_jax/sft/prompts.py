@@ -3,12 +3,12 @@
 Training documents are `<eos> segment <break> segment ... <eos>` under the CM3 objective, so
 a task is asked the way its training document would look:
 
-- caption, vqa (the answer is text, written before the image): the whole text segment is
+- caption, vqa, scienceqa (the answer is text, written before the image): the whole text segment is
   masked, as CM3's whole-segment spans (`data.whole_segment`) train, and its infill is started
   with the instruction: `<eos> <mask:0> <break> image <eos> <mask:0> instruction` → the
   answer, then `<eoss>` (CM3Leon's "Image of <mask> ... <infill>" captioning, with the
   question given; the VQA answer's final "." is part of the answer).
-- grounding (text -> image): `<eos> text <break>`, then the image; the classifier-free
+- grounding, ocr (text -> image): `<eos> text <break>`, then the image; the classifier-free
   unconditional stream masks the text, `<eos> <mask:0> <break>` (as pretraining).
 - edit, control (instruction, condition image, text -> image): `<eos> instruction <break>
   condition <break> text <break>`, then the image, with two-scale guidance (CM3Leon §4.1):
@@ -25,11 +25,10 @@ from typing import Callable
 
 import numpy as np
 
-from cm3leon_jax.sft.tasks import PHRASINGS, SFTExample
+from cm3leon_jax.sft.tasks import ANSWER_FIELD, SFTExample
 from cm3leon_jax.vocab import Vocab
 
-ANSWER_FIELD = {"caption": "caption", "vqa": "answer"}  # text tasks: the field asked back
-GUIDANCE = {"grounding": "cfg", "edit": "two_scale", "control": "two_scale"}  # image tasks
+GUIDANCE = {"grounding": "cfg", "ocr": "cfg", "edit": "two_scale", "control": "two_scale"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +40,8 @@ class TaskPrompt:
 
 
 def instruction_prefix(example: SFTExample) -> str:
-    """The text segment up to the answer: its phrasing with the answer field cut off."""
-    template = PHRASINGS[example.task][example.meta["phrasing"]]
-    field = "{" + ANSWER_FIELD[example.task] + "}"
-    head = template.split(field)[0]
-    return head.format(**{k: v for k, v in example.meta.items() if isinstance(v, str)}).rstrip()
+    """The text segment up to the answer (format_example's meta["prefix"])."""
+    return example.meta["prefix"].rstrip()
 
 
 def _text_ids(encode_text, vocab: Vocab, text: str) -> np.ndarray:

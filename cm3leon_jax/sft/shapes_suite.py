@@ -12,8 +12,8 @@ lets evaluation score answers and generated pixels exactly (shapes/scores.py).
 - grounding: the caption without positions and each object's pixel box.
 - control: an edge or segmentation map of the scene -> the scene.
 
-Splits: train example i uses scene stream index `i * len(TASKS) + task`; eval example i the
-same from `EVAL_OFFSET` on, so held-out scenes are never training scenes (by index).
+Splits: train example i uses scene stream index `i * len(SHAPES_TASKS) + task`; eval example
+i the same from `EVAL_OFFSET` on, so held-out scenes are never training scenes (by index).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from cm3leon_jax.config.sft import TASKS
+from cm3leon_jax.config.sft import SHAPES_TASKS
 from cm3leon_jax.sft.tasks import PHRASINGS, SFTExample, format_example
 from cm3leon_jax.shapes.edits import (DIRECTIONS, edge_map, move, plain_caption, plural, recolour,
                                       reference, segmentation_map)
@@ -47,18 +47,20 @@ class ShapesSFT:
         check_world(self.resolution, self.max_objects, "sft shapes")
 
     def scene(self, task: str, split: str, index: int) -> list[dict]:
-        if task not in TASKS:
-            raise ValueError(f"unknown SFT task {task!r} (known: {', '.join(TASKS)})")
+        if task not in SHAPES_TASKS:
+            raise ValueError(f"unknown SFT task {task!r} (known: {', '.join(SHAPES_TASKS)})")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
-        if not 0 <= index < EVAL_OFFSET // len(TASKS):
+        if not 0 <= index < EVAL_OFFSET // len(SHAPES_TASKS):
             raise IndexError(f"sft shapes: index {index} out of range")
-        stream = index * len(TASKS) + TASKS.index(task) + (EVAL_OFFSET if split == "eval" else 0)
+        stream = (index * len(SHAPES_TASKS) + SHAPES_TASKS.index(task)
+                  + (EVAL_OFFSET if split == "eval" else 0))
         return shapes_scene(stream, self.seed, self.resolution, self.max_objects)
 
     def example(self, task: str, split: str, index: int) -> SFTExample:
         objects = self.scene(task, split, index)
-        rng = np.random.default_rng([self.seed, TASKS.index(task), SPLITS.index(split), index, 1])
+        rng = np.random.default_rng([self.seed, SHAPES_TASKS.index(task), SPLITS.index(split),
+                                     index, 1])
         phrasing = int(rng.integers(len(PHRASINGS[task])))
         image = draw(objects, self.resolution)
         fields, meta = getattr(self, f"_{task}")(objects, image, rng)

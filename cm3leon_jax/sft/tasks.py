@@ -9,9 +9,13 @@ by `<break>`; text and answers come before the image, as in the paper:
                 {label} at (x1, y1) -> (x2, y2), ... <break> {image}`
     edit       `{instruction} <break> {source image} <break> {edit text} <break> {target image}`
     control    `{instruction} <break> {condition map} <break> {caption} <break> {target image}`
+    ocr        `Write "{text}". <break> {image of the text}`  (the paper's "how-to-write")
+    scienceqa  `Question: {question} Options: (A) .. (B) .. Answer: (B) ... <break> {image}`
 
 Each task has several phrasings (`PHRASINGS`); which one an example uses is drawn from its
-own seed. Boxes are pixel boxes of the image given to the tokenizer, end exclusive.
+own seed, unless the example brings its own (a JSONL record's `prompt`, a template over the
+same fields), which is how datasets with their own instructions are expressed. Boxes are
+pixel boxes of the image given to the tokenizer, end exclusive.
 `tokenize_example` turns segments into vocabulary ids (cm3leon_jax.vocab owns every id).
 Examples come from the built-in suite (sft/shapes_suite.py) or JSONL files (sft/jsonl.py).
 """
@@ -19,6 +23,7 @@ Examples come from the built-in suite (sft/shapes_suite.py) or JSONL files (sft/
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Callable, Union
 
 import numpy as np
@@ -44,7 +49,15 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
     "control": ("Generate high quality image following the {condition} map.",
                 "Render an image from the {condition} map.",
                 "Make a picture that matches the {condition} map."),
+    # ours: the paper names these tasks (Table 5) but prints no template for them
+    "ocr": ('Write "{text}".', 'How to write "{text}"?', 'An image of the words "{text}".'),
+    "scienceqa": ("Question: {question} Options: {choices} Answer: {answer}.",
+                  "{question} Choose from {choices}. Answer: {answer}.",
+                  "Answer the science question. {question} Options: {choices} The answer is "
+                  "{answer}."),
 }
+
+ANSWER_FIELD = {"caption": "caption", "vqa": "answer", "scienceqa": "answer"}  # text answers
 
 Segment = Union[str, np.ndarray]
 
@@ -69,26 +82,50 @@ def grounding_objects(objects) -> str:
     return ", ".join(f"{label} at {format_box(box)}" for label, box in objects)
 
 
+def format_choices(choices) -> str:
+    """`(A) first (B) second ...`: ScienceQA's options as the prompt lists them."""
+    return " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+
+
+def placeholders(template: str) -> set[str]:
+    """The `{field}` names of a template (ValueError on unbalanced braces)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
 def format_example(task: str, fields: dict, phrasing: int, example_id: str,
-                   meta: dict | None = None) -> SFTExample:
-    """The segments of `task` from its fields (texts, images) in phrasing `phrasing`."""
+                   meta: dict | None = None, template: str | None = None) -> SFTExample:
+    """The segments of `task` from its fields (texts, images) in phrasing `phrasing`, or in
+    the example's own `template` (a phrasing with the same fields). A text task's meta gets
+    "prefix": its text segment up to the answer (what a generation prompt gives)."""
     if task not in PHRASINGS:
         raise ValueError(f"unknown SFT task {task!r} (known: {', '.join(TASKS)})")
-    template = PHRASINGS[task][phrasing % len(PHRASINGS[task])]
+    template = template or PHRASINGS[task][phrasing % len(PHRASINGS[task])]
     f = fields
+    texts = {}  # a text task's template fields
     if task == "caption":
-        segments = (template.format(caption=f["caption"]), f["image"])
+        texts = {"caption": f["caption"]}
+        segments = (template.format(**texts), f["image"])
     elif task == "vqa":
-        segments = (template.format(question=f["question"], answer=f["answer"]), f["image"])
+        texts = {"question": f["question"], "answer": f["answer"]}
+        segments = (template.format(**texts), f["image"])
     elif task == "grounding":
         text = template.format(caption=f["caption"], objects=grounding_objects(f["objects"]))
         segments = (text, f["image"])
     elif task == "edit":
         segments = (template, f["image"], f["edit"], f["target"])
-    else:  # control
+    elif task == "control":
         segments = (template.format(condition=f["condition"]), f["condition_image"],
                     f["caption"], f["image"])
-    return SFTExample(task, example_id, segments, dict(meta or {}))
+    elif task == "ocr":
+        segments = (template.format(text=f["text"]), f["image"])
+    else:  # scienceqa: `answer` indexes `choices`
+        texts = {"question": f["question"], "choices": format_choices(f["choices"]),
+                 "answer": f"({chr(65 + f['answer'])}) {f['choices'][f['answer']]}"}
+        segments = (template.format(**texts), f["image"])
+    meta = dict(meta or {})
+    if task in ANSWER_FIELD:
+        meta["prefix"] = template.split("{" + ANSWER_FIELD[task] + "}")[0].format(**texts)
+    return SFTExample(task, example_id, segments, meta)
 
 
 def tokenize_example(example: SFTExample, encode_text: Callable[[str], np.ndarray],
