@@ -173,6 +173,31 @@ def test_sigkill_at_a_random_step_resumes_bitwise(reference, tiny, tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
 
 
+@pytest.mark.multiprocess
+def test_sigkill_through_the_data_pipeline_resumes_bitwise(tiny, tmp_path):
+    """The same on prepared documents: retrieved documents drawn from each pool at every
+    read, streamed rows, three epochs in 20 steps."""
+    from test_pipeline import prepare
+
+    data = tmp_path / "prepared"
+    prepare(data, tiny())
+    run = [f"data.dir={data}", "data.seq_len=128", "fault.log_example_ids=false",
+           "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    ref = train(small(tiny, *run), tmp_path / "reference").history
+    kill_at = int(np.random.default_rng(int(time.time())).integers(4, STEPS - 2))
+    work = tmp_path / "killed"
+    proc = start(1, work, *run)
+    wait_for_step(proc, work, kill_at)
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    hist = train(small(tiny, *run), work).history
+    assert 1 < hist[0]["step"] <= kill_at + 2, (kill_at, hist[0]["step"])
+    assert [m["loss"] for m in read_metrics(work)] == [m["loss"] for m in ref], kill_at
+    for a, b in zip(saved_state(work, STEPS), saved_state(tmp_path / "reference", STEPS)):
+        np.testing.assert_array_equal(a, b, err_msg=f"killed at step {kill_at}")
+
+
 @pytest.mark.slow
 # orbax leaves the coroutines of the failed restore unawaited; collected below, in this test
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
