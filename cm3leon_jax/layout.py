@@ -107,6 +107,11 @@ def data_dir(cfg: Config) -> DataDir:
     return DataDir(Path(cfg.data.dir))
 
 
+def bank_dir(cfg: Config) -> Path:
+    """The memory bank's prepared directory: `retrieval.bank`, else `data.dir` itself."""
+    return Path(cfg.retrieval.bank) if cfg.retrieval.bank else data_dir(cfg).root
+
+
 def retrieval_dir(cfg: Config) -> RetrievalDir:
     """`retrieval.dir`, else `<data.dir>/retrieval`."""
     if cfg.retrieval.dir:

@@ -138,6 +138,34 @@ def test_retrieved_documents_are_redrawn_at_every_read(data):
                                f"{dict(sorted(want.items()))};")
 
 
+def test_retrieved_documents_come_from_the_bank(tiny, tmp_path):
+    """With `retrieval.bank`, table ids index the bank: its documents are the ones put in
+    front of the query (and a bank id equal to the query's index is no self-match)."""
+    from cm3leon_jax.data import sequences
+
+    cfg = tiny()
+    vocab = cfg.vocab.build()
+    prepare(tmp_path / "train", cfg)
+    bank_docs = structured_docs(vocab, 40, seed=7)
+    write_shard(tmp_path / "bank" / "documents" / shard_name(0, 1), bank_docs)
+    vocab.save(tmp_path / "bank" / "vocab.json")
+    table = (np.arange(N_DOCS) % 40)[:, None]
+    np.save(tmp_path / "train" / "retrieval" / "neighbors.npy", table)
+    cfg = tiny(f"data.dir={tmp_path / 'train'}", f"retrieval.bank={tmp_path / 'bank'}",
+               "data.k=1", "data.cm3_lambda=0")
+    made = pipeline.examples(cfg)
+    for i in range(30):
+        e = made[i]
+        j = int(table[e["document"], 0])
+        r1 = sequences.document(bank_docs[j]["text"], bank_docs[j]["image"], vocab)
+        assert e["retrieved"] == 1
+        np.testing.assert_array_equal(e["inputs"][1:1 + r1.size], r1)
+    np.save(tmp_path / "train" / "retrieval" / "neighbors.npy", table + 40)
+    with pytest.raises(ValueError, match=r"ids must be in \[-1, 40\) \(the documents of the "
+                                         r"bank .*bank\), found \[40, 79\]"):
+        pipeline.check_inputs(cfg)
+
+
 def test_stream_rows_are_the_examples_back_to_back(data):
     """`stream` packing: every slot holds a real token, the rows read in order are this
     process's examples in order (an example cut at a row's end goes on at the start of the
@@ -188,10 +216,14 @@ def test_processes_split_each_epoch(data):
     assert sorted(epoch2) == list(range(N_DOCS)) and epoch2 != epoch1  # reshuffled
 
 
-def test_state_after_37_batches_resumes_exactly(data, tmp_path):
+# 16-token rows without spans: every example is cut to fill one row exactly, so each state
+# sits at a row boundary (the stream packer's "no remainder" state must survive JSON)
+@pytest.mark.parametrize("rows", [[], ["data.seq_len=16", "data.cm3_lambda=0"]],
+                         ids=["mixed", "row_boundaries"])
+def test_state_after_37_batches_resumes_exactly(data, tmp_path, rows):
     import jax.numpy as jnp
 
-    cfg, _, _ = data("train.batch_size=2")
+    cfg, _, _ = data("train.batch_size=2", *rows)
     it = pipeline.batches(cfg, log=lambda _: None)
     for _ in range(37):
         next(it)
@@ -206,7 +238,11 @@ def test_state_after_37_batches_resumes_exactly(data, tmp_path):
     checkpoint.restore(mngr, 37, {"x": jnp.zeros(2)}, restored, cfg)
     with pytest.raises(ConfigError, match="written with data.workers=0 but the config says 2"):
         checkpoint.restore(mngr, 37, {"x": jnp.zeros(2)}, restored,
-                           data("train.batch_size=2", "data.workers=2")[0])
+                           data("train.batch_size=2", "data.workers=2", *rows)[0])
+    with pytest.raises(ConfigError, match="written with data.packing=stream but the config "
+                                          "says pack; resume with data.packing=stream"):
+        checkpoint.restore(mngr, 37, {"x": jnp.zeros(2)}, restored,
+                           data("train.batch_size=2", "data.packing=pack", *rows)[0])
     for resumed in (again, restored):
         got = [next(resumed) for _ in range(20)]
         for a, b in zip(expect, got):
@@ -230,7 +266,8 @@ def test_missing_table_trains_with_k0_and_bad_inputs_fail(data, tmp_path):
     cfg, _, _ = data(f"data.dir={bad}")
     prepare(bad, cfg)
     np.save(bad / "retrieval" / "neighbors.npy", np.full((N_DOCS, 2), N_DOCS))
-    with pytest.raises(ValueError, match=r"neighbor ids must be in \[-1, 96\), found"):
+    with pytest.raises(ValueError, match=r"neighbor ids must be in \[-1, 96\) \(the documents "
+                                         r"of the bank .*\), found"):
         pipeline.batches(cfg)
 
 

@@ -96,10 +96,10 @@ SCORES = np.array([[1.0, 0.95, 0.9, 0.89, 0.88, 0.85, 0.84, 0.7, 0.6]], np.float
 PAIRS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], bool)
 
 
-def _select(bank, query_self, pairs=PAIRS, **kw):
+def _select(bank, query_self, pairs=PAIRS, before=None, **kw):
     r = RetrievalConfig(**{"pool": 2, **kw})
     return neighbors.select(np.array([query_self]), CANDIDATES, SCORES, bank.take([0]), bank,
-                            pairs, r)
+                            pairs, r, before)
 
 
 def test_duplicate_and_same_image_rules_on_constructed_sides():
@@ -128,6 +128,9 @@ def test_heuristics_keep_same_caption_twins_and_skip_duplicates():
     assert ids.tolist() == [[1, 2]] and skipped["same_image"] == 2
     ids, _, _ = _select(bank, query_self=0, prefer_pairs=False)
     assert ids.tolist() == [[6, 2]]
+    # an earlier list chose 4: 4 itself may come again, 2 (its duplicate) may not
+    ids, _, skipped = _select(bank, query_self=0, before=np.array([[4, -1]]))
+    assert ids.tolist() == [[4, 5]] and skipped["duplicate_of_chosen"] == 1
 
 
 def test_heuristics_prefer_pairs_and_fill_with_minus_one():
@@ -284,7 +287,8 @@ def test_npy_encoder_index_and_sharded_neighbors(tmp_path):
     for query in (sides.text, sides.image):
         cand, sc = index.exact_search(embed.unit(query), vec, cfg.retrieval.candidates + 1)
         cand[np.linalg.norm(query, axis=1) == 0] = -1
-        i, s, _ = neighbors.select(np.arange(40), cand, sc, sides, sides, pairs, cfg.retrieval)
+        i, s, _ = neighbors.select(np.arange(40), cand, sc, sides, sides, pairs, cfg.retrieval,
+                                   np.concatenate(want, 1) if want else None)
         want.append(i), want_s.append(s)
     np.testing.assert_array_equal(ids, np.concatenate(want, 1))
     np.testing.assert_allclose(scores, np.concatenate(want_s, 1), atol=1e-5)
@@ -299,6 +303,12 @@ def test_npy_encoder_index_and_sharded_neighbors(tmp_path):
     for s in (2, 0):
         neighbors.compute_neighbors(cfg, s, 3)
     with pytest.raises(FileNotFoundError, match="shard 1 of 3 has not been computed"):
+        neighbors.merge_shards(cfg, 3)
+    neighbors.compute_neighbors(_cfg(tmp_path, data, "retrieval.encoder=npy",
+                                     "retrieval.query_text_dropout=0", "retrieval.pool=2"), 1, 3)
+    with pytest.raises(ValueError, match=r"neighbors-00001-of-00003.npz: computed with lists "
+                                         r"\['text', 'image'\] of 2, the config makes "
+                                         r"\['text', 'image'\] of 3"):
         neighbors.merge_shards(cfg, 3)
     neighbors.compute_neighbors(cfg, 1, 3)
     neighbors.merge_shards(cfg, 3)

@@ -307,6 +307,8 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
         {"task": "ocr", "image": "a.png", "text": "fin", "prompt": "Chalk: {text} {{done}}"},
         {"task": "scienceqa", "image": "b.png", "question": "Hot?", "choices": ["yes", "no"],
          "answer": 0, "prompt": "Lecture first. {question} {choices} => {answer}"},
+        {"task": "edit", "image": "a.png", "edit": "make it blue", "target": "b.png",
+         "prompt": "Edit {{carefully}}."},
     ]
     f = tmp_path / "sft.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in good) + "\n")
@@ -342,6 +344,7 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
     assert own == ["Chalk: fin {done}"] * 3
     assert exs[8].segments[0] == "Lecture first. Hot? (A) yes (B) no => (A) yes"
     assert exs[8].meta["prefix"] == "Lecture first. Hot? (A) yes (B) no => "
+    assert exs[9].segments[0] == "Edit {carefully}."
 
     bad_lines = [
         ("{not json", "not JSON"),
@@ -358,6 +361,8 @@ def test_jsonl_records_and_bad_record_errors(tmp_path):
          '"prompt": "{question} {answer} {image}"}', "must use {answer} {question}"),
         ('{"task": "ocr", "image": "a.png", "text": "t", "prompt": "Write {text"}',
          "key 'prompt' is not a template"),
+        ('{"task": "vqa", "image": "a.png", "question": "q", "answer": "a", '
+         '"prompt": "{answer} answers {question}"}', "must end with {answer} (punctuation"),
         ('{"task": "vqa", "image": "a.png", "question": "q"}', "needs key 'answer'"),
         ('{"task": "caption", "image": "a.png", "caption": " "}', "key 'caption' must be"),
         ('{"task": "grounding", "image": "a.png", "caption": "c", "objects": '

@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import grain
 import numpy as np
@@ -62,41 +62,57 @@ def _neighbors(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def check_inputs(cfg: Config) -> tuple[int, Optional[str], int]:
-    """(documents, neighbors table or None, k) after checking the data directory against
-    the config; every problem is reported here, before any batch is made."""
-    d = cfg.data
-    root = Path(d.dir)
+class Inputs(NamedTuple):
+    """What the examples read: the training documents, the neighbors table (None: k = 0)
+    and the memory bank its ids index (None: the training documents themselves)."""
+    documents: int
+    table: Optional[str]
+    k: int
+    bank: Optional[str]
+
+
+def _check_prepared(root: Path, cfg: Config, what: str) -> int:
+    """Documents in the prepared directory `root` after checking it against the config."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data.dir={d.dir!r} is not a directory")
+        raise FileNotFoundError(f"{what}={str(root)!r} is not a directory")
     shard_paths(root)
     vocab_file = layout.DataDir(root).vocab
     if not vocab_file.exists():
-        raise FileNotFoundError(f"{vocab_file} is missing: data.dir must be a prepared "
+        raise FileNotFoundError(f"{vocab_file} is missing: {what} must be a prepared "
                                 "directory (cm3leon prepare)")
     saved = Vocab.load(vocab_file)
     if saved != cfg.vocab.build():
         raise ValueError(f"{vocab_file} says {saved} but the config's vocab section builds "
                          f"{cfg.vocab.build()}; set vocab.* to match the prepared data")
-    n_docs = len(_documents(str(root)))
-    if n_docs == 0:
+    n = len(_documents(str(root)))
+    if n == 0:
         raise ValueError(f"{root}: the document shards hold no records")
-    if d.k == 0:
-        return n_docs, None, 0
+    return n
+
+
+def check_inputs(cfg: Config) -> Inputs:
+    """The inputs after checking the data directory, the bank and the neighbors table
+    against the config; every problem is reported here, before any batch is made."""
+    d = cfg.data
+    n_docs = _check_prepared(Path(d.dir), cfg, "data.dir")
     path = layout.retrieval_dir(cfg).neighbors
-    if not path.exists():
-        return n_docs, None, 0
+    if d.k == 0 or not path.exists():
+        return Inputs(n_docs, None, 0, None)
+    bank = layout.bank_dir(cfg)
+    own_bank = bank.resolve() == Path(d.dir).resolve()
+    n_bank = n_docs if own_bank else _check_prepared(bank, cfg, "retrieval.bank")
     table = np.load(path, mmap_mode="r")
     if table.ndim != 2 or table.shape[0] != n_docs or not np.issubdtype(table.dtype, np.integer):
-        raise ValueError(f"{path}: expected an integer [documents={n_docs}, k] table, got "
+        raise ValueError(f"{path}: expected an integer [documents={n_docs}, pool] table, got "
                          f"{table.dtype} {list(table.shape)}")
     if d.k > table.shape[1]:
         raise ValueError(f"data.k={d.k} but {path} holds only {table.shape[1]} neighbors "
                          "per document")
-    lo, hi = int(table.min(initial=-1)), int(table.max(initial=-1))
-    if lo < -1 or hi >= n_docs:
-        raise ValueError(f"{path}: neighbor ids must be in [-1, {n_docs}), found [{lo}, {hi}]")
-    return n_docs, str(path), d.k
+    lo, hi = (int(table.min()), int(table.max())) if table.size else (-1, -1)
+    if lo < -1 or hi >= n_bank:
+        raise ValueError(f"{path}: neighbor ids must be in [-1, {n_bank}) (the documents of "
+                         f"the bank {bank}), found [{lo}, {hi}]")
+    return Inputs(n_docs, str(path), d.k, None if own_bank else str(bank))
 
 
 # --- one example -------------------------------------------------------------------------
@@ -116,13 +132,16 @@ class ExampleMaker:
     k: int
     vocab: Vocab
     data: DataConfig
+    bank: Optional[str] = None  # the table's memory bank; None: the training documents
 
-    def document(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        """The document's tokens, and where its caption and image are in them."""
-        doc = decode_document(_documents(self.data_dir)[index])
+    def document(self, index: int, rng: np.random.Generator,
+                 source: str) -> tuple[np.ndarray, dict]:
+        """Document `index` of the prepared directory `source`: its tokens, and where its
+        caption and image are in them."""
+        doc = decode_document(_documents(source)[index])
         first = bool(self.data.image_first) and rng.random() < self.data.image_first
         tokens = sequences.document(doc["text"], doc["image"], self.vocab, first,
-                                    where=f"{self.data_dir} document {index} ({doc['id']!r})")
+                                    where=f"{source} document {index} ({doc['id']!r})")
         t, m = doc["text"].size, doc["image"].size
         gap = 1 if t and m else 0  # the <break> between them
         caption = (m + gap, m + gap + t) if first else (0, t)
@@ -130,9 +149,10 @@ class ExampleMaker:
         return tokens, {"caption": caption if t else None, "image": image if m else None}
 
     def draw(self, index: int, rng: np.random.Generator) -> list[int]:
-        """k distinct documents of `index`'s pool (fewer when the pool is smaller)."""
+        """k distinct bank documents of `index`'s pool (fewer when the pool is smaller)."""
         row = _neighbors(self.neighbors)[index]
-        pool = [int(j) for j in dict.fromkeys(row.tolist()) if j >= 0 and j != index]
+        own = -1 if self.bank else index  # a document never retrieves itself
+        pool = [int(j) for j in dict.fromkeys(row.tolist()) if j >= 0 and j != own]
         picks = rng.permutation(len(pool))[:self.k] if pool else []
         return [pool[i] for i in picks]
 
@@ -144,8 +164,8 @@ class ExampleMaker:
         for j in (self.draw(index, rng) if self.k else []):
             if d.retrieved_dropout and rng.random() < d.retrieved_dropout:
                 continue
-            retrieved.append(self.document(j, rng)[0])
-        query, where = self.document(index, rng)
+            retrieved.append(self.document(j, rng, self.bank or self.data_dir)[0])
+        query, where = self.document(index, rng, self.data_dir)
         tokens, is_retrieved = sequences.example(query, retrieved, self.vocab)
         masked, origin, cut, spans = cm3.cm3_transform(tokens, rng, self.vocab, d.cm3_lambda,
                                                        d.seq_len + 1, d.whole_segment)
@@ -164,13 +184,14 @@ def _position_and_document(pos: int, doc) -> tuple[int, int]:
 
 
 def examples(cfg: Config, process_index: int = 0, process_count: int = 1,
-             inputs: tuple[int, Optional[str], int] | None = None):
+             inputs: Inputs | None = None):
     """This process's examples as a grain MapDataset (infinite: epochs reshuffle)."""
-    n_docs, table, k = inputs or check_inputs(cfg)
+    n_docs, table, k, bank = inputs or check_inputs(cfg)
     ds = grain.MapDataset.range(n_docs).seed(cfg.data.seed).shuffle().repeat(None)
     ds = ds.map_with_index(_position_and_document)
     ds = ds[process_index::process_count]
-    return ds.map(ExampleMaker(str(Path(cfg.data.dir)), table, k, cfg.vocab.build(), cfg.data))
+    return ds.map(ExampleMaker(str(Path(cfg.data.dir)), table, k, cfg.vocab.build(), cfg.data,
+                               bank))
 
 
 # --- batches -----------------------------------------------------------------------------
@@ -196,7 +217,7 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqd
                          f"{process_count} processes")
     local = cfg.train.batch_size // process_count
     inputs = check_inputs(cfg)
-    n_docs, table, k = inputs
+    n_docs, table, k, _ = inputs
     if process_index == 0:
         why = ("" if table else " (data.k=0)" if cfg.data.k == 0 else
                f" (no neighbors table at {layout.retrieval_dir(cfg).neighbors}): training "
@@ -219,7 +240,7 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqd
             it, length_struct=length, num_packing_bins=local, seed=cfg.data.seed,
             shuffle_bins=False, max_sequences_per_bin=1 if cfg.data.packing == "pad" else None)
     it = it.batch(local, drop_remainder=True).map(to_batch)
-    return iter(it)
+    return _JsonState(iter(it))
 
 
 @dataclasses.dataclass
@@ -240,6 +261,31 @@ class RetrievedLog:
                          f"{dict(sorted(self.counts.items()))}; {short:.0%} below data.k="
                          f"{self.k} (data.retrieved_dropout={self.dropout})")
         return example
+
+
+class _JsonState(grain.DatasetIterator):
+    """The batches, restorable from a state that went through JSON (the orbax checkpoint):
+    grain 0.2.18's ConcatThenSplit tells "no remainder" by comparing its slices with the
+    tuple (-1, -1), and JSON makes them lists, so a restore at a row boundary skipped an
+    example. Its set_state turns them back into tuples."""
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(_slices_as_tuples(state))
+
+
+def _slices_as_tuples(state):
+    if not isinstance(state, dict):
+        return state
+    out = {key: _slices_as_tuples(value) for key, value in state.items()}
+    if isinstance(out.get("remainder_slices"), dict):
+        out["remainder_slices"] = {f: tuple(s) for f, s in out["remainder_slices"].items()}
+    return out
 
 
 def _sequences(example: dict) -> dict:

@@ -80,10 +80,10 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
     done = {}
     rdir = retrieval_dir(cfg)
     checks = {
-        "prepare": DataDir(Path(cfg.data.dir)).manifest,
-        "encoder": rdir.encoder / train_encoder.INFO,
-        "index": rdir.index / index_lib.MANIFEST,
-        "neighbors": rdir.neighbors,
+        "prepare": DataDir(Path(cfg.data.dir)).manifest.exists,
+        "encoder": (rdir.encoder / train_encoder.INFO).exists,
+        "index": (rdir.index / index_lib.MANIFEST).exists,
+        "neighbors": lambda: neighbors.table_is_current(cfg),
     }
     actions = {
         "prepare": lambda: prepare(cfg),
@@ -92,7 +92,7 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
         "neighbors": lambda: _neighbors(cfg, log),
     }
     for stage, action in actions.items():
-        reuse = checks[stage].exists()
+        reuse = checks[stage]()
         log(f"demo: {stage} {'reused' if reuse else 'running'}")
         if not reuse:
             action()

@@ -11,7 +11,8 @@ the document lacks gives an empty list. For each query, of the top `candidates`:
        `max_text_score`, images above `max_image_score`),
     3. skip the same image (image sides above `max_image_score`) under another caption,
     4. documents with both modalities first (`prefer_pairs`), by score within each group,
-    5. skip a candidate that is a duplicate or the same image of one already chosen,
+    5. skip a candidate that is a duplicate or the same image of one already chosen (in
+       this list or an earlier one: the pools' union holds no two copies),
     6. keep `pool`.
 
 A same-caption twin with another image is kept: on class-captioned data (every caption
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from cm3leon_jax.config import Config, RetrievalConfig
 from cm3leon_jax.data import records
-from cm3leon_jax.layout import RetrievalDir, data_dir, retrieval_dir
+from cm3leon_jax.layout import RetrievalDir, bank_dir, data_dir, retrieval_dir
 from cm3leon_jax.retrieval import embed, index
 from cm3leon_jax.retrieval.encoders import make_encoder
 
@@ -82,12 +83,15 @@ def duplicate(a: Sides, b: Sides, text_threshold: float,
 
 
 def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
-           own: Sides, bank: Sides, pairs: np.ndarray, r: RetrievalConfig) -> tuple:
+           own: Sides, bank: Sides, pairs: np.ndarray, r: RetrievalConfig,
+           chosen_before: np.ndarray | None = None) -> tuple:
     """Apply the heuristics row by row: (ids [Q, pool], scores [Q, pool], skip counts).
 
     self_ids[q] is the bank index of query q's own document (-1: not in the bank), own its
     sides (undropped); cand_* are best-first search results (-1 ids for missing); pairs[m]
-    says bank document m has both modalities. A bank document with no side is never chosen.
+    says bank document m has both modalities; chosen_before [Q, *] holds the documents the
+    row's earlier lists chose (-1: none): the same one may be chosen again, a duplicate of
+    it may not. A bank document with no side is never chosen.
     """
     Q = len(cand_ids)
     out_ids = np.full((Q, r.pool), -1, np.int64)
@@ -114,11 +118,18 @@ def select(self_ids: np.ndarray, cand_ids: np.ndarray, cand_scores: np.ndarray,
             order = order[np.argsort(~pairs[ids[order]], kind="stable")]
         clash = (duplicate(cand, cand, r.max_text_score, r.max_image_score)
                  | same_image(cand, cand, r.max_image_score))
+        before = np.zeros(len(ids), bool)
+        if chosen_before is not None:
+            earlier = np.unique(chosen_before[q][chosen_before[q] >= 0])
+            prior = bank.take(earlier)
+            before = ((duplicate(prior, cand, r.max_text_score, r.max_image_score)
+                       | same_image(prior, cand, r.max_image_score))
+                      & (earlier[:, None] != ids[None, :])).any(0)
         chosen: list[int] = []
         for c in order:
             if len(chosen) == r.pool:
                 break
-            if clash[chosen, c].any():
+            if before[c] or clash[chosen, c].any():
                 skipped["duplicate_of_chosen"] += 1
                 continue
             chosen.append(int(c))
@@ -138,10 +149,6 @@ def distinct_counts(ids: np.ndarray) -> np.ndarray:
 def train_dir(cfg: Config) -> str:
     """The prepared directory whose documents get neighbors (data.dir)."""
     return str(data_dir(cfg).root)
-
-
-def bank_dir(cfg: Config) -> str:
-    return cfg.retrieval.bank or train_dir(cfg)
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
@@ -268,12 +275,13 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
                 t_search += time.perf_counter() - t1
                 cand_ids[~_present(q[rows])] = -1  # an absent side retrieves nothing
                 i, sc, sk = select(self_ids[rows], cand_ids, cand_scores, own.take(rows),
-                                   bank, pairs, r)
+                                   bank, pairs, r, ids[rows, :j * r.pool] if j else None)
                 ids[rows, cols], scores[rows, cols] = i, sc
                 skipped = {k: skipped[k] + sk[k] for k in REASONS}
                 bar.update(len(i))
     seconds = time.perf_counter() - t0
-    summary = {"documents": hi - lo, "range": [lo, hi], "seconds": round(seconds, 2),
+    summary = {"documents": hi - lo, "range": [lo, hi], "lists": list(r.lists()),
+               "pool": r.pool, "seconds": round(seconds, 2),
                "embed_seconds": round(t_embed, 2), "search_seconds": round(t_search, 2),
                "skipped": skipped,
                "empty_queries": {name: int((~_present(q)).sum()) for name, q in queries.items()}}
@@ -301,6 +309,12 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
             if summary["range"] != list(shard_range(n, s, num_shards)):
                 raise ValueError(f"{path}: covers documents {summary['range']}, expected "
                                  f"{list(shard_range(n, s, num_shards))} of {n}")
+            made = (summary.get("lists"), summary.get("pool"))
+            if made != (list(cfg.retrieval.lists()), cfg.retrieval.pool):
+                raise ValueError(f"{path}: computed with lists {made[0]} of {made[1]}, the "
+                                 f"config makes {list(cfg.retrieval.lists())} of "
+                                 f"{cfg.retrieval.pool} (retrieval.query, retrieval.pool); "
+                                 "recompute that shard")
             ids.append(z["ids"]), scores.append(z["scores"]), summaries.append(summary)
     index_manifest = json.loads((out.index / index.MANIFEST).read_text())
     return write_table(cfg, np.concatenate(ids), np.concatenate(scores), summaries,
@@ -319,7 +333,7 @@ def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: lis
     seconds = sum(s["seconds"] for s in summaries)
     manifest = {
         "documents": int(len(ids)), "lists": list(r.lists()), "pool": r.pool, "k": k,
-        "data_dir": train_dir(cfg), "bank": bank_dir(cfg),
+        "data_dir": train_dir(cfg), "bank": str(bank_dir(cfg)),
         "same_bank": _same(train_dir(cfg), bank_dir(cfg)),
         "fill": round(float(np.mean(counts >= k)), 4) if len(ids) else 0.0,
         "k_histogram": {int(c): int(n) for c, n in zip(*np.unique(counts, return_counts=True))},
@@ -333,6 +347,15 @@ def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: lis
     }
     out.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def table_is_current(cfg: Config) -> bool:
+    """Whether the neighbors table exists and was made with this retrieval section (a
+    table from other settings, or from before the pools, is not reused)."""
+    out = retrieval_dir(cfg)
+    if not (out.neighbors.exists() and out.manifest.exists()):
+        return False
+    return json.loads(out.manifest.read_text()).get("retrieval") == cfg.to_dict()["retrieval"]
 
 
 def fill_warning(manifest: dict, min_fill: float) -> str | None:

@@ -14,10 +14,9 @@ import numpy as np
 
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import records, sequences
-from cm3leon_jax.layout import retrieval_dir
+from cm3leon_jax.layout import bank_dir, retrieval_dir
 from cm3leon_jax.retrieval import embed, index
 from cm3leon_jax.retrieval.encoders import make_encoder
-from cm3leon_jax.retrieval.neighbors import bank_dir
 
 
 class Retriever:

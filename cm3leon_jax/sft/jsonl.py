@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import numbers
+import string
 from pathlib import Path
 
 from cm3leon_jax.data.sources import BadRecord, fit_image, read_image
-from cm3leon_jax.sft.tasks import PHRASINGS, SFTExample, format_example, placeholders
+from cm3leon_jax.sft.tasks import (ANSWER_FIELD, PHRASINGS, SFTExample, format_example,
+                                   placeholders)
 
 
 class SFTDataError(ValueError):
@@ -91,6 +93,12 @@ def _check_prompt(prompt, task: str, where: str) -> None:
         need = " ".join("{" + f + "}" for f in sorted(want)) or "no {field}"
         raise SFTDataError(f"{where}: key 'prompt' of task {task!r} must use {need}, got "
                            f"{sorted(got)} in {prompt!r}")
+    if task in ANSWER_FIELD:  # a generation prompt is the text before the answer
+        tail = prompt.split("{" + ANSWER_FIELD[task] + "}")[-1]
+        if tail.strip(string.punctuation + string.whitespace):
+            raise SFTDataError(f"{where}: key 'prompt' of task {task!r} must end with "
+                               f"{{{ANSWER_FIELD[task]}}} (punctuation may follow), got "
+                               f"{prompt!r}")
 
 
 def read_sft_jsonl(path: str | Path) -> list[dict]:

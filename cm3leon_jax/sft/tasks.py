@@ -112,7 +112,7 @@ def format_example(task: str, fields: dict, phrasing: int, example_id: str,
         text = template.format(caption=f["caption"], objects=grounding_objects(f["objects"]))
         segments = (text, f["image"])
     elif task == "edit":
-        segments = (template, f["image"], f["edit"], f["target"])
+        segments = (template.format(), f["image"], f["edit"], f["target"])
     elif task == "control":
         segments = (template.format(condition=f["condition"]), f["condition_image"],
                     f["caption"], f["image"])

@@ -68,6 +68,13 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
             f"checkpoint {mngr.directory}/{step} was written with data.workers="
             f"{saved_workers} but the config says {cfg.data.workers}; resume with the same "
             "worker count")
+    saved_packing = saved.get("data", {}).get("packing", "pack")
+    if cfg.data.dir is not None and saved_packing != cfg.data.packing:
+        # each packer keeps its own iterator state: another one cannot continue it
+        raise ConfigError(
+            f"checkpoint {mngr.directory}/{step} was written with data.packing="
+            f"{saved_packing} but the config says {cfg.data.packing}; resume with "
+            f"data.packing={saved_packing}")
     if position["process_count"] == jax.process_count():
         restored = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
