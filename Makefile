@@ -17,10 +17,16 @@ install: $(STAMP) $(FASHION_MNIST)
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist
 
-$(STAMP): setup.py
+# The FID references the parity tests compare with (tests/test_fid.py). They declare
+# torchvision, which does not load against the CPU torch wheel and is never imported by the
+# modules the tests use: installed without dependencies, so pip keeps torch as it is.
+FID_REFERENCES := torch-fidelity==0.4.0 pytorch-fid==0.3.0 clean-fid==0.1.35
+
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test,interop,tpu]"
+	$(BIN)/pip install -q --no-deps $(FID_REFERENCES)
 	touch $@
 
 test: install

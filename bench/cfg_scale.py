@@ -54,7 +54,7 @@ def main() -> None:
     ids = [model.vocab.text_ids(toks.text.encode(c)) for c in captions]
     retrieved = None
     if args.retrieval:
-        retrieved = Retriever(cfg).documents(ids, cfg.data.k)
+        retrieved = Retriever(cfg).documents(captions, ids, cfg.data.k)
     rows = []
     for temperature in args.temperatures:
         for scale in args.scales:

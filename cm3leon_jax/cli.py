@@ -9,6 +9,7 @@ its stage (`<stage>/cli.py`), in the order of the flow.
     cm3leon compile                the train/generate step for a TPU pod   (aot/cli.py)
     cm3leon generate image|caption|infill                                  (generate/cli.py)
     cm3leon export | score         weights out; per-token log-probs       (export/, eval/)
+    cm3leon eval fid|clip-score|t2i   FID, CLIP score, the text->image protocol  (eval/cli.py)
     cm3leon sweep | fit-scaling    scaling sweeps and their fits           (scaling/cli.py)
     cm3leon sft-data | sft | eval-sft   supervised fine-tuning             (sft/cli.py)
     cm3leon demo                   the main job end to end                 (demo/cli.py)

@@ -92,6 +92,7 @@ class DemoDir:
     root: Path
 
     data = property(lambda self: DataDir(self.root / "data"))
+    heldout = property(lambda self: DataDir(self.root / "heldout"))  # train.eval_dir
     run = property(lambda self: RunDir(self.root / "run"))
     evaluation = property(lambda self: self.root / "evaluation.json")  # reused while unchanged
     report_json = property(lambda self: self.root / "report.json")

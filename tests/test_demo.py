@@ -2,7 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, run_cli
+from PIL import Image
 
 from cm3leon_jax.cli import main as cli
 from cm3leon_jax.config import load_config
@@ -10,7 +11,12 @@ from cm3leon_jax.demo import job as demo
 from cm3leon_jax.export.write import export
 from cm3leon_jax.data import sequences
 from cm3leon_jax.generate import prompts
+from cm3leon_jax.perception.clip import embed_images, embed_texts, load_clip
+from cm3leon_jax.perception.inception import save_npz
+from cm3leon_jax.tokenizers.directory import load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
+from test_clip import hf  # noqa: F401 (fixture)
+from test_fid import random_inception
 
 VQ = ["vqgan.resolution=32", "vqgan.base_channels=8", "vqgan.channel_mult=[1, 2, 4]",
       "vqgan.num_res_blocks=1", "vqgan.mid_attn=false", "vqgan.norm_groups=4",
@@ -19,17 +25,25 @@ MICRO = ["source.size=40", "retrieval.train_steps=2", "retrieval.train_batch_siz
          "retrieval.embed_batch=16", "retrieval.recall_queries=8", "train.steps=2",
          "train.batch_size=8", "train.checkpoint_every=2", "optimizer.warmup_steps=1",
          "model.n_layers=1", "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
-         "demo.eval_scenes=3", "demo.grid_rows=2", "generate.seed=3"]
+         "demo.eval_scenes=3", "demo.grid_rows=2", "demo.heldout_docs=16", "generate.seed=3"]
 
 
-@pytest.mark.slow
-def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
+@pytest.fixture(scope="module")
+def micro_demo(tmp_path_factory):
+    """(demo directory, overrides, first report) of a micro demo run."""
+    tmp_path = tmp_path_factory.mktemp("micro_demo")
     # an untrained image tokenizer: VQ-GAN training has its own tests; this checks the flow
     tok = tmp_path / "vq"
     ImageTokenizer.create(load_config(CONFIGS / "demo.yaml", VQ).vqgan, seed=0).save(tok)
     work = tmp_path / "demo"
     overrides = [*VQ, *MICRO, f"prepare.image_tokenizer={tok}"]
-    first = demo.demo(CONFIGS / "demo.yaml", work, overrides, log=lambda *_: None)
+    return work, overrides, demo.demo(CONFIGS / "demo.yaml", work, overrides,
+                                      log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_rerun_reuses_stages(micro_demo, tmp_path):
+    work, overrides, first = micro_demo
     saved = json.loads((work / "report.json").read_text())
     assert saved == first
     for key in ("t2i_accuracy", "t2i_accuracy_cfg", "t2i_accuracy_retrieval",
@@ -39,8 +53,16 @@ def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["chance"] == round(1 / 24, 4)  # 6 colours x 4 shapes
     assert saved["detector_on_truth"] == 1.0  # the detector reads every true scene
-    assert saved["stages"] == {s: "ran" for s in ("prepare", "encoder", "index", "neighbors",
-                                                  "train", "evaluate")}
+    assert saved["stages"] == {s: "ran" for s in ("prepare", "heldout", "encoder", "index",
+                                                  "neighbors", "train", "evaluate")}
+    for mode in demo.MODES:  # the distribution-level score of every mode, and its floor
+        assert saved[demo.fd_key(mode)] >= 0
+    assert saved["fd_reconstructions"] >= 0
+    # the held-out loss is logged at the last step, on the other seed's prepared scenes
+    logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [2]
+    assert saved["final_eval_loss"] == logged[-1]["eval_loss"] > 0
+    assert json.loads((work / "heldout" / "manifest.json").read_text())["documents"] == 16
     for name in ("report.md", "loss.png", "samples.png"):
         assert (work / name).stat().st_size > 0
     ckpt = work / "run" / "checkpoints" / "2"
@@ -64,6 +86,74 @@ def test_demo_end_to_end_and_rerun_reuses_stages(tmp_path):
         codes[name] = np.load(out.with_suffix(".npy"))
     assert codes["run"].shape == (1, 2, 1, 64)
     np.testing.assert_array_equal(codes["run"], codes["export"])
+
+
+@pytest.mark.slow
+def test_eval_t2i_on_the_demo_run(micro_demo, hf, tmp_path, capsys):  # noqa: F811
+    """`cm3leon eval t2i` end to end on a run: retrieval at inference, CLIP reranking, FID,
+    CLIP score, copy measure and a report that reproduces itself (random CLIP, Inception)."""
+    work, _, _ = micro_demo
+    weights = tmp_path / "inception.npz"
+    save_npz(random_inception(0), weights)
+    captions = tmp_path / "captions.jsonl"
+    scenes = [f"one shape: a {s} {c} {k} at the center" for s in ("small", "large")
+              for c in ("red", "blue") for k in ("circle", "square")]
+    captions.write_text("".join(json.dumps({"caption": c}) + "\n" for c in scenes))
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(real / f"{i}.png")
+    args = ["eval", "t2i", "--workdir", str(work / "run"), "--captions", str(captions),
+            "--real", str(real), "--inception-weights", str(weights), "--clip", str(hf[0]),
+            "--num", "5", "--seed", "1", "--retrieve", "1", "--samples", "2", "--rerank",
+            "clip", "--batch-size", "3", "--dims", "64"]
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["n_fake"] == 5 and report["n_real"] == 6 and report["fid"] > 0
+    assert report["retrieved_images"] == 5 and -1 <= report["copy_cosine_mean"] <= 1
+    assert 0 <= report["copy_share_above_0.95"] <= 1
+    s = report["settings"]
+    assert (s["num"], s["seed"], s["retrieve"], s["samples"], s["rerank"], s["dims"]) == \
+        (5, 1, 1, 2, "clip", 64)
+    assert s["generate"]["candidates"] == 2 and s["checkpoint_step"] == 2
+    drawn = [json.loads(line) for line in (tmp_path / "a" / "captions.jsonl").open()]
+    assert [d["caption"] for d in drawn] == [scenes[i] for i in np.random.default_rng(1).choice(
+        len(scenes), 5, replace=False)]
+    assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == \
+        [f"{i:06d}.png" for i in range(5)]
+    # the numbers are those of the saved images, measured again by the two other commands
+    c, out, _ = run_cli(capsys, *["eval", "clip-score", "--clip", str(hf[0]), "--images",
+                              str(tmp_path / "a" / "images"), "--captions",
+                              str(tmp_path / "a" / "captions.jsonl"), "--json"])
+    out = json.loads(out.splitlines()[-1])
+    assert c == 0 and out["clip_score"] == pytest.approx(report["clip_score"], abs=1e-4)
+    c, out, _ = run_cli(capsys, *["eval", "fid", "--real", str(real), "--fake",
+                              str(tmp_path / "a" / "images"), "--inception-weights",
+                              str(weights), "--dims", "64", "--json"])
+    out = json.loads(out.splitlines()[-1])
+    assert c == 0 and out["fid"] == pytest.approx(report["fid"], rel=1e-6)
+    # the same command again reproduces the report exactly
+    assert cli([*args, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert {k: v for k, v in again.items() if k != "settings"} == \
+        {k: v for k, v in report.items() if k != "settings"}
+    # `generate image --rerank clip` keeps the candidate CLIP likes best among the same draws
+    prompt = ["--workdir", str(work / "run"), "--prompt", scenes[0], "--num", "2",
+              "--samples", "3"]
+    assert cli(["generate", "image", *prompt, "--out", str(tmp_path / "all.png")]) == 0
+    assert cli(["generate", "image", *prompt, "--rerank", "clip", "--clip", str(hf[0]),
+                "--out", str(tmp_path / "best.png")]) == 0
+    every, best = np.load(tmp_path / "all.npy"), np.load(tmp_path / "best.npy")
+    assert every.shape == (1, 2, 3, 64) and best.shape == (1, 2, 1, 64)
+    toks = load_tokenizers(work / "data", load_config(CONFIGS / "demo.yaml", VQ).vocab.build())
+    clip = load_clip(hf[0])
+    for j in range(2):
+        sims = embed_images(clip, toks.image.decode(every[0, j])) @ embed_texts(clip, scenes[:1])[0]
+        np.testing.assert_array_equal(best[0, j, 0], every[0, j, int(np.argmax(sims))])
+    # bad requests are refused before any weight is read
+    assert cli([*args[:-2], "--samples", "2", "--rerank", "none", "--out", "x"]) == 2
+    assert cli([*args[:-4], "--num", "99", "--out", str(tmp_path / "c")]) == 2
 
 
 def test_retrieved_prompt_is_the_training_layout():

@@ -26,7 +26,7 @@ LAYERS = (  # top first; a `|` separates independent packages of one layer
     "retrieval | train",
     "data",
     "tokenizers",
-    "model | shapes",
+    "model | shapes | perception",
     "parallel",
     "layout",
     "config",

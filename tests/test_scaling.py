@@ -105,8 +105,9 @@ def test_shipped_sweeps_follow_the_budget_rule():
                                      r"optimizer.warmup_steps=5"),
     (["sweep.tokens_per_param=0"], r"sweep.tokens_per_param=0.0 must be > 0"),
     (["sweep.evals_per_decade=0"], r"sweep.evals_per_decade=0 must be >= 1"),
-    (["sweep.eval_dir=/x"], r"sweep.eval_dir='/x' is set but data.dir is null"),
-    (["data.dir=/x"], r"data.dir='/x' is set, so sweep.eval_dir must name"),
+    (["train.eval_dir=/x"], r"train.eval_dir='/x' is set but data.dir is null"),
+    (["sweep.eval_dir=/x"], r"train.eval_dir='/x' is set but data.dir is null"),  # old name
+    (["data.dir=/x"], r"data.dir='/x' is set, so train.eval_dir must name"),
     (["optimizer.decay_steps=100"], r"optimizer.decay_steps=100: a sweep sets each run's"),
     ([TWO.replace("d_model: 32", "d_model: 20")],
      r"sweep.sizes\[1\] \(b\): model.d_model=20 is not divisible by mesh.fsdp=8"),
@@ -125,7 +126,7 @@ def test_sweep_cli_refuses_a_plain_config(capsys, tmp_path):
 # --- a micro sweep, interrupted and resumed ------------------------------------------------
 
 MICRO = [TWO, "data.seq_len=32", "model.max_seq_len=32", "optimizer.warmup_steps=2",
-         "sweep.tokens_per_param=0.5", "sweep.evals_per_decade=1", "sweep.eval_batches=1",
+         "sweep.tokens_per_param=0.5", "sweep.evals_per_decade=1", "train.eval_batches=1",
          "train.checkpoint_every=100", "train.log_every=1"]
 
 
@@ -173,8 +174,8 @@ def test_interrupted_micro_sweep_resumes(tmp_path):
          if k not in ("step", "tokens", "flops", "grid", "params")}
     # finished: running it again trains and evaluates nothing; a changed sweep is refused
     assert sweep(cfg, tmp_path) == {"a": [], "b": []}
-    with pytest.raises(ConfigError, match=r"sweep.yaml was written with sweep.eval_batches=1"):
-        sweep(load_config(CPU, MICRO + ["sweep.eval_batches=3"], num_devices=8), tmp_path)
+    with pytest.raises(ConfigError, match=r"sweep.yaml was written with train.eval_batches=1"):
+        sweep(load_config(CPU, MICRO + ["train.eval_batches=3"], num_devices=8), tmp_path)
 
     # fit-scaling on it: the frontier holds exactly the evaluations that no evaluation with
     # less or equal compute beats; two sizes are too few for L(N)

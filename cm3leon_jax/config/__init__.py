@@ -71,7 +71,9 @@ class Config:
 RENAMED_KEYS = {("data", "retrieval_dir"): ("retrieval", "dir"),
                 ("data", "rotation"): ("data", "whole_segment"),
                 ("retrieval", "k"): ("retrieval", "pool"),
-                ("retrieval", "max_score"): ("retrieval", "max_text_score")}
+                ("retrieval", "max_score"): ("retrieval", "max_text_score"),
+                ("sweep", "eval_dir"): ("train", "eval_dir"),
+                ("sweep", "eval_batches"): ("train", "eval_batches")}
 # Keys that no longer exist, and why. A run directory or export written before the removal
 # loads without them; a config a person writes that still has one is refused.
 REMOVED_KEYS = {
@@ -145,6 +147,14 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if d.k > cfg.retrieval.pool:
         raise ConfigError(f"data.k={d.k} exceeds retrieval.pool={cfg.retrieval.pool}: the "
                           "draws come from each document's pool; raise retrieval.pool")
+    if t.eval_every and d.dir is not None and t.eval_dir is None:
+        raise ConfigError(f"train.eval_every={t.eval_every} with data.dir={d.dir!r}: set "
+                          "train.eval_dir to prepared held-out data (`cm3leon prepare` of "
+                          "documents training never sees)")
+    if t.eval_dir is not None and d.dir is None:
+        raise ConfigError(f"train.eval_dir={t.eval_dir!r} is set but data.dir is null: the "
+                          "synthetic source holds out its own rows; set data.dir or drop "
+                          "train.eval_dir")
     g = cfg.generate
     if g.image_tokens is not None and g.image_tokens + 2 > m.max_seq_len:
         raise ConfigError(f"generate.image_tokens={g.image_tokens} does not fit "

@@ -11,8 +11,9 @@ from cm3leon_jax.config.loader import ConfigError
 class DemoConfig:
     eval_scenes: int = 64  # held-out captions (text -> image) and images (image -> text)
     grid_rows: int = 8  # captions shown in each sample grid
+    heldout_docs: int = 256  # scenes of another seed prepared as train.eval_dir (held-out loss)
 
     def check(self) -> None:
-        for key in ("eval_scenes", "grid_rows"):
+        for key in ("eval_scenes", "grid_rows", "heldout_docs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"demo.{key}={getattr(self, key)} must be >= 1")

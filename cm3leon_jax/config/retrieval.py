@@ -13,7 +13,8 @@ from cm3leon_jax.config.loader import ConfigError
 class RetrievalConfig:
     dir: Optional[str] = None  # encoder, index, neighbors.npy (read by training); null: <data.dir>/retrieval
     bank: Optional[str] = None  # memory-bank prepared directory; null: data.dir itself
-    encoder: Literal["builtin", "minilm", "npy"] = "builtin"  # what embeds documents
+    encoder: Literal["builtin", "minilm", "clip", "npy"] = "builtin"  # what embeds documents
+    clip: Optional[str] = None  # encoder=clip: a CLIPModel directory (save_pretrained + tokenizer)
     embeddings: str = "embeddings"  # npy encoder: <prepared dir>/<this>/{text,image}.npy
     embed_batch: int = 256  # documents per encoder call
     exact_threshold: int = 20000  # banks smaller than this are searched exactly
@@ -76,6 +77,11 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.query={self.query} needs an image encoder; "
                               "retrieval.encoder=minilm embeds text only: set "
                               "retrieval.query=text")
+        if (self.encoder == "clip") != (self.clip is not None):
+            raise ConfigError(
+                f"retrieval.encoder={self.encoder} with retrieval.clip={self.clip!r}: the "
+                "paper's retriever is `retrieval.encoder: clip` with `retrieval.clip: DIR` (a "
+                "transformers CLIPModel directory); set both or neither")
         if self.encoder == "npy" and self.query_text_dropout and self.query != "image":
             raise ConfigError("retrieval.encoder=npy reads precomputed vectors and cannot drop "
                               "query tokens: set retrieval.query_text_dropout=0")

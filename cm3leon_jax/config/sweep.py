@@ -36,16 +36,13 @@ class SweepConfig:
     sizes: tuple[SweepSize, ...] = ()  # empty: not a sweep config
     tokens_per_param: float = 20.0  # training tokens = this x non-embedding parameters
     evals_per_decade: int = 4  # evaluate when training FLOPs cross 10^(k/this)
-    eval_batches: int = 4  # held-out batches of train.batch_size rows
-    eval_dir: Optional[str] = None  # prepared held-out data; required with data.dir
 
     def check(self) -> None:
         """The section's own values; `check_sizes(cfg)` checks the sizes in the config."""
         if self.tokens_per_param <= 0:
             raise ConfigError(f"sweep.tokens_per_param={self.tokens_per_param} must be > 0")
-        for key in ("evals_per_decade", "eval_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"sweep.{key}={getattr(self, key)} must be >= 1")
+        if self.evals_per_decade < 1:
+            raise ConfigError(f"sweep.evals_per_decade={self.evals_per_decade} must be >= 1")
 
 
 def sized(cfg, size: SweepSize, steps: int):
@@ -74,14 +71,10 @@ def check_sizes(cfg) -> list[tuple[str, object]]:
     s = cfg.sweep
     if len(s.sizes) < 2:
         raise ConfigError(f"sweep.sizes has {len(s.sizes)} entries: a sweep needs at least 2")
-    if cfg.data.dir is not None and s.eval_dir is None:
-        raise ConfigError(f"data.dir={cfg.data.dir!r} is set, so sweep.eval_dir must name the "
-                          "prepared held-out data (for example made by `cm3leon prepare` "
-                          "with another seed)")
-    if cfg.data.dir is None and s.eval_dir is not None:
-        raise ConfigError(f"sweep.eval_dir={s.eval_dir!r} is set but data.dir is null: the "
-                          "synthetic source holds out its own rows; set data.dir or drop "
-                          "sweep.eval_dir")
+    if cfg.data.dir is not None and cfg.train.eval_dir is None:
+        raise ConfigError(f"data.dir={cfg.data.dir!r} is set, so train.eval_dir must name the "
+                          "prepared held-out data the sweep evaluates on (for example made "
+                          "by `cm3leon prepare` with another seed)")
     if cfg.optimizer.decay_steps is not None:
         raise ConfigError(f"optimizer.decay_steps={cfg.optimizer.decay_steps}: a sweep sets "
                           "each run's schedule to its own budget; leave it null")

@@ -41,10 +41,16 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
     init_from: Optional[str] = None  # export or run dir: a fresh run starts from its weights
+    eval_every: int = 0  # steps between held-out losses (metrics.jsonl eval_*); 0: none
+    eval_batches: int = 4  # held-out batches of train.batch_size rows (fixed by the config)
+    eval_dir: Optional[str] = None  # prepared held-out data; required for evals with data.dir
 
     def check(self) -> None:
         positive("train", self, "steps", "batch_size", "grad_accum", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "peak_tflops")
+                 "checkpoint_every", "keep_checkpoints", "peak_tflops", "eval_batches")
+        nonnegative("train", self, "eval_every")
+        if self.eval_dir is not None and not self.eval_dir.strip():
+            raise ConfigError("train.eval_dir must be a prepared directory, or null")
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError("train.init_from must be a run or export directory, or null")
         if self.batch_size % self.grad_accum:

@@ -1,11 +1,19 @@
-"""`cm3leon score`: its parser and what it runs.
+"""`cm3leon score` and `cm3leon eval fid|clip-score|t2i`: their parsers and what they run.
 
     cm3leon score (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
+    cm3leon eval fid --real DIR_OR_NPZ --fake DIR --inception-weights FILE [--json]
+    cm3leon eval clip-score --clip DIR --images DIR --captions FILE.jsonl [--json]
+    cm3leon eval t2i --workdir RUN --captions FILE --real DIR_OR_NPZ --inception-weights F
+                     --out DIR [--num N --seed S --cfg A --retrieve K --samples M
+                     --rerank clip --clip DIR]
 
 Stage modules are imported when the command runs, so `cm3leon --help` does not load jax.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from cm3leon_jax.config import ConfigError
 
@@ -23,6 +31,108 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: the run's model.dtype)")
     p.set_defaults(fn=run_score)
+
+    ev = sub.add_parser("eval", help="FID, CLIP score and the text->image protocol")
+    kinds = ev.add_subparsers(dest="kind", required=True)
+    f = kinds.add_parser("fid", help="Frechet Inception distance between two image sets")
+    f.add_argument("--real", required=True, help="folder of images, or a .npz of statistics")
+    f.add_argument("--fake", help="folder of images, or a .npz of statistics")
+    f.add_argument("--inception-weights", required=True,
+                   help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth or "
+                        "weights-inception-2015-12-05-6726825d.pth; .npz/.safetensors too)")
+    f.add_argument("--save-stats", help="write the statistics of --real to this .npz")
+    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
+                   help="Inception feature layer (2048: every published FID)")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.set_defaults(fn=run_fid)
+    c = kinds.add_parser("clip-score", help="mean 100 * max(cos, 0) of images and captions")
+    c.add_argument("--clip", required=True, help="transformers CLIPModel directory")
+    c.add_argument("--images", required=True, help="folder the captions' images are in")
+    c.add_argument("--captions", required=True,
+                   help='JSONL: {"image": FILE, "caption": TEXT} per line')
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=run_clip_score)
+    t = kinds.add_parser("t2i", help="generate for N drawn captions; FID, CLIP score, report")
+    t.add_argument("--workdir", required=True, help="run directory or export")
+    t.add_argument("--captions", required=True,
+                   help='JSONL ({"caption": TEXT} per line) or COCO captions_*.json')
+    t.add_argument("--real", required=True, help="folder of real images, or a .npz of statistics")
+    t.add_argument("--inception-weights", required=True, help="the FID Inception weights file")
+    t.add_argument("--out", required=True, help="report.json, grid.png, images/ go here")
+    t.add_argument("--num", type=int, default=30000, help="captions drawn (FID-30K: 30000)")
+    t.add_argument("--seed", type=int, default=0, help="the caption draw and the sampling")
+    t.add_argument("--cfg", type=float, help="guidance scale (default: the run's)")
+    t.add_argument("--retrieve", type=int, default=0, help="documents retrieved per caption")
+    t.add_argument("--samples", type=int, default=1, help="candidates per caption")
+    t.add_argument("--rerank", choices=["clip", "none"], default="none",
+                   help="keep the best of --samples by CLIP similarity")
+    t.add_argument("--clip", help="CLIPModel directory: CLIP score, reranking, copy measure")
+    t.add_argument("--batch-size", type=int, default=16, help="captions per generation batch")
+    t.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
+                   help="Inception feature layer (2048: every published FID)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="e.g. generate.temperature=0.7")
+    t.set_defaults(fn=run_t2i)
+
+
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in result.items()))
+
+
+def run_fid(args) -> None:
+    from cm3leon_jax.eval import fid  # heavy: deferred so cm3leon --help stays fast
+    from cm3leon_jax.perception import inception  # heavy: as above
+
+    if args.fake is None and args.save_stats is None:
+        raise ConfigError("give --fake (to measure) or --save-stats (to keep --real's "
+                          "statistics)")
+    for name in ("real", "fake"):
+        path = getattr(args, name)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"--{name} {path} does not exist")
+    if not Path(args.inception_weights).is_file():
+        raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.save_stats is not None and not args.save_stats.endswith(".npz"):
+        raise ConfigError(f"--save-stats {args.save_stats}: name a .npz file")
+    net = inception.load_inception(args.inception_weights)
+    mu, sigma, n = fid.stats_of(args.real, net, args.batch_size, args.dims)
+    if args.save_stats:
+        fid.save_stats(args.save_stats, mu, sigma, n)
+    if args.fake is None:
+        print(f"statistics of {n} images of {args.real} -> {args.save_stats}")
+        return
+    mu2, sigma2, n2 = fid.stats_of(args.fake, net, args.batch_size, args.dims)
+    _print({"fid": fid.frechet_distance(mu2, sigma2, mu, sigma), "n_real": n, "n_fake": n2},
+           args.json)
+
+
+def run_clip_score(args) -> None:
+    from cm3leon_jax.eval import clip_score  # heavy: deferred so cm3leon --help stays fast
+    from cm3leon_jax.perception import clip  # heavy: as above
+
+    _print(clip_score.clip_score_files(clip.load_clip(args.clip), args.images, args.captions,
+                                       args.batch_size), args.json)
+
+
+def run_t2i(args) -> None:
+    from cm3leon_jax.eval import t2i  # heavy: deferred so cm3leon --help stays fast
+
+    req = t2i.T2IRequest(
+        workdir=args.workdir, captions=args.captions, real=args.real, out=args.out,
+        inception_weights=args.inception_weights, num=args.num, seed=args.seed,
+        cfg_scale=args.cfg, retrieve=args.retrieve, samples=args.samples, rerank=args.rerank,
+        clip=args.clip, batch_size=args.batch_size, dims=args.dims,
+        overrides=tuple(args.overrides))
+    report = t2i.run_t2i(req)
+    print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in report.items() if k != "settings")
+          + f" -> {Path(args.out) / 'report.json'}")
 
 
 def run_score(args) -> None:

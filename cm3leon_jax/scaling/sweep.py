@@ -23,7 +23,7 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.config import Config, ConfigError, from_dict
 from cm3leon_jax.data.pipeline import check_inputs
 from cm3leon_jax.layout import RunDir
 from cm3leon_jax.scaling.plan import Run, plan
@@ -45,7 +45,9 @@ def read_evals(run_dir: str | Path) -> list[dict]:
 
 
 def _check_same_sweep(cfg: Config, path: Path) -> None:
-    saved = yaml.safe_load(path.read_text())
+    # through the loader, so a sweep written before a key was renamed compares by new names
+    saved = json.loads(json.dumps(from_dict(yaml.safe_load(path.read_text()), saved=True)
+                                  .to_dict()))
     current = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as YAML reads them
     for section, values in current.items():
         if section in RESUMABLE:
@@ -113,8 +115,8 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     runs = plan(cfg)
     if cfg.data.dir is not None:  # both data directories are checked before any training
         check_inputs(cfg)
-        if not Path(cfg.sweep.eval_dir).is_dir():
-            raise FileNotFoundError(f"sweep.eval_dir={cfg.sweep.eval_dir!r} is not a directory")
+        if not Path(cfg.train.eval_dir).is_dir():
+            raise FileNotFoundError(f"train.eval_dir={cfg.train.eval_dir!r} is not a directory")
     batches = heldout_batches(cfg, jax.process_index(), jax.process_count())
     spec = runs_dir / SPEC
     if spec.exists():

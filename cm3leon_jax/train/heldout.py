@@ -1,9 +1,10 @@
 """Validation loss on a fixed held-out set: the same loss sums as the train step
 (train/step.py `loss_sums`), summed over every held-out batch, text and image apart; a
-trainer hook calls it on the live parameters (the scaling sweep's evaluations).
+trainer loop calls it on the live parameters (`train.eval_every`, and the scaling sweep's
+evaluations).
 
 Held-out rows: with the synthetic source, rows from an index range training never reaches
-(training reads rows below 2^40); with prepared data, the first batches of `sweep.eval_dir`
+(training reads rows below 2^40); with prepared data, the first batches of `train.eval_dir`
 (another prepared directory) through the same grain pipeline. Either way the set is fixed by
 the config, identical for every size and every evaluation.
 """
@@ -26,10 +27,10 @@ HELDOUT_FIRST_ROW = 2**41  # synthetic rows from here on are never trained on
 
 
 def heldout_batches(cfg: Config, process_index: int = 0, process_count: int = 1) -> list[dict]:
-    """This process's share of each of the `sweep.eval_batches` held-out batches."""
-    n, batch = cfg.sweep.eval_batches, cfg.train.batch_size
+    """This process's share of each of the `train.eval_batches` held-out batches."""
+    n, batch = cfg.train.eval_batches, cfg.train.batch_size
     if cfg.data.dir is not None:
-        data = dataclasses.replace(cfg.data, dir=cfg.sweep.eval_dir, workers=0)
+        data = dataclasses.replace(cfg.data, dir=cfg.train.eval_dir, workers=0)
         own = dataclasses.replace(cfg.retrieval, dir=None)  # the held-out set's own neighbors
         it = pipeline.batches(dataclasses.replace(cfg, data=data, retrieval=own), process_index,
                               process_count)
@@ -58,8 +59,8 @@ def losses_from_sums(sums: dict) -> dict:
 class Evaluator:
     """Measures the held-out losses of parameters laid out on the config's mesh."""
 
-    def __init__(self, cfg: Config, batches: list[dict]):
-        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+    def __init__(self, cfg: Config, batches: list[dict], devices=None):
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         mdef = model_def(cfg)
         vocab, chunk = cfg.vocab.build(), cfg.model.logits_chunk
         self.batches = batches

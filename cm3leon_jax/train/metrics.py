@@ -22,6 +22,7 @@ PEAK_TFLOPS = {
 }
 TB_KEYS = ("loss", "text_loss", "image_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
            "real_tokens_per_s", "mfu")
+EVAL_KEYS = ("eval_loss", "eval_text_loss", "eval_image_loss")  # TensorBoard eval/loss, ...
 
 
 def device_peak_tflops(device=None) -> float | None:
@@ -84,6 +85,9 @@ class MetricsWriter:
         for key in TB_KEYS:
             if record.get(key) is not None:
                 self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+        for key in EVAL_KEYS:
+            if record.get(key) is not None:
+                self.tb.add_scalar(f"eval/{key[5:]}", record[key], record["step"])
 
     def close(self) -> None:
         if self.tb is not None:

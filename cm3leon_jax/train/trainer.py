@@ -8,8 +8,10 @@ never stalls the devices; a step with a hook due is read at once (its hooks see 
 update). Built in: the metrics log (`metrics.jsonl`, TensorBoard, the progress bar), the
 checkpoint hook (every `train.checkpoint_every` steps, the last step, and on SIGTERM, never
 over the last good checkpoint while steps are being skipped), and the stop on a run of
-non-finite steps. Callers add hooks (the sweep's held-out evaluation). Only process 0
-writes metrics, config and reports.
+non-finite steps, and the held-out losses every `train.eval_every` steps (train/heldout.py,
+on the live parameters with the sharded forward pass, merged into that step's metrics line
+as `eval_loss`, `eval_text_loss`, `eval_image_loss`). Callers add hooks (the sweep's
+evaluations at its FLOP grid). Only process 0 writes metrics, config and reports.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from cm3leon_jax.config import Config, save_config, validate
+from cm3leon_jax.config import Config, ConfigError, save_config, validate
 from cm3leon_jax.data.pipeline import train_batches
 from cm3leon_jax.layout import RunDir
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
-from cm3leon_jax.train import checkpoint, weights
+from cm3leon_jax.train import checkpoint, heldout, weights
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
                                      state_layout)
@@ -79,7 +81,8 @@ def _id_gatherer(mesh):
 
 
 def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] | None = None,
-          hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset()) -> TrainResult:
+          hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset(),
+          heldout_batches: list[dict] | None = None) -> TrainResult:
     """Train to `cfg.train.steps` updates in total; returns this call's per-step metrics.
 
     `data()` makes this process's batch iterator (a grain iterator, whose state is
@@ -89,7 +92,9 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
     steps). Every process of a multi-process job calls this with the same config. SIGTERM
     makes it finish the current step, save a checkpoint and return (`preempted_at` says
     where); more than `fault.max_bad_steps` skipped (non-finite) updates in a row raise
-    BadStepsError with the last good checkpoint kept.
+    BadStepsError with the last good checkpoint kept. `heldout_batches` is this process's
+    share of the held-out set `train.eval_every` evaluates; by default the pretraining
+    held-out set (`train.eval_dir`, else synthetic rows training never reaches).
     """
     run = RunDir(Path(workdir))
     validate(cfg, jax.device_count())
@@ -104,6 +109,13 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
     mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
     if cfg.train.init_from and not mngr.latest_step():
         weights.check_init(cfg)  # before any compile or data
+    if cfg.train.eval_every and heldout_batches is None:
+        if data is not None:
+            raise ConfigError(f"train.eval_every={cfg.train.eval_every}: this command trains "
+                              "on its own data and has no held-out set for it; set "
+                              "train.eval_every=0")
+        heldout_batches = heldout.heldout_batches(cfg, jax.process_index(),
+                                                  jax.process_count())
     batches = (data() if data is not None
                else train_batches(cfg, jax.process_index(), jax.process_count()))
     if lead:
@@ -125,6 +137,7 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
             state = create_state(cfg, tx, shardings)
         step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
         gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
+        evaluator = heldout.Evaluator(cfg, heldout_batches) if cfg.train.eval_every else None
         writer = MetricsWriter(run, start, enabled=lead)
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
                    dynamic_ncols=True)
@@ -132,7 +145,7 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
         pending = None  # metrics of the previous step: read after the next is dispatched
         bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
 
-        def log(step, device_metrics, ids):
+        def log(step, device_metrics, ids, evaluated=None):
             nonlocal last, bad_run, skipped
             record = host_metrics(step, device_metrics)  # waits for that step to finish
             now = time.perf_counter()
@@ -145,9 +158,12 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
             record["skipped_steps"] = skipped
             if ids is not None:
                 record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
+            if evaluated is not None:
+                record.update({f"eval_{k}": evaluated[k]
+                               for k in ("loss", "text_loss", "image_loss")})
             history.append(record)
             if (step % cfg.train.log_every == 0 or step == cfg.train.steps
-                    or record["skipped"]):
+                    or record["skipped"] or evaluated is not None):
                 writer.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
@@ -179,9 +195,12 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
                     log(*pending)
                 pending = (step, metrics, ids)
                 stop = preempt.reached(step)
-                due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
-                if due:
-                    log(*pending)  # the hooks know whether this step's update was applied
+                last_step = stop or step == cfg.train.steps
+                due = [h for h in hooks if h.due(step, last_step)]
+                evaluated = (evaluator(state.params) if evaluator is not None and (
+                    step % cfg.train.eval_every == 0 or last_step) else None)
+                if due or evaluated is not None:
+                    log(*pending, evaluated)  # hooks know whether this update was applied
                     pending = None
                 for hook in due:
                     hook.fn(step, state)

@@ -1,0 +1,223 @@
+"""`cm3leon eval t2i`: the text-to-image protocol behind a published FID, in one command.
+
+N captions are drawn with a seed, images generated in batches with the stated decoding
+(guidance scale, retrieval at inference from the run's index, M samples kept by CLIP), and
+scored: FID against a real set (a folder or saved statistics), CLIP score, and with
+retrieval how close each image is to the images it was shown (the over-copying critique of
+static retrieval). `report.json` holds every setting needed to reproduce the numbers; a
+PNG grid shows the first images. CM3Leon's headline protocol is MS-COCO FID-30K with two
+retrieved documents and 8 samples reranked by CLIP (paper_spec §7.1; docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cm3leon_jax.config import ConfigError
+from cm3leon_jax.eval import clip_score as clip_score_lib
+from cm3leon_jax.eval import fid as fid_lib
+from cm3leon_jax.generate import tasks
+from cm3leon_jax.generate.grid import image_grid
+from cm3leon_jax.generate.rerank import clip_scorer, rerank
+from cm3leon_jax.perception import clip as clip_lib
+from cm3leon_jax.perception import inception as inception_lib
+from cm3leon_jax.retrieval.query import Retriever
+
+COPY_THRESHOLD = 0.95  # CLIP image cosine above which an image counts as a near-copy
+
+
+@dataclasses.dataclass(frozen=True)
+class T2IRequest:
+    workdir: str  # run directory or export
+    captions: str  # JSONL ({"caption": ...} per line) or a COCO captions_*.json
+    real: str  # folder of real images, or a .npz of FID statistics (mu, sigma)
+    out: str
+    inception_weights: str
+    num: int = 30000
+    seed: int = 0
+    cfg_scale: float | None = None  # null: the run's generate.cfg_scale
+    retrieve: int = 0  # documents retrieved per caption at inference (0: none)
+    samples: int = 1  # candidates per caption; the best by CLIP is kept
+    rerank: str = "none"  # "clip" (needs clip) or "none" (the first candidate)
+    clip: str | None = None  # CLIPModel directory: CLIP score, reranking, copy measure
+    batch_size: int = 16  # captions per generation batch
+    dims: int = 2048  # Inception features (2048: every published FID)
+    overrides: tuple[str, ...] = ()
+
+
+def read_caption_file(path: str | Path) -> list[str]:
+    """Captions of a JSONL file (`{"caption": ...}` per line) or of a COCO annotation file
+    (`captions_val2014.json`: {"annotations": [{"caption": ...}, ...]})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("annotations"), list):
+            raise ValueError(f"{path}: a .json caption file must be COCO's "
+                             "{\"annotations\": [{\"caption\": ...}]}; use JSONL otherwise")
+        out = []
+        for i, a in enumerate(raw["annotations"]):
+            if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
+                raise ValueError(f"{path}: annotations[{i}] has no string \"caption\"")
+            out.append(a["caption"].strip())
+        return out
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+            raise ValueError(f'{path}:{n}: expected {{"caption": TEXT, ...}}')
+        out.append(record["caption"])
+    if not out:
+        raise ValueError(f"{path}: no captions")
+    return out
+
+
+def draw_captions(captions: list[str], num: int, seed: int, where: str) -> list[str]:
+    """`num` distinct entries drawn with `seed` (the FID-30K draw), in draw order."""
+    if not 1 <= num <= len(captions):
+        raise ConfigError(f"--num {num}: {where} has {len(captions)} captions; draw 1.."
+                          f"{len(captions)}")
+    pick = np.random.default_rng(seed).choice(len(captions), num, replace=False)
+    return [captions[i] for i in pick]
+
+
+def _check(req: T2IRequest) -> None:
+    """Every input before any weight is read or image generated."""
+    if req.samples < 1 or req.batch_size < 1 or req.retrieve < 0:
+        raise ConfigError("--samples and --batch-size must be >= 1, --retrieve >= 0")
+    if req.dims not in inception_lib.DIMS:
+        raise ConfigError(f"--dims {req.dims}: choose one of {inception_lib.DIMS}")
+    if req.rerank not in ("clip", "none"):
+        raise ConfigError(f"--rerank {req.rerank}: choose clip or none")
+    if req.rerank == "clip" and req.clip is None:
+        raise ConfigError("--rerank clip needs --clip DIR (a transformers CLIPModel directory)")
+    if req.samples > 1 and req.rerank == "none":
+        raise ConfigError(f"--samples {req.samples} without --rerank clip would keep the "
+                          "first candidate and waste the rest; add --rerank clip")
+    if not Path(req.inception_weights).is_file():
+        raise FileNotFoundError(f"--inception-weights {req.inception_weights} does not exist")
+    real = Path(req.real)
+    if not (real.is_dir() or (real.suffix == ".npz" and real.is_file())):
+        raise FileNotFoundError(f"--real {real}: expected a folder of images or a .npz of "
+                                "statistics (`cm3leon eval fid --save-stats`)")
+    if req.clip is not None and not Path(req.clip).is_dir():
+        raise FileNotFoundError(f"--clip {req.clip} is not a directory")
+
+
+class _Scores:
+    """What the report needs, accumulated batch by batch so 30,000 images are never held in
+    memory at once: Inception features, CLIP pair scores, copy cosines, the grid's images."""
+
+    def __init__(self, inception, clip, dims: int, grid: int = 64):
+        self.inception, self.clip, self.dims, self.grid = inception, clip, dims, grid
+        self.features, self.clip_pairs, self.copy, self.first = [], [], [], []
+
+    def add(self, images: np.ndarray, captions: list[str], shown: list | None) -> None:
+        self.features.append(inception_lib.pool_features(
+            self.inception, inception_lib.resize_for_inception(images), dims=self.dims))
+        if self.clip is not None:
+            self.clip_pairs.append(clip_score_lib.pair_scores(self.clip, images, captions))
+            if shown is not None:
+                self.copy += [copy_cosine(self.clip, im, seen)
+                              for im, seen in zip(images, shown) if seen is not None]
+        self.first += list(images[:max(0, self.grid - len(self.first))])
+
+    def report(self, real_mu, real_sigma, n_real, retrieve: int) -> dict:
+        features = np.concatenate(self.features)
+        out = {"fid": fid_lib.frechet_distance(*fid_lib.statistics(features), real_mu,
+                                               real_sigma),
+               "n_fake": len(features), "n_real": n_real}
+        if self.clip is not None:
+            out["clip_score"] = float(np.concatenate(self.clip_pairs).mean())
+            if retrieve:
+                best = np.asarray(self.copy)
+                out["retrieved_images"] = len(best)
+                if len(best):
+                    out["copy_cosine_mean"] = float(best.mean())
+                    out[f"copy_share_above_{COPY_THRESHOLD}"] = float(
+                        np.mean(best > COPY_THRESHOLD))
+        return out
+
+
+def copy_cosine(clip, image: np.ndarray, shown: np.ndarray) -> float:
+    """CLIP image cosine of a generated image to the closest image it was shown."""
+    e = clip_lib.embed_images(clip, np.concatenate([image[None], shown]))
+    return float(np.max(e[1:] @ e[0]))
+
+
+def generate(req: T2IRequest, captions: list[str], scores: _Scores, out: Path) -> dict:
+    """Generate for `captions` in batches; each batch is saved as PNGs and scored."""
+    overrides = [*req.overrides, f"generate.candidates={req.samples}",
+                 f"generate.seed={req.seed}"]
+    if req.cfg_scale is not None:
+        overrides.append(f"generate.cfg_scale={req.cfg_scale}")
+    cfg, model, toks, step = tasks.load_model(req.workdir, overrides=overrides)
+    n_tokens = toks.image.tokens_per_image
+    text_ids = [model.vocab.text_ids(toks.text.encode(c)) for c in captions]
+    retriever = Retriever(cfg) if req.retrieve else None
+    for b in tqdm(range(0, len(captions), req.batch_size), desc="t2i", unit="batch"):
+        caps, ids = captions[b:b + req.batch_size], text_ids[b:b + req.batch_size]
+        retrieved = retriever.documents(caps, ids, req.retrieve) if retriever else None
+        codes = tasks.text_to_image(model, ids, n_tokens, cfg.generate, seed=req.seed + b,
+                                    retrieved=retrieved)
+        pixels = toks.image.decode(codes.reshape(-1, n_tokens))
+        pixels = pixels.reshape(len(caps), req.samples, *pixels.shape[1:])
+        if req.samples > 1:
+            best, _ = rerank(list(pixels), caps, clip_scorer(scores.clip))
+            pixels = pixels[np.arange(len(caps)), best[:, 0]]
+        else:
+            pixels = pixels[:, 0]
+        for i, im in enumerate(pixels):
+            Image.fromarray(im).save(out / "images" / f"{b + i:06d}.png")
+        shown = None
+        if retrieved is not None:
+            shown = []
+            for docs in retrieved:
+                found = [model.vocab.to_codes(d[model.vocab.is_image(d)]) for d in docs]
+                found = [c for c in found if len(c) == n_tokens]
+                shown.append(toks.image.decode(np.stack(found)) if found else None)
+        scores.add(pixels, caps, shown)
+    return {"step": step, "generate": dataclasses.asdict(cfg.generate),
+            "resolution": toks.image.resolution}
+
+
+def run_t2i(req: T2IRequest) -> dict:
+    """Generate, score and write `report.json`, `grid.png`, `captions.jsonl` and `images/`;
+    returns the report."""
+    _check(req)
+    captions = draw_captions(read_caption_file(req.captions), req.num, req.seed, req.captions)
+    inception = inception_lib.load_inception(req.inception_weights)
+    clip = clip_lib.load_clip(req.clip) if req.clip else None
+    real_mu, real_sigma, n_real = fid_lib.stats_of(req.real, inception,
+                                                   dims=req.dims)  # before generating
+    out = Path(req.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    with (out / "captions.jsonl").open("w") as f:
+        for i, c in enumerate(captions):
+            f.write(json.dumps({"image": f"{i:06d}.png", "caption": c}) + "\n")
+    scores = _Scores(inception, clip, req.dims)
+    got = generate(req, captions, scores, out)
+    Image.fromarray(image_grid(np.stack(scores.first), 8)).save(out / "grid.png")
+    report = scores.report(real_mu, real_sigma, n_real, req.retrieve)
+    report["settings"] = {
+        **{k: v for k, v in dataclasses.asdict(req).items() if k != "overrides"},
+        "overrides": list(req.overrides), "checkpoint_step": got["step"],
+        "generate": got["generate"], "image_resolution": got["resolution"],
+        "fid_resize": inception_lib.RESIZE_RULE, "copy_threshold": COPY_THRESHOLD}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
