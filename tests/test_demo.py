@@ -12,11 +12,10 @@ from cm3leon_jax.export.write import export
 from cm3leon_jax.data import sequences
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.perception.clip import embed_images, embed_texts, load_clip
-from cm3leon_jax.perception.inception import save_npz
+from cm3leon_jax.perception.inception import random_init, save_npz
 from cm3leon_jax.tokenizers.directory import load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 from test_clip import hf  # noqa: F401 (fixture)
-from test_fid import random_inception
 
 VQ = ["vqgan.resolution=32", "vqgan.base_channels=8", "vqgan.channel_mult=[1, 2, 4]",
       "vqgan.num_res_blocks=1", "vqgan.mid_attn=false", "vqgan.norm_groups=4",
@@ -94,25 +93,29 @@ def test_eval_t2i_on_the_demo_run(micro_demo, hf, tmp_path, capsys):  # noqa: F8
     CLIP score, copy measure and a report that reproduces itself (random CLIP, Inception)."""
     work, _, _ = micro_demo
     weights = tmp_path / "inception.npz"
-    save_npz(random_inception(0), weights)
+    save_npz(random_init(0), weights)
     captions = tmp_path / "captions.jsonl"
     scenes = [f"one shape: a {s} {c} {k} at the center" for s in ("small", "large")
               for c in ("red", "blue") for k in ("circle", "square")]
-    captions.write_text("".join(json.dumps({"caption": c}) + "\n" for c in scenes))
+    captions.write_text("".join(json.dumps({"caption": c, "image": f"{i}.png"}) + "\n"
+                                for i, c in enumerate(scenes)))
     real = tmp_path / "real"
     real.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(real / f"{i}.png")
+    for i in range(len(scenes)):
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(real / f"{i}.png")
     args = ["eval", "t2i", "--workdir", str(work / "run"), "--captions", str(captions),
             "--real", str(real), "--inception-weights", str(weights), "--clip", str(hf[0]),
             "--num", "5", "--seed", "1", "--retrieve", "1", "--samples", "2", "--rerank",
             "clip", "--batch-size", "3", "--dims", "64"]
     assert cli([*args, "--out", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["n_fake"] == 5 and report["n_real"] == 6 and report["fid"] > 0
-    assert report["retrieved_images"] == 5 and -1 <= report["copy_cosine_mean"] <= 1
-    assert 0 <= report["copy_share_above_0.95"] <= 1
+    assert report["n_fake"] == 5 and report["n_real"] == 8 and report["fid"] > 0
+    copies = [json.loads(line)["copy_cosine"] for line in (tmp_path / "a" / "copy.jsonl").open()]
+    assert report["retrieved_images"] == len(copies) == 5
+    assert report["copy_cosine_mean"] == pytest.approx(np.mean(copies), rel=1e-12)
+    assert report["copy_share_above_0.95"] == np.mean(np.asarray(copies) > 0.95)
+    assert report["settings"]["clip_score_after_clip_rerank"] is True
     s = report["settings"]
     assert (s["num"], s["seed"], s["retrieve"], s["samples"], s["rerank"], s["dims"]) == \
         (5, 1, 1, 2, "clip", 64)
@@ -151,7 +154,12 @@ def test_eval_t2i_on_the_demo_run(micro_demo, hf, tmp_path, capsys):  # noqa: F8
     for j in range(2):
         sims = embed_images(clip, toks.image.decode(every[0, j])) @ embed_texts(clip, scenes[:1])[0]
         np.testing.assert_array_equal(best[0, j, 0], every[0, j, int(np.argmax(sims))])
+    # the real set of the drawn captions only, centre-cropped: as many real images as fakes
+    assert cli([*args, "--real-drawn", "--center-crop", "--out", str(tmp_path / "d")]) == 0
+    drawn_real = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert drawn_real["n_real"] == 5 and drawn_real["fid"] != report["fid"]
     # bad requests are refused before any weight is read
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 2  # images/ already full
     assert cli([*args[:-2], "--samples", "2", "--rerank", "none", "--out", "x"]) == 2
     assert cli([*args[:-4], "--num", "99", "--out", str(tmp_path / "c")]) == 2
 

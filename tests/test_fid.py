@@ -3,6 +3,7 @@ folder -> FID path equals torch-fidelity features + clean-fid's resize + pytorch
 distance, and the distance behaves (0 against itself, monotone as real images mix in)."""
 
 import contextlib
+import json
 import importlib
 import importlib.util
 import itertools
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 from PIL import Image
+from conftest import run_cli
 
 from cm3leon_jax.eval import fid as fid_lib
 from cm3leon_jax.perception import inception as inc
@@ -48,7 +50,7 @@ def _torch_fidelity_inception():
     pytest.importorskip("torch")
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
-        pytest.skip("torch-fidelity is not installed (the interop extra)")
+        pytest.skip("torch-fidelity is not installed (`make install` adds it: FID_REFERENCES)")
     with _stubbed({"torch_fidelity": {"__path__": list(spec.submodule_search_locations)}}):
         return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
 
@@ -58,24 +60,11 @@ def _pytorch_fid_distance():
     its torchvision-based network at the top, neither needed for the distance."""
     pytest.importorskip("torch")  # fid_score imports it
     if importlib.util.find_spec("pytorch_fid") is None:
-        pytest.skip("pytorch-fid is not installed (the interop extra)")
+        pytest.skip("pytorch-fid is not installed (`make install` adds it: FID_REFERENCES)")
     network = type("InceptionV3", (), {"BLOCK_INDEX_BY_DIM": {64: 0, 192: 1, 768: 2, 2048: 3}})
     with _stubbed({"torchvision": {}, "torchvision.transforms": {},
                    "pytorch_fid.inception": {"InceptionV3": network}}):
         return importlib.import_module("pytorch_fid.fid_score").calculate_frechet_distance
-
-
-def random_inception(seed: int) -> "inc.Inception":
-    """A random FID Inception without torch: He-scaled kernels, identity BatchNorms."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, shape in inc.EXPECTED.items():
-        if key.endswith("conv.weight"):
-            state[key] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-        else:
-            state[key] = np.ones(shape) if key.endswith(("bn.weight", "running_var")) \
-                else np.zeros(shape)
-    return inc.from_state_dict(state, f"random-{seed}")
 
 
 @pytest.fixture(scope="module")
@@ -232,9 +221,11 @@ def test_fid_of_folders_equals_the_torch_reference(reference, tmp_path, monkeypa
     fid_lib.save_stats(tmp_path / "real.npz", *fid_lib.stats_of(real, ours, BATCH, dims=64))
     again = fid_lib.fid(tmp_path / "real.npz", fake, ours, batch_size=BATCH, dims=64)
     assert again == pytest.approx(got)
-    # mixed sizes come back clean-resized to 299, same-size sets as they are
-    assert fid_lib.load_images(fake).shape == (20, 299, 299, 3)
-    assert fid_lib.load_images(real).dtype == np.uint8
+    # centre crops: a wide image is its central square before the resize
+    wide = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    np.testing.assert_array_equal(fid_lib.center_square(wide), wide[:, 2:8])
+    np.testing.assert_array_equal(fid_lib.center_square(wide.transpose(1, 0, 2)),
+                                  wide.transpose(1, 0, 2)[2:8])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -292,7 +283,7 @@ def test_bad_inputs_name_the_path(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=re.escape(str(empty))):
-        fid_lib.load_images(empty)
+        fid_lib.image_files(empty)
     with pytest.raises(ValueError, match=re.escape(str(empty))):
         fid_lib.stats_of(empty, None)
 
@@ -301,13 +292,14 @@ def test_bad_inputs_name_the_path(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(broken / "a.png")
     (broken / "b.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=re.escape(str(broken / "b.png"))):
-        fid_lib.load_images(broken)
+        fid_lib.features_of(broken, inc.random_init(0), dims=64)
 
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(4))
     with pytest.raises(ValueError, match=re.escape(str(stats)) + ".*sigma"):
         fid_lib.stats_of(stats, None, dims=4)
-    fid_lib.save_stats(tmp_path / "ok.npz", np.zeros(4), np.eye(4), 10)
+    fid_lib.save_stats(tmp_path / "ok.npz", np.zeros(4), np.eye(4), None)  # n unknown
+    assert fid_lib.load_stats(tmp_path / "ok.npz")[2] is None
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "ok.npz")) + ".*2048"):
         fid_lib.stats_of(tmp_path / "ok.npz", None)
 
@@ -319,3 +311,40 @@ def test_bad_inputs_name_the_path(tmp_path):
         inc.load_inception(weights)
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none.pth"))):
         inc.load_inception(tmp_path / "none.pth")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_eval_fid_cli_on_images_self_zero_and_mixing_falls(tmp_path, capsys):
+    """Through `cm3leon eval fid` on image folders (a random Inception, 64-d features): a set
+    against itself is 0, and FID falls at every step as a fake set takes in real images."""
+    real, fake = _write_sets(tmp_path)
+    weights = tmp_path / "inception.npz"
+    inc.save_npz(inc.random_init(0), weights)
+
+    def fid_cli(a, b):
+        code, out, err = run_cli(capsys, "eval", "fid", "--real", str(a), "--fake", str(b),
+                                 "--inception-weights", str(weights), "--dims", "64",
+                                 "--json")
+        assert code == 0, err
+        return json.loads(out.splitlines()[-1])["fid"]
+
+    assert abs(fid_cli(real, real)) < 1e-6
+    reals, fakes = sorted(real.iterdir()), sorted(fake.iterdir())
+    fids = []
+    for k in range(0, 21, 4):  # k real images replace k fake ones
+        mixed = tmp_path / f"mixed{k}"
+        mixed.mkdir()
+        for f in [*reals[:k], *fakes[k:]]:
+            (mixed / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+        fids.append(fid_cli(real, mixed))
+    assert all(a > b for a, b in zip(fids, fids[1:])), fids
+    assert abs(fids[-1]) < 1e-6
+    # statistics saved once stand in for the folder; two .npz need no weights
+    code, _, _ = run_cli(capsys, "eval", "fid", "--real", str(real), "--inception-weights",
+                         str(weights), "--dims", "64", "--save-stats", str(tmp_path / "r.npz"))
+    assert code == 0
+    code, out, _ = run_cli(capsys, "eval", "fid", "--real", str(tmp_path / "r.npz"), "--fake",
+                           str(tmp_path / "r.npz"), "--dims", "64", "--json")
+    assert code == 0 and abs(json.loads(out.splitlines()[-1])["fid"]) < 1e-6
+    code, _, err = run_cli(capsys, "eval", "fid", "--real", str(real), "--fake", str(fake))
+    assert code == 2 and "--inception-weights: a folder of images needs" in err

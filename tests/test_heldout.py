@@ -50,6 +50,12 @@ def test_evaluation_is_the_same_on_1_and_8_devices(tiny):
     assert a["text_tokens"] == b["text_tokens"] and a["image_tokens"] == b["image_tokens"]
     for k in ("loss", "text_loss", "image_loss"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+    # with train.grad_accum the held-out batches go through in micro-batches: same sums
+    c = Evaluator(tiny("train.eval_batches=3", "train.grad_accum=2"), batches,
+                  devices=jax.devices()[:4])(params)
+    assert c["text_tokens"] == b["text_tokens"]
+    for k in ("loss", "text_loss", "image_loss"):
+        np.testing.assert_allclose(c[k], b[k], rtol=1e-6)
 
 
 def test_held_out_batches_are_fixed_and_never_trained(tiny):
@@ -68,6 +74,11 @@ def test_held_out_batches_are_fixed_and_never_trained(tiny):
 def test_bad_eval_settings_name_the_key(tiny, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny(*overrides)
+
+
+def test_a_missing_eval_dir_is_named(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.eval_dir='.*nowhere' is not a prepared"):
+        heldout_batches(tiny(f"data.dir={tmp_path}", f"train.eval_dir={tmp_path / 'nowhere'}"))
 
 
 def test_own_data_without_a_held_out_set_is_refused(tiny, tmp_path):

@@ -254,7 +254,7 @@ def test_missing_table_trains_with_k0_and_bad_inputs_fail(data, tmp_path):
     cfg, _, _ = data(f"retrieval.dir={tmp_path / 'nowhere'}")
     lines = []
     pipeline.batches(cfg, log=lines.append)
-    assert "no neighbors table" in lines[0] and "training with k=0" in lines[0]
+    assert "no neighbors table" in lines[0] and "examples without retrieved documents" in lines[0]
     assert pipeline.examples(cfg)[0]["retrieved"] == 0
     cfg, _, _ = data("data.k=4")
     with pytest.raises(ValueError, match="data.k=4 but .*neighbors.npy holds only 3"):

@@ -220,8 +220,8 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqd
     n_docs, table, k, _ = inputs
     if process_index == 0:
         why = ("" if table else " (data.k=0)" if cfg.data.k == 0 else
-               f" (no neighbors table at {layout.retrieval_dir(cfg).neighbors}): training "
-               "with k=0")
+               f" (no neighbors table at {layout.retrieval_dir(cfg).neighbors}): examples "
+               "without retrieved documents")
         log(f"data: {n_docs} documents in {cfg.data.dir}, k={k} retrieved{why}, "
             f"{cfg.data.packing} rows of {cfg.data.seq_len}, {local} rows per process")
     it = examples(cfg, process_index, process_count, inputs).to_iter_dataset(

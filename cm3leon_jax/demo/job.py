@@ -149,6 +149,9 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     g = dataclasses.replace(cfg.generate, candidates=1)
     scores, images = {}, {}
     encoder = train_encoder.load_encoder(retrieval_dir(cfg).encoder, cfg.retrieval.embed_batch)
+    if len(scenes) <= encoder.dim:
+        log(f"demo: warning: {len(scenes)} scenes in {encoder.dim} dimensions make a "
+            "rank-deficient covariance: fd_* are unstable; raise demo.eval_scenes")
     truth = fid.statistics(encoder.embed_images(np.stack([p.image for p in scenes])))
     fd = lambda pixels: fid.frechet_distance(*fid.statistics(encoder.embed_images(pixels)),
                                              *truth)

@@ -37,9 +37,12 @@ def add_commands(sub) -> None:
     f = kinds.add_parser("fid", help="Frechet Inception distance between two image sets")
     f.add_argument("--real", required=True, help="folder of images, or a .npz of statistics")
     f.add_argument("--fake", help="folder of images, or a .npz of statistics")
-    f.add_argument("--inception-weights", required=True,
+    f.add_argument("--inception-weights",
                    help="the FID Inception weights (pt_inception-2015-12-05-6726825d.pth or "
-                        "weights-inception-2015-12-05-6726825d.pth; .npz/.safetensors too)")
+                        "weights-inception-2015-12-05-6726825d.pth; .npz/.safetensors too); "
+                        "needed when either side is a folder")
+    f.add_argument("--center-crop", action="store_true",
+                   help="crop each image of a folder to its central square before resizing")
     f.add_argument("--save-stats", help="write the statistics of --real to this .npz")
     f.add_argument("--batch-size", type=int, default=50)
     f.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
@@ -72,6 +75,11 @@ def add_commands(sub) -> None:
     t.add_argument("--batch-size", type=int, default=16, help="captions per generation batch")
     t.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048],
                    help="Inception feature layer (2048: every published FID)")
+    t.add_argument("--center-crop", action="store_true",
+                   help="crop each --real image to its central square before resizing")
+    t.add_argument("--real-drawn", action="store_true",
+                   help="real set = the --real images of the drawn captions (COCO file_name "
+                        "or the JSONL's image), as many as the generated ones")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="e.g. generate.temperature=0.7")
     t.set_defaults(fn=run_t2i)
@@ -96,18 +104,23 @@ def run_fid(args) -> None:
         path = getattr(args, name)
         if path is not None and not Path(path).exists():
             raise ConfigError(f"--{name} {path} does not exist")
-    if not Path(args.inception_weights).is_file():
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.inception_weights is None and any(
+            p is not None and Path(p).is_dir() for p in (args.real, args.fake)):
+        raise ConfigError("--inception-weights: a folder of images needs the FID Inception "
+                          "weights file")
     if args.save_stats is not None and not args.save_stats.endswith(".npz"):
         raise ConfigError(f"--save-stats {args.save_stats}: name a .npz file")
-    net = inception.load_inception(args.inception_weights)
-    mu, sigma, n = fid.stats_of(args.real, net, args.batch_size, args.dims)
+    folders = any(p is not None and Path(p).is_dir() for p in (args.real, args.fake))
+    net = inception.load_inception(args.inception_weights) if folders else None
+    mu, sigma, n = fid.stats_of(args.real, net, args.batch_size, args.dims, args.center_crop)
     if args.save_stats:
         fid.save_stats(args.save_stats, mu, sigma, n)
     if args.fake is None:
         print(f"statistics of {n} images of {args.real} -> {args.save_stats}")
         return
-    mu2, sigma2, n2 = fid.stats_of(args.fake, net, args.batch_size, args.dims)
+    mu2, sigma2, n2 = fid.stats_of(args.fake, net, args.batch_size, args.dims, args.center_crop)
     _print({"fid": fid.frechet_distance(mu2, sigma2, mu, sigma), "n_real": n, "n_fake": n2},
            args.json)
 
@@ -128,6 +141,7 @@ def run_t2i(args) -> None:
         inception_weights=args.inception_weights, num=args.num, seed=args.seed,
         cfg_scale=args.cfg, retrieve=args.retrieve, samples=args.samples, rerank=args.rerank,
         clip=args.clip, batch_size=args.batch_size, dims=args.dims,
+        center_crop=args.center_crop, real_drawn=args.real_drawn,
         overrides=tuple(args.overrides))
     report = t2i.run_t2i(req)
     print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

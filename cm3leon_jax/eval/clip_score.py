@@ -85,7 +85,7 @@ def _load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
+    except Exception as e:  # any decoder failure (PIL raises several kinds): name the file
         raise ConfigError(f"{path}: not a readable image ({e})") from None
 
 

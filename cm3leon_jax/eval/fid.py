@@ -54,24 +54,29 @@ def load_image(file: str | Path) -> np.ndarray:
         raise ValueError(f"{file}: not a readable image ({e})") from e
 
 
-def load_images(folder: str | Path) -> np.ndarray:
-    """All images of a folder, sorted by file name: uint8 [N, H, W, 3] when they share a
-    size; otherwise each is clean-resized to 299 first (`resize_for_inception`) and the
-    stack is float32 [N, 299, 299, 3] in 0..255, which the features take as they are."""
-    images = [load_image(f) for f in image_files(folder)]
-    if len({image.shape for image in images}) == 1:
-        return np.stack(images)
-    return np.concatenate([resize_for_inception(image[None]) for image in images])
+def center_square(image: np.ndarray) -> np.ndarray:
+    """The central square of an image (COCO protocols crop before resizing)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side]
 
 
 def features_of(folder: str | Path, inception: Inception, batch_size: int = 50,
-                dims: int = 2048) -> np.ndarray:
-    """Pool features float64 [N, dims] of a folder's images, read `batch_size` at a time."""
-    files = image_files(folder)
+                dims: int = 2048, center_crop: bool = False) -> np.ndarray:
+    """Pool features float64 [N, dims] of a folder's images, read `batch_size` at a time
+    (with `center_crop`, each image's central square)."""
+    return features_of_files(image_files(folder), inception, batch_size, dims, center_crop)
+
+
+def features_of_files(files: list[Path], inception: Inception, batch_size: int = 50,
+                      dims: int = 2048, center_crop: bool = False) -> np.ndarray:
+    """Pool features float64 [N, dims] of these image files, read `batch_size` at a time."""
+    crop = center_square if center_crop else (lambda image: image)
     batch = max(1, min(batch_size, len(files)))
     out = []
     for start in range(0, len(files), batch):
-        chunk = np.concatenate([resize_for_inception(load_image(f)[None])
+        chunk = np.concatenate([resize_for_inception(crop(load_image(f))[None])
                                 for f in files[start:start + batch]])
         rows = len(chunk)
         if rows < batch:  # pad to the compiled shape
@@ -126,13 +131,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int | None) -> None:
     """mu, sigma and the image count to an `.npz` (pytorch-fid reads mu and sigma)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: FID statistics are written as .npz")
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             n=np.int64(n))
+    count = {} if n is None else {"n": np.int64(n)}  # unknown for pytorch-fid's statistics
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **count)
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -155,13 +160,14 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
 
 
 def stats_of(path: str | Path, inception: Inception | None, batch_size: int = 50,
-             dims: int = 2048) -> tuple[np.ndarray, np.ndarray, int | None]:
+             dims: int = 2048, center_crop: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(mu, sigma, n) of a folder of images (through `inception`) or of a saved `.npz`."""
     path = Path(path)
     if path.is_dir():
         if inception is None:
             raise ValueError(f"{path}: a folder of images needs the Inception weights")
-        features = features_of(path, inception, batch_size, dims)
+        features = features_of(path, inception, batch_size, dims, center_crop)
         if len(features) < 2:
             raise ValueError(f"{path}: FID needs at least 2 images, found {len(features)}")
         mu, sigma = statistics(features)
@@ -175,12 +181,12 @@ def stats_of(path: str | Path, inception: Inception | None, batch_size: int = 50
 
 
 def fid(real: str | Path, fake: str | Path, inception: Inception | None,
-        batch_size: int = 50, dims: int = 2048) -> dict:
+        batch_size: int = 50, dims: int = 2048, center_crop: bool = False) -> dict:
     """FID between two folders of images and/or `.npz` statistics (either side).
 
     `dims` picks the feature layer (2048, the pool3 of every published FID, unless a
     smaller one is wanted on purpose: 64, 192, 768 as pytorch-fid's `--dims`)."""
-    mu1, sigma1, n_real = stats_of(real, inception, batch_size, dims)
-    mu2, sigma2, n_fake = stats_of(fake, inception, batch_size, dims)
+    mu1, sigma1, n_real = stats_of(real, inception, batch_size, dims, center_crop)
+    mu2, sigma2, n_fake = stats_of(fake, inception, batch_size, dims, center_crop)
     return {"fid": frechet_distance(mu1, sigma1, mu2, sigma2), "n_real": n_real,
             "n_fake": n_fake}

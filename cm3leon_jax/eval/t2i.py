@@ -48,29 +48,20 @@ class T2IRequest:
     clip: str | None = None  # CLIPModel directory: CLIP score, reranking, copy measure
     batch_size: int = 16  # captions per generation batch
     dims: int = 2048  # Inception features (2048: every published FID)
+    center_crop: bool = False  # crop --real images to their central square first
+    real_drawn: bool = False  # real set: only the --real images the drawn captions came from
     overrides: tuple[str, ...] = ()
 
 
-def read_caption_file(path: str | Path) -> list[str]:
-    """Captions of a JSONL file (`{"caption": ...}` per line) or of a COCO annotation file
-    (`captions_val2014.json`: {"annotations": [{"caption": ...}, ...]})."""
+def read_caption_file(path: str | Path) -> list[dict]:
+    """`{"caption": ..., "source": ...}` records: a JSONL file's lines (`{"caption": ...}`,
+    any `image` kept as the source), or COCO's `captions_*.json`, one caption per image
+    (its first in the file, so an image is never drawn twice) with the image's file name."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--captions {path} does not exist")
+        raise ConfigError(f"--captions {path} does not exist")
     if path.suffix == ".json":
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("annotations"), list):
-            raise ValueError(f"{path}: a .json caption file must be COCO's "
-                             "{\"annotations\": [{\"caption\": ...}]}; use JSONL otherwise")
-        out = []
-        for i, a in enumerate(raw["annotations"]):
-            if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
-                raise ValueError(f"{path}: annotations[{i}] has no string \"caption\"")
-            out.append(a["caption"].strip())
-        return out
+        return _coco_captions(path)
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -78,22 +69,41 @@ def read_caption_file(path: str | Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
-            raise ValueError(f'{path}:{n}: expected {{"caption": TEXT, ...}}')
-        out.append(record["caption"])
+            raise ConfigError(f'{path}:{n}: expected {{"caption": TEXT, ...}}')
+        out.append({"caption": record["caption"], "source": record.get("image")})
     if not out:
-        raise ValueError(f"{path}: no captions")
+        raise ConfigError(f"{path}: no captions")
     return out
 
 
-def draw_captions(captions: list[str], num: int, seed: int, where: str) -> list[str]:
-    """`num` distinct entries drawn with `seed` (the FID-30K draw), in draw order."""
-    if not 1 <= num <= len(captions):
-        raise ConfigError(f"--num {num}: {where} has {len(captions)} captions; draw 1.."
-                          f"{len(captions)}")
-    pick = np.random.default_rng(seed).choice(len(captions), num, replace=False)
-    return [captions[i] for i in pick]
+def _coco_captions(path: Path) -> list[dict]:
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("annotations"), list):
+        raise ConfigError(f"{path}: a .json caption file must be COCO's "
+                          "{\"annotations\": [{\"image_id\": ..., \"caption\": ...}]}; "
+                          "use JSONL otherwise")
+    files = {im.get("id"): im.get("file_name") for im in raw.get("images", [])
+             if isinstance(im, dict)}
+    first: dict = {}
+    for i, a in enumerate(raw["annotations"]):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
+            raise ConfigError(f"{path}: annotations[{i}] has no string \"caption\"")
+        first.setdefault(a.get("image_id", f"annotation {i}"), a["caption"].strip())
+    return [{"caption": c, "source": files.get(k)} for k, c in first.items()]
+
+
+def draw_captions(records: list[dict], num: int, seed: int, where: str) -> list[dict]:
+    """`num` distinct records drawn with `seed` (the FID-30K draw), in draw order."""
+    if not 2 <= num <= len(records):
+        raise ConfigError(f"--num {num}: {where} has {len(records)} captions; draw 2.."
+                          f"{len(records)} (FID needs two images at least)")
+    pick = np.random.default_rng(seed).choice(len(records), num, replace=False)
+    return [records[i] for i in pick]
 
 
 def _check(req: T2IRequest) -> None:
@@ -109,14 +119,24 @@ def _check(req: T2IRequest) -> None:
     if req.samples > 1 and req.rerank == "none":
         raise ConfigError(f"--samples {req.samples} without --rerank clip would keep the "
                           "first candidate and waste the rest; add --rerank clip")
+    if req.retrieve and req.clip is None:
+        raise ConfigError(f"--retrieve {req.retrieve} also measures how close each image is "
+                          "to the images it was shown, with CLIP: add --clip DIR")
     if not Path(req.inception_weights).is_file():
-        raise FileNotFoundError(f"--inception-weights {req.inception_weights} does not exist")
+        raise ConfigError(f"--inception-weights {req.inception_weights} does not exist")
     real = Path(req.real)
+    if req.real_drawn and not real.is_dir():
+        raise ConfigError(f"--real-drawn reads the drawn captions' images from --real: "
+                          f"{real} is not a folder")
     if not (real.is_dir() or (real.suffix == ".npz" and real.is_file())):
-        raise FileNotFoundError(f"--real {real}: expected a folder of images or a .npz of "
-                                "statistics (`cm3leon eval fid --save-stats`)")
+        raise ConfigError(f"--real {real}: expected a folder of images or a .npz of "
+                          "statistics (`cm3leon eval fid --save-stats`)")
     if req.clip is not None and not Path(req.clip).is_dir():
-        raise FileNotFoundError(f"--clip {req.clip} is not a directory")
+        raise ConfigError(f"--clip {req.clip} is not a directory")
+    images = Path(req.out) / "images"
+    if images.is_dir() and any(images.iterdir()):
+        raise ConfigError(f"--out {req.out}: {images} already holds images; FID of that "
+                          "folder would mix runs. Choose a new --out or empty it")
 
 
 class _Scores:
@@ -133,8 +153,8 @@ class _Scores:
         if self.clip is not None:
             self.clip_pairs.append(clip_score_lib.pair_scores(self.clip, images, captions))
             if shown is not None:
-                self.copy += [copy_cosine(self.clip, im, seen)
-                              for im, seen in zip(images, shown) if seen is not None]
+                self.copy += [None if seen is None else copy_cosine(self.clip, im, seen)
+                              for im, seen in zip(images, shown)]
         self.first += list(images[:max(0, self.grid - len(self.first))])
 
     def report(self, real_mu, real_sigma, n_real, retrieve: int) -> dict:
@@ -144,13 +164,12 @@ class _Scores:
                "n_fake": len(features), "n_real": n_real}
         if self.clip is not None:
             out["clip_score"] = float(np.concatenate(self.clip_pairs).mean())
-            if retrieve:
-                best = np.asarray(self.copy)
-                out["retrieved_images"] = len(best)
-                if len(best):
-                    out["copy_cosine_mean"] = float(best.mean())
-                    out[f"copy_share_above_{COPY_THRESHOLD}"] = float(
-                        np.mean(best > COPY_THRESHOLD))
+        if retrieve:
+            best = np.asarray([c for c in self.copy if c is not None])
+            out["retrieved_images"] = len(best)
+            if len(best):
+                out["copy_cosine_mean"] = float(best.mean())
+                out[f"copy_share_above_{COPY_THRESHOLD}"] = float(np.mean(best > COPY_THRESHOLD))
         return out
 
 
@@ -160,20 +179,36 @@ def copy_cosine(clip, image: np.ndarray, shown: np.ndarray) -> float:
     return float(np.max(e[1:] @ e[0]))
 
 
-def generate(req: T2IRequest, captions: list[str], scores: _Scores, out: Path) -> dict:
-    """Generate for `captions` in batches; each batch is saved as PNGs and scored."""
+@dataclasses.dataclass(frozen=True)
+class _Generator:
+    cfg: object
+    model: tasks.Model
+    toks: object
+    step: int
+    retriever: Retriever | None
+
+
+def load_generator(req: T2IRequest) -> _Generator:
+    """The run's model, tokenizers and (with --retrieve) index: every check on the run
+    before the real set is embedded."""
     overrides = [*req.overrides, f"generate.candidates={req.samples}",
                  f"generate.seed={req.seed}"]
     if req.cfg_scale is not None:
         overrides.append(f"generate.cfg_scale={req.cfg_scale}")
     cfg, model, toks, step = tasks.load_model(req.workdir, overrides=overrides)
+    return _Generator(cfg, model, toks, step, Retriever(cfg) if req.retrieve else None)
+
+
+def generate(req: T2IRequest, gen: _Generator, captions: list[str], scores: _Scores,
+             out: Path) -> None:
+    """Generate for `captions` in batches; each batch is saved as PNGs and scored."""
+    model, toks = gen.model, gen.toks
     n_tokens = toks.image.tokens_per_image
     text_ids = [model.vocab.text_ids(toks.text.encode(c)) for c in captions]
-    retriever = Retriever(cfg) if req.retrieve else None
     for b in tqdm(range(0, len(captions), req.batch_size), desc="t2i", unit="batch"):
         caps, ids = captions[b:b + req.batch_size], text_ids[b:b + req.batch_size]
-        retrieved = retriever.documents(caps, ids, req.retrieve) if retriever else None
-        codes = tasks.text_to_image(model, ids, n_tokens, cfg.generate, seed=req.seed + b,
+        retrieved = gen.retriever.documents(caps, ids, req.retrieve) if gen.retriever else None
+        codes = tasks.text_to_image(model, ids, n_tokens, gen.cfg.generate, seed=req.seed + b,
                                     retrieved=retrieved)
         pixels = toks.image.decode(codes.reshape(-1, n_tokens))
         pixels = pixels.reshape(len(caps), req.samples, *pixels.shape[1:])
@@ -192,32 +227,56 @@ def generate(req: T2IRequest, captions: list[str], scores: _Scores, out: Path) -
                 found = [c for c in found if len(c) == n_tokens]
                 shown.append(toks.image.decode(np.stack(found)) if found else None)
         scores.add(pixels, caps, shown)
-    return {"step": step, "generate": dataclasses.asdict(cfg.generate),
-            "resolution": toks.image.resolution}
+
+
+def _real_stats(req: T2IRequest, drawn: list[dict], inception) -> tuple:
+    """(mu, sigma, n) of the real set: the --real folder or statistics, or with
+    --real-drawn the folder's images of the drawn captions (a set as large as the fakes)."""
+    if not req.real_drawn:
+        return fid_lib.stats_of(req.real, inception, dims=req.dims, center_crop=req.center_crop)
+    files = [Path(req.real) / r["source"] for r in drawn if r["source"]]
+    missing = [f for f in files if not f.is_file()]
+    if len(files) < len(drawn) or missing:
+        raise ConfigError(f"--real-drawn: {len(drawn) - len(files)} drawn captions name no "
+                          f"source image and {len(missing)} named images are not in "
+                          f"{req.real}" + (f" (first: {missing[0]})" if missing else ""))
+    features = fid_lib.features_of_files(files, inception, dims=req.dims,
+                                         center_crop=req.center_crop)
+    return (*fid_lib.statistics(features), len(features))
 
 
 def run_t2i(req: T2IRequest) -> dict:
-    """Generate, score and write `report.json`, `grid.png`, `captions.jsonl` and `images/`;
-    returns the report."""
+    """Generate, score and write `report.json`, `grid.png`, `captions.jsonl` (and with
+    --retrieve `copy.jsonl`) and `images/`; returns the report."""
     _check(req)
-    captions = draw_captions(read_caption_file(req.captions), req.num, req.seed, req.captions)
+    drawn = draw_captions(read_caption_file(req.captions), req.num, req.seed, req.captions)
+    captions = [r["caption"] for r in drawn]
+    gen = load_generator(req)
     inception = inception_lib.load_inception(req.inception_weights)
     clip = clip_lib.load_clip(req.clip) if req.clip else None
-    real_mu, real_sigma, n_real = fid_lib.stats_of(req.real, inception,
-                                                   dims=req.dims)  # before generating
+    real_mu, real_sigma, n_real = _real_stats(req, drawn, inception)
     out = Path(req.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"{i:06d}.png" for i in range(len(drawn))]
     with (out / "captions.jsonl").open("w") as f:
-        for i, c in enumerate(captions):
-            f.write(json.dumps({"image": f"{i:06d}.png", "caption": c}) + "\n")
+        for name, r in zip(names, drawn):
+            f.write(json.dumps({"image": name, "caption": r["caption"], "source": r["source"]})
+                    + "\n")
     scores = _Scores(inception, clip, req.dims)
-    got = generate(req, captions, scores, out)
+    generate(req, gen, captions, scores, out)
     Image.fromarray(image_grid(np.stack(scores.first), 8)).save(out / "grid.png")
+    if req.retrieve:
+        with (out / "copy.jsonl").open("w") as f:
+            for name, c in zip(names, scores.copy):
+                f.write(json.dumps({"image": name, "copy_cosine": c}) + "\n")
     report = scores.report(real_mu, real_sigma, n_real, req.retrieve)
     report["settings"] = {
         **{k: v for k, v in dataclasses.asdict(req).items() if k != "overrides"},
-        "overrides": list(req.overrides), "checkpoint_step": got["step"],
-        "generate": got["generate"], "image_resolution": got["resolution"],
-        "fid_resize": inception_lib.RESIZE_RULE, "copy_threshold": COPY_THRESHOLD}
+        "overrides": list(req.overrides), "checkpoint_step": gen.step,
+        "generate": dataclasses.asdict(gen.cfg.generate),
+        "image_resolution": gen.toks.image.resolution, "fid_resize": inception_lib.RESIZE_RULE,
+        "copy_threshold": COPY_THRESHOLD,
+        # the same CLIP picked the kept sample: its score is biased upward by the choice
+        "clip_score_after_clip_rerank": req.rerank == "clip"}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

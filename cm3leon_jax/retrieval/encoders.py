@@ -30,9 +30,7 @@ class ClipEncoder:
         self.bos, self.eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
         if self.bos is None or self.eos is None:
             raise ValueError(f"{path}: tokenizer.json lacks <|startoftext|> or <|endoftext|>")
-        config = (Path(path) / "config.json").read_bytes()
-        weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-        self.fingerprint = f"clip-{hashlib.sha256(config).hexdigest()[:12]}-{weights}"
+        self.fingerprint = f"clip-{_digest(Path(path))}"
 
     def text_tokens(self, doc: dict) -> np.ndarray:
         ids = self.clip.tokenizer.encode(doc["caption"], add_special_tokens=False).ids
@@ -57,6 +55,19 @@ class ClipEncoder:
 
     def embed_images(self, pixels: np.ndarray) -> np.ndarray:
         return clip_lib.embed_images(self.clip, pixels, self.batch)
+
+
+def _digest(folder: Path) -> str:
+    """Of everything that changes a vector: the weights, config, tokenizer, preprocessing
+    (a fine-tune of the same shape must not reuse the old one's cached vectors)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".json", ".safetensors") and f.is_file():
+            h.update(f.name.encode())
+            with f.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
 
 
 def make_encoder(cfg: RetrievalConfig, out: RetrievalDir):

@@ -100,7 +100,8 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict],
                   f"image {_fmt(losses['image_loss'])})")
 
     steps = frozenset(todo)
-    result = train(run.cfg, run_dir, hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps)
+    result = train(run.cfg, run_dir, hooks=(Hook(evaluate, at=steps),), checkpoint_at=steps,
+                   heldout_batches=batches)
     return records, result.preempted_at is not None
 
 

@@ -12,11 +12,12 @@ the config, identical for every size and every evaluation.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from cm3leon_jax.config import Config
+from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.synthetic import synthetic_row
 from cm3leon_jax.parallel import mesh as mesh_lib
@@ -30,6 +31,9 @@ def heldout_batches(cfg: Config, process_index: int = 0, process_count: int = 1)
     """This process's share of each of the `train.eval_batches` held-out batches."""
     n, batch = cfg.train.eval_batches, cfg.train.batch_size
     if cfg.data.dir is not None:
+        if not (Path(cfg.train.eval_dir) / "documents").is_dir():
+            raise ConfigError(f"train.eval_dir={cfg.train.eval_dir!r} is not a prepared "
+                              "directory (`cm3leon prepare` of held-out documents)")
         data = dataclasses.replace(cfg.data, dir=cfg.train.eval_dir, workers=0)
         own = dataclasses.replace(cfg.retrieval, dir=None)  # the held-out set's own neighbors
         it = pipeline.batches(dataclasses.replace(cfg, data=data, retrieval=own), process_index,
@@ -63,14 +67,23 @@ class Evaluator:
         self.mesh = mesh_lib.make_mesh(cfg.mesh, devices)
         mdef = model_def(cfg)
         vocab, chunk = cfg.vocab.build(), cfg.model.logits_chunk
-        self.batches = batches
+        self.batches, self.micro = batches, cfg.train.grad_accum
         self.fn = jax.jit(lambda params, batch: loss_sums(mdef.bind(params), batch, vocab, chunk))
 
     def __call__(self, params: dict) -> dict:
         totals: dict[str, float] = {}
         with jax.set_mesh(self.mesh):
             for local in self.batches:
-                sums = jax.device_get(self.fn(params, mesh_lib.global_batch(local, self.mesh)))
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                for micro in _split(local, self.micro):  # the train step's memory, no more
+                    sums = jax.device_get(self.fn(params,
+                                                  mesh_lib.global_batch(micro, self.mesh)))
+                    for k, v in sums.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
         return losses_from_sums(totals)
+
+
+def _split(local: dict, parts: int) -> list[dict]:
+    """A process's batch as `parts` micro-batches (train.grad_accum), rows in order."""
+    rows = len(next(iter(local.values())))
+    size = rows // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(parts)]

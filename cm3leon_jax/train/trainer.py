@@ -8,9 +8,10 @@ never stalls the devices; a step with a hook due is read at once (its hooks see 
 update). Built in: the metrics log (`metrics.jsonl`, TensorBoard, the progress bar), the
 checkpoint hook (every `train.checkpoint_every` steps, the last step, and on SIGTERM, never
 over the last good checkpoint while steps are being skipped), and the stop on a run of
-non-finite steps, and the held-out losses every `train.eval_every` steps (train/heldout.py,
-on the live parameters with the sharded forward pass, merged into that step's metrics line
-as `eval_loss`, `eval_text_loss`, `eval_image_loss`). Callers add hooks (the sweep's
+non-finite steps, and the held-out losses every `train.eval_every` steps and at the last
+(train/heldout.py, on the live parameters with the sharded forward pass, merged into that
+step's metrics line as `eval_loss`, `eval_text_loss`, `eval_image_loss`; not at a SIGTERM
+stop, whose checkpoint comes first). Callers add hooks (the sweep's
 evaluations at its FLOP grid). Only process 0 writes metrics, config and reports.
 """
 
@@ -145,7 +146,9 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
         pending = None  # metrics of the previous step: read after the next is dispatched
         bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
 
-        def log(step, device_metrics, ids, evaluated=None):
+        def log(step, device_metrics, ids, evaluate=False):
+            """Read a step's metrics (waiting for it), then with `evaluate` measure the
+            held-out losses of the state after it, and write the line."""
             nonlocal last, bad_run, skipped
             record = host_metrics(step, device_metrics)  # waits for that step to finish
             now = time.perf_counter()
@@ -158,12 +161,14 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
             record["skipped_steps"] = skipped
             if ids is not None:
                 record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
-            if evaluated is not None:
-                record.update({f"eval_{k}": evaluated[k]
-                               for k in ("loss", "text_loss", "image_loss")})
+            if evaluate:  # after the step's timing, so throughput excludes the evaluation
+                losses = evaluator(state.params)
+                record.update({f"eval_{k}": losses[k] for k in ("loss", "text_loss",
+                                                                 "image_loss")})
+                last = time.perf_counter()
             history.append(record)
             if (step % cfg.train.log_every == 0 or step == cfg.train.steps
-                    or record["skipped"] or evaluated is not None):
+                    or record["skipped"] or evaluate):
                 writer.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
@@ -195,12 +200,12 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
                     log(*pending)
                 pending = (step, metrics, ids)
                 stop = preempt.reached(step)
-                last_step = stop or step == cfg.train.steps
-                due = [h for h in hooks if h.due(step, last_step)]
-                evaluated = (evaluator(state.params) if evaluator is not None and (
-                    step % cfg.train.eval_every == 0 or last_step) else None)
-                if due or evaluated is not None:
-                    log(*pending, evaluated)  # hooks know whether this update was applied
+                due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
+                # not on SIGTERM: the checkpoint must be written within the grace period
+                evaluate = evaluator is not None and not stop and (
+                    step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+                if due or evaluate:
+                    log(*pending, evaluate)  # hooks know whether this update was applied
                     pending = None
                 for hook in due:
                     hook.fn(step, state)
