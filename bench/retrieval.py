@@ -86,7 +86,7 @@ def main() -> None:
             vocab = Vocab(64, 64, 4)
             docs = ({"id": str(i), "caption": "", "text": vocab.text_ids([i % 64]),
                      "image": vocab.image_ids([i % 64])} for i in range(args.n))
-            records.write_shard(data / "documents" / records.shard_name(0, 1), docs)
+            records.write_documents(data, [docs])
             (data / "embeddings").mkdir()
             np.save(data / "embeddings" / "text.npy", text)
             np.save(data / "embeddings" / "image.npy", image)

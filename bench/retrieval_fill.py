@@ -51,7 +51,7 @@ def write_copies(docs: list[dict], n: int, out: Path, data: Path) -> None:
         j = next(j for j in range(i + 1, len(docs)) if docs[j]["caption"] != docs[i]["caption"])
         copies.append({**docs[i], "id": f"recaptioned-{i}", "caption": docs[j]["caption"],
                        "text": docs[j]["text"]})
-    records.write_shard(out / "documents" / records.shard_name(0, 1), docs + copies)
+    records.write_documents(out, [docs + copies])
     shutil.copy(data / "vocab.json", out / "vocab.json")
 
 

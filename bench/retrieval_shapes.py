@@ -45,7 +45,7 @@ def write_shapes(path: Path, source: ShapesSource, tokenizer, vocab: Vocab) -> l
                      "image": np.zeros(0, np.int32), "pixels": pair.image,
                      "meta": json.dumps(pair.meta)})
         truth.append(frozenset((o["colour"], o["shape"]) for o in pair.meta["objects"]))
-    records.write_shard(path / "documents" / records.shard_name(0, 1), docs)
+    records.write_documents(path, [docs])
     vocab.save(path / "vocab.json")
     return truth
 

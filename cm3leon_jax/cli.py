@@ -15,12 +15,16 @@ its stage (`<stage>/cli.py`), in the order of the flow.
     cm3leon demo                   the main job end to end                 (demo/cli.py)
 
 `cm3leon COMMAND --help` lists a command's arguments; `cm3leon config keys` every config key.
-A config error exits 2 with one line naming the key.
+Failures are one line: bad input (a config error naming the key, a missing, unreadable or
+invalid file) exits 2, a full disk or another failure exits 1; `--debug` (or
+CM3LEON_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from cm3leon_jax.aot import cli as aot_cli
@@ -50,13 +54,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+BAD_INPUT = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+             PermissionError, ValueError)  # what a user's files or arguments cause
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CM3LEON_DEBUG") == "1"
+    args = parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.fn(args)
     except ConfigError as e:
+        if debug:
+            raise
         print(f"cm3leon {args.command}: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on demand
+        if debug:
+            raise
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        what = ("disk full" if full else "error" if isinstance(e, BAD_INPUT)
+                else type(e).__name__)
+        print(f"cm3leon {args.command}: {what}: {e} (--debug for the traceback)",
+              file=sys.stderr)
+        return 2 if isinstance(e, BAD_INPUT) and not full else 1
     return 0
 
 

@@ -33,6 +33,11 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
     samples = property(lambda self: self.root / "samples")
+    lock = property(lambda self: self.root / ".lock")  # one trainer at a time (train/lock.py)
+
+    def metrics_before_restart(self, n: int) -> Path:
+        """Where the n-th `train.allow_restart` keeps the metrics of the run it abandons."""
+        return self.root / f"metrics.before-restart-{n}.jsonl"
 
 
 def is_run(path: str | Path) -> bool:

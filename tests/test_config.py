@@ -152,3 +152,27 @@ def test_a_shipped_config_is_found_from_any_directory(tmp_path, monkeypatch):
     assert load_config("configs/scaling/cpu.yaml").sweep.sizes
     with pytest.raises(ConfigError, match="does not exist.*shipped configs: .*tiny.yaml"):
         load_config("configs/tiyn.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optimizer:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", r"c.yaml: line 3: key 'lr' is given twice"),
+    ("train: !!python/object:os.system {}\n", r"c.yaml: line 1 is not valid YAML \(could not "
+                                              r"determine a constructor"),
+    ("train: [1,\n", r"c.yaml: line 2 is not valid YAML"),
+    ("optimizer:\n  lr: .nan\n", r"optimizer.lr=nan: expected a finite number"),
+])
+def test_bad_yaml_is_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=.nan", r"optimizer.lr=nan: expected a finite number"),
+    ("optimizer.lr=.inf", r"optimizer.lr=inf: expected a finite number"),
+    ("optimizer.lr=[1,", r"override 'optimizer.lr=\[1,': the value is not valid YAML"),
+])
+def test_bad_override_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

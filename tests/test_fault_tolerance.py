@@ -224,6 +224,84 @@ def test_corrupt_and_partial_checkpoints_fall_back(reference, tiny, tmp_path, ca
     gc.collect()
 
 
+def _flip_array_bytes(step_dir: Path) -> Path:
+    """Flip bytes in the middle of the largest array file of a checkpoint's state."""
+    victim = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64, 8):
+        data[i] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(reference, tiny,
+                                                                         tmp_path, capsys):
+    """Bytes flipped in the newest checkpoint's arrays (no read error): its checksums catch
+    it, it is set aside, the run resumes from the one before and ends as the reference."""
+    ref_dir, ref_losses = reference
+    work = keep_only(ref_dir, tmp_path / "run", 15)
+    shutil.copytree(ref_dir / "checkpoints" / "10", work / "checkpoints" / "10")
+    _flip_array_bytes(work / "checkpoints" / "15")
+    hist = train(small(tiny), work).history
+    err = capsys.readouterr().err
+    assert f"checkpoint {work / 'checkpoints' / '15'} cannot be restored" in err
+    assert "1 arrays differ from the checksums written at save" in err
+    assert [m["step"] for m in hist] == list(range(11, STEPS + 1))
+    assert [m["loss"] for m in read_metrics(work)] == ref_losses
+    for a, b in zip(saved_state(work, STEPS), saved_state(ref_dir, STEPS)):
+        np.testing.assert_array_equal(a, b)
+    gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_checksum_mismatch_is_caught_and_no_silent_restart(reference, tiny, tmp_path,
+                                                            capsys):
+    """A checkpoint whose arrays do not match the checksums saved with it is refused even
+    when it reads; with none left the run stops instead of starting over, and
+    train.allow_restart starts over from a fresh state with the old metrics kept."""
+    import json
+
+    ref_dir, ref_losses = reference
+    work = keep_only(ref_dir, tmp_path / "run", 15)
+    position = work / "checkpoints" / "15" / "position" / "metadata"
+    saved = json.loads(position.read_text())
+    first = sorted(saved["checksums"])[0]
+    saved["checksums"][first] = (saved["checksums"][first] + 1) % 2**32
+    position.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* restores \(15: ValueError: "
+                                          r".*1 arrays differ from the checksums"):
+        train(small(tiny), work)
+    assert (work / "checkpoints" / "15.corrupt").is_dir()
+    # relaunched: the set-aside checkpoint still blocks a silent start from scratch
+    with pytest.raises(ConfigError, match=r"set aside before: 15.corrupt.*allow_restart"):
+        train(small(tiny), work)
+    old = (work / "metrics.jsonl").read_text()
+    hist = train(small(tiny, "train.allow_restart=true"), work).history
+    assert "starting over from step 0" in capsys.readouterr().out
+    assert [m["step"] for m in hist] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in hist] == ref_losses  # a truly fresh start
+    assert (work / "metrics.before-restart-1.jsonl").read_text() == old
+    gc.collect()
+
+
+def test_weights_refuse_non_finite_parameters(reference, tmp_path):
+    from cm3leon_jax.train import weights
+
+    ref_dir, _ = reference
+    params = weights.load(ref_dir).params
+    assert weights.non_finite(params) == []
+    broken = jax.tree.map(lambda x: x, params)
+    name = sorted(broken)[0]
+    leaf = jax.tree.leaves(broken[name])[0]
+    broken[name] = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan)
+                                if x is leaf else x, broken[name])
+    assert len(weights.non_finite(broken)) == 1
+
+
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_stop_the_job(reference, tiny, tmp_path):
     ref_dir, _ = reference
@@ -345,3 +423,49 @@ def test_launch_mode_from_environment():
         launch_mode({"JAX_COORDINATOR_ADDRESS": "h:1"})
     with pytest.raises(ConfigError, match="CM3LEON_DISTRIBUTED='yes'"):
         launch_mode({"CM3LEON_DISTRIBUTED": "yes"})
+
+
+def test_a_second_trainer_on_one_run_directory_is_refused(tiny, tmp_path):
+    """The lock names its holder; a lock whose process died on this host is taken over; the
+    lock is gone once a run ends, even when it ends in an error."""
+    import json
+    import socket
+
+    from cm3leon_jax.train.lock import RunLocked
+
+    work = tmp_path / "run"
+    work.mkdir()
+    lock = work / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                "started": "2026-12-02 10:00:00"}))
+    with pytest.raises(RunLocked, match=rf"being trained by another job \(host .*, pid "
+                                        rf"{os.getpid()}, since 2026-12-02 10:00:00\)"):
+        train(small(tiny, "train.steps=2", "optimizer.warmup_steps=1"), work)
+    assert not (work / "checkpoints").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    hist = train(small(tiny, "train.steps=2", "optimizer.warmup_steps=1"), work).history
+    assert [m["step"] for m in hist] == [1, 2]
+    assert not lock.exists()
+    with pytest.raises(ConfigError, match="model.d_model"):  # an error releases it too
+        train(small(tiny, "train.steps=3", "optimizer.warmup_steps=1", "model.d_model=128"),
+              work)
+    assert not lock.exists()
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_saves_like_sigterm_and_resumes(reference, tiny, tmp_path):
+    ref_dir, ref_losses = reference
+    work = tmp_path / "run"
+    proc = start(1, work, "train.checkpoint_every=100")
+    seen = wait_for_step(proc, work, 4)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and seen <= saved[0] < STEPS, (saved, out)
+    assert f"preempted (SIGINT) at step {saved[0]}" in out, out
+    assert not (work / ".lock").exists()
+    train(small(tiny, "train.checkpoint_every=100"), work)
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(work)], ref_losses, rtol=2e-5)

@@ -10,7 +10,7 @@ import pytest
 from cm3leon_jax import layout
 from cm3leon_jax.config import ConfigError, load_config
 from cm3leon_jax.data import pipeline
-from cm3leon_jax.data.records import shard_name, write_shard
+from cm3leon_jax.data.records import write_documents
 from cm3leon_jax.train import checkpoint
 from conftest import CONFIGS
 
@@ -40,8 +40,7 @@ def prepare(root, cfg, n=N_DOCS, k=3):
     the same first caption token first; -1 where there is none)."""
     vocab = cfg.vocab.build()
     docs = structured_docs(vocab, n)
-    write_shard(root / "documents" / shard_name(0, 2), docs[:n // 3])
-    write_shard(root / "documents" / shard_name(1, 2), docs[n // 3:])
+    write_documents(root, [docs[:n // 3], docs[n // 3:]])
     vocab.save(root / "vocab.json")
     first = np.array([d["text"][0] for d in docs])
     table = np.full((n, k), -1, np.int64)
@@ -147,7 +146,7 @@ def test_retrieved_documents_come_from_the_bank(tiny, tmp_path):
     vocab = cfg.vocab.build()
     prepare(tmp_path / "train", cfg)
     bank_docs = structured_docs(vocab, 40, seed=7)
-    write_shard(tmp_path / "bank" / "documents" / shard_name(0, 1), bank_docs)
+    write_documents(tmp_path / "bank", [bank_docs])
     vocab.save(tmp_path / "bank" / "vocab.json")
     table = (np.arange(N_DOCS) % 40)[:, None]
     np.save(tmp_path / "train" / "retrieval" / "neighbors.npy", table)
@@ -268,6 +267,11 @@ def test_missing_table_trains_with_k0_and_bad_inputs_fail(data, tmp_path):
     np.save(bad / "retrieval" / "neighbors.npy", np.full((N_DOCS, 2), N_DOCS))
     with pytest.raises(ValueError, match=r"neighbor ids must be in \[-1, 96\) \(the documents "
                                          r"of the bank .*\), found"):
+        pipeline.batches(cfg)
+    # a deleted shard is named before anything trains (it used to train on the rest)
+    (bad / "documents" / "shard-00001-of-00002.array_record").unlink()
+    with pytest.raises(ConfigError, match=r"shard shard-00001-of-00002.array_record of the "
+                                          r"manifest is missing"):
         pipeline.batches(cfg)
 
 

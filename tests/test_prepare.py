@@ -138,7 +138,7 @@ def test_fit_image():
     assert up.shape == (16, 16, 3) and (up == 77).all()
 
 
-def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path):
+def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path, random_vq):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(PrepareError, match="not empty"):
@@ -148,3 +148,11 @@ def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path):
                 progress=False)
     with pytest.raises(FileNotFoundError, match="cm3leon prepare"):
         open_prepared(tmp_path / "busy")
+    # a source that does not open claims nothing: the corrected rerun is not refused
+    bad = config(tiny, tmp_path, "fixed", "source.kind=jsonl", f"source.path={tmp_path}/none.jsonl",
+                 "source.size=8", f"prepare.image_tokenizer={random_vq}")
+    with pytest.raises(Exception, match="none.jsonl"):
+        prepare(bad, progress=False)
+    assert not (tmp_path / "fixed" / ".inputs.json").exists()
+    prepare(config(tiny, tmp_path, "fixed", "source.size=8",
+                   f"prepare.image_tokenizer={random_vq}"), progress=False)

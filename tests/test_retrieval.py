@@ -54,8 +54,7 @@ def write_prepared(path, n, seed=0, drop_image_every=0):
             doc["image"], doc["pixels"] = [], None
         docs.append(doc)
     half = n // 2
-    records.write_shard(path / "documents" / records.shard_name(0, 2), docs[:half])
-    records.write_shard(path / "documents" / records.shard_name(1, 2), docs[half:])
+    records.write_documents(path, [docs[:half], docs[half:]])
     VOCAB.save(path / "vocab.json")
     return docs
 

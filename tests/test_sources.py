@@ -1,13 +1,20 @@
 import gzip
+import io
 import json
+import pickle
+import re
+import tarfile
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from cm3leon_jax.config import ConfigError
+from cm3leon_jax.data import sources
 from cm3leon_jax.data.sources import (FASHION_MNIST_CLASSES, BadRecord, FashionMnistSource,
-                                      JsonlSource, Pair, ShapesSource, TfdsSource, check_caption,
-                                      to_rgb)
+                                      JsonlSource, Pair, ParquetSource, ShapesSource,
+                                      SourceError, TfdsSource, WebDatasetSource, check_caption,
+                                      open_source, source_files, to_rgb)
 from cm3leon_jax.shapes.world import BACKGROUND, COLOURS, NUMBERS, SHAPES
 
 
@@ -248,3 +255,382 @@ def test_jsonl_good_and_bad_records(tmp_path):
             assert (e.value.reason, e.value.record_id) == (bad[record_id], record_id)
     with pytest.raises(FileNotFoundError):
         len(JsonlSource(str(tmp_path / "nope.jsonl")))
+
+
+# --- webdataset and parquet ----------------------------------------------------------------
+
+def encode(image: np.ndarray, fmt: str, **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_tar(path, samples, cut=None):
+    """A tar as webdataset's TarWriter writes one (PAX, float mtimes, a sample's members in
+    sorted extension order); `cut`: keep only the bytes before it (a truncated copy)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(members[ext]), 1700000000.25
+                tar.addfile(info, io.BytesIO(members[ext]))
+    if cut is not None:
+        path.write_bytes(path.read_bytes()[:cut])
+    return path
+
+
+def data_offset(path, name, inside=0):
+    """Where member `name`'s data starts (+ inside) in the tar at `path`."""
+    with tarfile.open(path) as tar:
+        return tar.getmember(name).offset_data + inside
+
+
+def make_webdataset(tmp_path):
+    """Two img2dataset-like shards, the second truncated inside its last caption; returns
+    (pattern, {id: (pixels, caption)} of the good samples in order, {id: reason} of the bad
+    ones, the .json meta of the first sample)."""
+    rng = np.random.default_rng(0)
+    img = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    a, b, c, d, e = img(12, 16), img(16, 16), img(10, 10), img(9, 7), img(8, 8)
+    png_a, jpg_b = encode(a, "PNG"), encode(b, "JPEG", quality=90)
+    meta = {"url": "http://x/a.png", "key": "000000000", "status": "success"}
+    shard0 = [("000000000", {"png": png_a, "txt": b"a red square", "cls": b"3",
+                             "json": json.dumps(meta, indent=4).encode()}),
+              ("000000001", {"jpg": jpg_b, "txt": "ünïcode jpeg".encode()}),
+              ("000000002", {"webp": encode(c, "WEBP", lossless=True), "txt": b"webp"}),
+              ("000000003", {"png": png_a[: len(png_a) // 2], "txt": b"corrupt"}),
+              ("000000004", {"txt": b"no image"}),
+              ("000000005", {"png": encode(d, "PNG")})]
+    write_tar(tmp_path / "shards" / "00000.tar", shard0)
+    shard1 = [("000010000", {"png": encode(e, "PNG"), "txt": b"last good"}),
+              ("000010001", {"png": encode(d, "PNG"), "txt": b"cut in its caption"})]
+    whole = write_tar(tmp_path / "whole.tar", shard1)
+    write_tar(tmp_path / "shards" / "00001.tar", shard1,
+              cut=data_offset(whole, "000010001.txt", inside=5))
+    good = {"00000/000000000": (a, "a red square"), "00000/000000001": (decode(jpg_b), "ünïcode jpeg"),
+            "00000/000000002": (c, "webp"), "00001/000010000": (e, "last good")}
+    bad = {"00000/000000003": "corrupt_image", "00000/000000004": "missing_file",
+           "00000/000000005": "empty_caption", "00001/000010001": "empty_caption",
+           "00001.tar": "truncated_tar"}
+    return str(tmp_path / "shards" / "{00000..00001}.tar"), good, bad, meta
+
+
+def records(src):
+    """[(id, Pair or (reason, detail))] of every record, in order."""
+    out = []
+    for i in range(len(src)):
+        try:
+            pair = src[i]
+            out.append((pair.id, pair))
+        except BadRecord as e:
+            out.append((e.record_id, (e.reason, e.detail)))
+    return out
+
+
+def test_source_files_braces(tmp_path):
+    """source.path braces as braceexpand expands them (bash's rules), on real files."""
+    t = str(tmp_path)
+    for name in ([f"{i:05d}.tar" for i in range(8, 12)] + ["8", "9", "10", "008", "009", "010",
+                 "011", "abf", "acdf", "acef", "{x}.tar", "{x,y}.tar"]
+                 + [f"{n}-{c}" for n in (1, 2, 3) for c in "ab"]):
+        (tmp_path / name).write_bytes(b"")
+    names = lambda pattern: [p.removeprefix(t + "/") for p in source_files(f"{t}/{pattern}")]
+    assert names("{00008..00011}.tar") == [f"{i:05d}.tar" for i in range(8, 12)]  # padding kept
+    assert names("{8..10}") == ["8", "9", "10"]  # no leading zero: no padding
+    assert names("{8..011}") == ["008", "009", "010", "011"]  # a padded end pads all
+    assert names("{10..8..2}") == ["10", "8"]  # counting down, with a step
+    assert names("{3..1}-{a,b}") == ["3-a", "3-b", "2-a", "2-b", "1-a", "1-b"]
+    assert names("{3..1}-{a..b}") == names("{3..1}-{a,b}")  # letter ranges too
+    assert names("a{b,c{d,e}}f") == ["abf", "acdf", "acef"]  # nested, in the order written
+    assert names("{x}.tar") == ["{x}.tar"]  # neither a list nor a range: a literal name
+    assert names(r"\{x,y\}.tar") == ["{x,y}.tar"]  # an escaped brace is literal
+    for pattern in ("a{b", "a}b", "{a,b", "a{b}}"):
+        with pytest.raises(SourceError, match=re.escape(f"source.path='{t}/{pattern}': "
+                                                        "unbalanced braces")):
+            names(pattern)
+    with pytest.raises(SourceError, match=re.escape(f"{t}/}}{{ does not exist")):
+        names("}{")  # braceexpand reads a '}' before any '{' as a literal
+    with pytest.raises(SourceError, match=r"\{0\.\.99999999\} names more than 1,000,000 files"):
+        names("{0..99999999}.tar")  # before braceexpand holds 10^8 names in memory
+
+
+def test_source_files_order(tmp_path):
+    for name in ("b.tar", "a.tar", "c.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "d.tar").mkdir()  # a directory is not a shard
+    t = str(tmp_path)
+    assert source_files(f"{t}/*.tar") == [f"{t}/{n}.tar" for n in "abc"]  # glob: sorted
+    assert source_files(f"{t}/{{c,a}}.tar") == [f"{t}/c.tar", f"{t}/a.tar"]  # as written
+    assert source_files(f"{t}/{{c,[ab]}}.tar") == [f"{t}/c.tar", f"{t}/a.tar", f"{t}/b.tar"]
+    assert source_files(f"{t}/{{b,*}}.tar") == [f"{t}/b.tar", f"{t}/a.tar", f"{t}/c.tar"]
+    with pytest.raises(SourceError, match=r"source.path=.*/e.tar does not exist"):
+        source_files(f"{t}/{{a,e}}.tar")
+    with pytest.raises(SourceError, match=r"/\*.parquet matches no file"):
+        source_files(f"{t}/*.parquet")
+
+
+def test_webdataset_records(tmp_path):
+    pattern, good, bad, meta = make_webdataset(tmp_path)
+    src = WebDatasetSource(pattern)
+    got = records(src)
+    assert len(src) == 9 and [r for r, _ in got] == [
+        "00000/000000000", "00000/000000001", "00000/000000002", "00000/000000003",
+        "00000/000000004", "00000/000000005", "00001/000010000", "00001/000010001", "00001.tar"]
+    pairs = {r: p for r, p in got if isinstance(p, Pair)}
+    assert list(pairs) == list(good)
+    for record_id, (image, caption) in good.items():
+        assert pairs[record_id].caption == caption
+        np.testing.assert_array_equal(pairs[record_id].image, image)
+    shard0, shard1 = str(tmp_path / "shards" / "00000.tar"), str(tmp_path / "shards" / "00001.tar")
+    assert pairs["00000/000000000"].meta == {"source": "webdataset", "shard": shard0,
+                                             "key": "000000000", "json": meta}
+    assert "json" not in pairs["00000/000000001"].meta
+    skipped = {r: p for r, p in got if not isinstance(p, Pair)}
+    assert {r: reason for r, (reason, _) in skipped.items()} == bad
+    for record_id, (_, detail) in skipped.items():  # the shard and the key named
+        shard = shard1 if record_id.startswith("00001") else shard0
+        assert detail.startswith(shard + ":") and record_id.split("/")[-1] in detail + ".tar"
+    assert "000000004.txt" in skipped["00000/000000004"][1]  # what the sample does hold
+    assert "no .txt member" in skipped["00000/000000005"][1]
+    assert ("cut inside member 000010001.txt" in skipped["00001.tar"][1]
+            and "2 sample(s) before it" in skipped["00001.tar"][1])
+    assert src.caption(1) == "ünïcode jpeg"
+    with pytest.raises(BadRecord, match="empty_caption"):
+        src.caption(5)
+    with pytest.raises(IndexError):
+        src[9]
+
+    # the same records from a glob, a fresh instance and a size limit; a pickled source
+    # brings its layout along (a reader process lists nothing)
+    same = WebDatasetSource(str(tmp_path / "shards" / "*.tar"))
+    assert [r for r, _ in records(same)] == [r for r, _ in got]
+    assert len(WebDatasetSource(pattern, size=4)) == 4
+    blob = pickle.dumps(src)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "source_files", lambda p: pytest.fail("listed the shards again"))
+        mp.setattr(sources, "_list_tar", lambda *a: pytest.fail("listed a shard again"))
+        clone = pickle.loads(blob)
+        assert len(clone) == 9 and clone[6].caption == "last good"
+
+
+def test_webdataset_damage(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = [(f"k{i}", {"png": encode(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "PNG"),
+                          "txt": f"caption {i}".encode()}) for i in range(2)]
+    whole = write_tar(tmp_path / "whole.tar", samples)
+    with tarfile.open(whole) as tar:
+        last = tar.getmember("k1.txt")
+        end = last.offset_data + -(-last.size // 512) * 512
+        header_k1 = tar.getmember("k1.png").offset  # its PAX header
+        ustar_k1 = tar.getmember("k1.png").offset_data - 512  # the header after it
+    data = whole.read_bytes()
+    garble = lambda at: data[:at] + b"x" * 64 + data[at + 64:]
+    # (case, the damaged copy, where it breaks, what the samples before the break read as)
+    for name, broken, damage, read in [
+            ("boundary", data[:end], f"no end-of-archive marker: the file ends at byte {end}",
+             ["pair", "pair"]),
+            ("one zero block", data[:end + 512], "no end-of-archive marker: one zero block at "
+             f"byte {end}, then the file ends", ["pair", "pair"]),
+            ("header", data[:header_k1 + 100], f"cut inside the header at byte {header_k1}",
+             ["pair"]),
+            ("pax record only", data[:header_k1 + 512], "cut inside the header at byte "
+             f"{header_k1}", ["pair"]),
+            ("garbled", garble(header_k1), f"bad header at byte {header_k1} (bad checksum)",
+             ["pair"]),
+            ("after pax", garble(ustar_k1), f"bad header at byte {header_k1} (bad checksum)",
+             ["pair"]),
+            ("past the end", data[:last.offset_data + 3], "cut inside member k1.txt (its "
+             f"data ends at byte {last.offset_data + last.size}, the file at "
+             f"{last.offset_data + 3})", ["pair", "empty_caption"])]:  # k1 keeps its png
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.tar").write_bytes(broken)
+        got = records(WebDatasetSource(str(tmp_path / name / "0.tar")))
+        assert [r for r, _ in got] == [f"0/k{i}" for i in range(len(read))] + ["0.tar"]
+        assert ["pair" if isinstance(p, Pair) else p[0] for _, p in got[:-1]] == read
+        assert got[-1][1] == ("truncated_tar", f"{tmp_path / name / '0.tar'}: {damage}; "
+                              f"{len(read)} sample(s) before it are read, the rest is lost")
+
+    for name, data, message in [
+            ("tiny", whole.read_bytes()[:300], "nothing readable: cut inside the header at "
+             "byte 0"),
+            ("junk", b"not a tar file at all" * 40, r"nothing readable: bad header at byte 0 "
+             r"\(invalid header\)"),
+            ("nothing", b"", "nothing readable: no end-of-archive marker: the file ends at byte 0"),
+            ("gz", gzip.compress(whole.read_bytes()), "gzip-compressed"),
+            ("empty", b"\0" * 1024, "hold no sample")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.tar").write_bytes(data)
+        with pytest.raises(SourceError, match=message) as e:
+            len(WebDatasetSource(str(tmp_path / name / "*.tar")))
+        assert name in str(e.value)
+    # shards past the first `size` records are never opened
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "0.tar").write_bytes(whole.read_bytes())
+    (tmp_path / "ok" / "1.tar").write_bytes(b"junk")
+    assert len(WebDatasetSource(str(tmp_path / "ok" / "*.tar"), size=2)) == 2
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_webdataset_tar_formats(tmp_path, fmt):
+    """Long names (a USTAR prefix, a GNU long-name record, a PAX path), a directory and a
+    name without extension between samples: a reader starting at a sample's first header
+    (the long-name record) gets its members."""
+    long_key = "d" * 70 + "/" + "k" * 80
+    keys = ["a", long_key] + (["ünï"] if fmt == tarfile.PAX_FORMAT else [])
+    png = encode(np.full((4, 4, 3), 9, np.uint8), "PNG")
+    with tarfile.open(tmp_path / "0.tar", "w", format=fmt) as tar:
+        for i, key in enumerate(keys):
+            for name, data in ((f"{key}.png", png), ("README", b"hi"), (f"{key}.txt", f"c{i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"dir{i}")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    src = WebDatasetSource(str(tmp_path / "0.tar"))
+    assert [(p.id, p.caption) for p in (src[i] for i in range(len(src)))] == [
+        (f"0/{k}", f"c{i}") for i, k in enumerate(keys)]
+
+
+def write_parquet(path, columns, row_group_size):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_records(tmp_path):
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.integers(0, 256, (9, 11, 3), dtype=np.uint8) for _ in range(3))
+    jpg_b = encode(b, "JPEG")
+    images = [encode(a, "PNG"), jpg_b, None, b"not an image", encode(a, "PNG"),
+              encode(a, "PNG"), encode(c, "PNG")]
+    captions = ["first", "second", "failed download", "junk", None, "  ", "seventh"]
+    write_parquet(tmp_path / "p" / "00000.parquet", {
+        "key": [f"{i:09d}" for i in range(7)], "caption": captions, "jpg": images}, 3)
+    write_parquet(tmp_path / "p" / "00001.parquet", {
+        "caption": ["other file"], "jpg": [encode(c, "PNG")]}, 3)
+    src = ParquetSource(str(tmp_path / "p" / "{00000..00001}.parquet"))
+    got = records(src)
+    assert [r for r, _ in got] == [f"00000/{i}" for i in range(7)] + ["00001/0"]
+    pairs = {r: p for r, p in got if isinstance(p, Pair)}
+    want = {"00000/0": (a, "first"), "00000/1": (decode(jpg_b), "second"),
+            "00000/6": (c, "seventh"), "00001/0": (c, "other file")}
+    assert list(pairs) == list(want)
+    for record_id, (image, caption) in want.items():
+        np.testing.assert_array_equal(pairs[record_id].image, image)
+        assert pairs[record_id].caption == caption
+    assert pairs["00000/6"].meta == {"source": "parquet", "row": 6,
+                                     "file": str(tmp_path / "p" / "00000.parquet")}
+    skipped = {r: p for r, p in got if not isinstance(p, Pair)}
+    assert {r: reason for r, (reason, _) in skipped.items()} == {
+        "00000/2": "missing_file", "00000/3": "corrupt_image", "00000/4": "empty_caption",
+        "00000/5": "empty_caption"}
+    assert skipped["00000/2"][1] == f"{tmp_path}/p/00000.parquet row 2: 'jpg' is null"
+    assert skipped["00000/3"][1].startswith(f"{tmp_path}/p/00000.parquet row 3: ")
+    assert [src.caption(i) for i in (0, 6, 7)] == ["first", "seventh", "other file"]
+    assert len(ParquetSource(str(tmp_path / "p" / "*.parquet"), size=5)) == 5
+    assert [r for r, _ in records(ParquetSource(str(tmp_path / "p" / "{00001,00000}.parquet")))][:2] \
+        == ["00001/0", "00000/0"]  # files in the order the pattern names them
+
+    # Hugging Face datasets' Image feature: a struct of bytes and path
+    write_parquet(tmp_path / "hf" / "train-00000.parquet", {
+        "image": [{"bytes": encode(a, "PNG"), "path": "a.png"}, {"bytes": None, "path": "b.png"}],
+        "text": ["hf row", "path only"]}, 10)
+    hf = ParquetSource(str(tmp_path / "hf" / "*.parquet"), image_key="image", text_key="text")
+    np.testing.assert_array_equal(hf[0].image, a)
+    with pytest.raises(BadRecord, match="missing_file") as e:
+        hf[1]
+    assert "path 'b.png'" in e.value.detail
+    with pytest.raises(SourceError, match=r"no column 'jpg' \(source.image_key\); its "
+                                          r"columns: image, text"):
+        len(ParquetSource(str(tmp_path / "hf" / "*.parquet")))
+    with pytest.raises(SourceError, match=r"'caption' \(source.text_key\) is int64"):
+        write_parquet(tmp_path / "ints" / "0.parquet", {"jpg": [b"x"], "caption": [3]}, 1)
+        len(ParquetSource(str(tmp_path / "ints" / "0.parquet")))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 but not really")
+    with pytest.raises(SourceError, match="junk.parquet: not a readable Parquet file"):
+        len(ParquetSource(str(tmp_path / "junk.parquet")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["source.kind=webdataset"], "source.path: the webdataset source needs its files"),
+    (["source.kind=parquet"], "source.path: the parquet source needs its files"),
+    (["source.kind=parquet", "source.path=x.parquet", "source.image_key=' '"],
+     "source.image_key: the parquet source needs a column name"),
+    (["source.kind=parquet", "source.path=x.parquet", "source.text_key=' '"],
+     "source.text_key: the parquet source needs a column name"),
+    (["source.kind=parquet", "source.path=x.parquet", "source.text_key=jpg"],
+     re.escape("source.image_key (null: jpg for parquet) and source.text_key are both 'jpg': "
+               "name two columns")),
+    (["source.kind=parquet", "source.path=x.parquet", "source.image_key=txt",
+      "source.text_key=txt"],
+     "source.image_key and source.text_key are both 'txt': name two columns"),
+])
+def test_source_config_checks(tiny, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(*overrides)
+
+
+def test_open_source_kinds(tiny, tmp_path):
+    pattern, *_ = make_webdataset(tmp_path)
+    src = open_source(tiny("source.kind=webdataset", f"source.path={pattern}").source)
+    assert src == WebDatasetSource(pattern, size=10000)
+    src = open_source(tiny("source.kind=parquet", "source.path=p/*.parquet", "source.size=null",
+                           "source.image_key=image", "source.text_key=text").source)
+    assert src == ParquetSource("p/*.parquet", "image", "text", None)
+    # source.image_key null: `jpg` (img2dataset's column) for parquet, `image` for the others
+    cfg = tiny("source.kind=parquet", "source.path=p/*.parquet").source
+    assert cfg.image_key is None and open_source(cfg) == ParquetSource("p/*.parquet", "jpg",
+                                                                       "caption", 10000)
+    assert open_source(tiny("source.kind=jsonl", "source.path=a.jsonl").source) == \
+        JsonlSource("a.jsonl", "image", "caption", 10000)
+    assert open_source(tiny("source.kind=jsonl", "source.path=a.jsonl", "source.image_key=jpg",
+                            "source.text_key=txt").source) == JsonlSource("a.jsonl", "jpg", "txt",
+                                                                          10000)
+    assert open_source(tiny("source.kind=tfds", "source.name=coco").source) == \
+        TfdsSource("coco", "train", None, "image", "caption", 10000)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.multiprocess)])
+def test_prepare_webdataset(tiny, tmp_path, workers):
+    """`cm3leon prepare` end to end on the shards of make_webdataset (a random image
+    tokenizer: this checks the data path), in this process and in two reader processes
+    (which get the shard layout with the pickled source)."""
+    from conftest import CONFIGS
+    from test_prepare import VQ, config  # test_prepare imports this module: not at the top
+
+    from cm3leon_jax.config import load_config
+    from cm3leon_jax.data.prepare import prepare
+    from cm3leon_jax.data.records import iter_documents
+    from cm3leon_jax.data.sources import fit_image
+    from cm3leon_jax.tokenizers.image import ImageTokenizer
+
+    pattern, good, bad, meta = make_webdataset(tmp_path)
+    vq = tmp_path / "vq"
+    ImageTokenizer.create(load_config(CONFIGS / "tiny.yaml", VQ).vqgan, seed=0).save(vq)
+    m = prepare(config(tiny, tmp_path, "out", "source.kind=webdataset", f"source.path={pattern}",
+                       "source.size=null", f"prepare.image_tokenizer={vq}",
+                       "prepare.max_bad_fraction=0.6", "prepare.shard_size=4",
+                       "prepare.batch_size=2", f"prepare.workers={workers}"), progress=False)
+    assert (m["records"], m["documents"], len(m["shards"])) == (9, 4, 3)
+    assert m["skipped"] == {"corrupt_image": 1, "empty_caption": 2, "missing_file": 1,
+                            "truncated_tar": 1}
+    logged = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["reason"] for r in logged} == bad
+    docs = list(iter_documents(tmp_path / "out"))
+    assert [(d["id"], d["caption"]) for d in docs] == [(k, c) for k, (_, c) in good.items()]
+    for d, (image, _) in zip(docs, good.values()):
+        np.testing.assert_array_equal(d["pixels"], fit_image(image, 24))
+    assert json.loads(docs[0]["meta"])["json"] == meta

@@ -35,17 +35,24 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
     """Where `cm3leon prepare` reads image-caption pairs (cm3leon_jax/data/sources.py)."""
-    kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl"] = "shapes"  # the reader
+    kind: Literal["shapes", "fashion_mnist", "tfds", "jsonl",  # the reader
+                  "webdataset", "parquet"] = "shapes"
     size: Optional[int] = 10000  # pairs: the first `size` records; null: all (not for shapes)
     seed: int = 0  # shapes: scene i depends on (seed, i)
     resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
     max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
-    path: Optional[str] = None  # fashion_mnist: IDX directory (null: Debian's); jsonl: the file
+    path: Optional[str] = None  # fashion_mnist: IDX dir (null: Debian's); jsonl: file; webdataset/parquet: files (glob, {a..b})
     split: str = "train"  # fashion_mnist (train | test) and tfds split
     name: Optional[str] = None  # tfds builder name
     data_dir: Optional[str] = None  # tfds data directory (null: TFDS's default)
-    image_key: str = "image"  # tfds feature / jsonl field holding the image (path)
-    text_key: str = "caption"  # tfds feature / jsonl field holding the caption
+    image_key: Optional[str] = None  # tfds feature / jsonl field / parquet column holding the image; null: image, or jpg for parquet (img2dataset's column)
+    text_key: str = "caption"  # tfds feature / jsonl field / parquet column holding the caption
+
+    def image_field(self) -> str:
+        """`image_key`, its null resolved for the kind (the one place that does)."""
+        if self.image_key is not None:
+            return self.image_key
+        return "jpg" if self.kind == "parquet" else "image"
 
     def check(self) -> None:
         positive("source", self, "size", "resolution")
@@ -64,6 +71,18 @@ class SourceConfig:
             raise ConfigError("source.name: the tfds source needs a builder name")
         if self.kind == "jsonl" and not self.path:
             raise ConfigError("source.path: the jsonl source needs the .jsonl file")
+        if self.kind in ("webdataset", "parquet") and not self.path:
+            raise ConfigError(f"source.path: the {self.kind} source needs its files, a glob or "
+                              "brace pattern such as shards/{00000..00099}."
+                              + ("tar" if self.kind == "webdataset" else "parquet"))
+        if self.kind == "parquet":
+            for key, value in (("image_key", self.image_field()), ("text_key", self.text_key)):
+                if not value.strip():
+                    raise ConfigError(f"source.{key}: the parquet source needs a column name")
+            if self.image_field() == self.text_key:
+                null = "" if self.image_key is not None else " (null: jpg for parquet)"
+                raise ConfigError(f"source.image_key{null} and source.text_key are both "
+                                  f"{self.text_key!r}: name two columns")
 
 
 @dataclasses.dataclass(frozen=True)

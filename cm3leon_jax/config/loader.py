@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 import types
@@ -29,12 +30,35 @@ class ConfigError(ValueError):
 
 # --- reading ---------------------------------------------------------------------------
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one
+    silently, so a repeated `lr:` would hide the value the user meant)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given "
+                                  "twice in one mapping; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping of sections in a YAML file."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:  # syntax errors and Python-object tags alike: one line
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{line} is not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return raw
@@ -50,7 +74,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         section, _, field = key.partition(".")
         if section in raw and not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a mapping of keys")
-        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+        try:
+            raw.setdefault(section, {})[field] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e})") from None
     return raw
 
 
@@ -130,11 +158,13 @@ def _coerce(value: Any, typ: Any, key: str):
     if typ is float:
         if isinstance(value, str):  # YAML 1.1 reads 6e-4 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):  # nan passes every `<= 0` check: refuse it here
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if typ is str:
         if not isinstance(value, str):

@@ -44,6 +44,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between held-out losses (metrics.jsonl eval_*); 0: none
     eval_batches: int = 4  # held-out batches of train.batch_size rows (fixed by the config)
     eval_dir: Optional[str] = None  # prepared held-out data; required for evals with data.dir
+    allow_restart: bool = False  # checkpoints exist but none restores: start over from step 0
 
     def check(self) -> None:
         positive("train", self, "steps", "batch_size", "grad_accum", "log_every",

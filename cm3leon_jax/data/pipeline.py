@@ -39,7 +39,7 @@ from tqdm import tqdm
 from cm3leon_jax import layout
 from cm3leon_jax.config import Config, DataConfig
 from cm3leon_jax.data import cm3, sequences
-from cm3leon_jax.data.records import decode_document, open_documents, shard_paths
+from cm3leon_jax.data.records import check_documents, decode_document, open_documents
 from cm3leon_jax.data.synthetic import synthetic_batches
 from cm3leon_jax.vocab import Vocab
 
@@ -75,7 +75,7 @@ def _check_prepared(root: Path, cfg: Config, what: str) -> int:
     """Documents in the prepared directory `root` after checking it against the config."""
     if not root.is_dir():
         raise FileNotFoundError(f"{what}={str(root)!r} is not a directory")
-    shard_paths(root)
+    n = check_documents(root, what)
     vocab_file = layout.DataDir(root).vocab
     if not vocab_file.exists():
         raise FileNotFoundError(f"{vocab_file} is missing: {what} must be a prepared "
@@ -84,7 +84,6 @@ def _check_prepared(root: Path, cfg: Config, what: str) -> int:
     if saved != cfg.vocab.build():
         raise ValueError(f"{vocab_file} says {saved} but the config's vocab section builds "
                          f"{cfg.vocab.build()}; set vocab.* to match the prepared data")
-    n = len(_documents(str(root)))
     if n == 0:
         raise ValueError(f"{root}: the document shards hold no records")
     return n

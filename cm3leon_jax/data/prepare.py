@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import readers
-from cm3leon_jax.data.records import shard_name, write_shard
+from cm3leon_jax.data.records import shard_name, write_manifest, write_shard
 from cm3leon_jax.data.sources import BadRecord, open_source
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.tokenizers import image_train
@@ -144,8 +144,9 @@ def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenize
 
 # --- the run ------------------------------------------------------------------------------
 
-def _claim(out: DataDir, inputs: dict) -> None:
-    """Mark `out` as prepared from `inputs`, or refuse when it holds another preparation."""
+def _claim(out: DataDir, inputs: dict, mark: bool = True) -> None:
+    """Mark `out` as prepared from `inputs` (with `mark`; else only check), or refuse when
+    it holds another preparation."""
     marker = out.inputs
     if marker.exists():
         old = json.loads(marker.read_text())
@@ -156,6 +157,8 @@ def _claim(out: DataDir, inputs: dict) -> None:
         return
     if out.root.exists() and any(out.root.iterdir()):
         raise PrepareError(f"{out.root} is not empty and holds no preparation of ours")
+    if not mark:
+        return
     out.root.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
 
@@ -166,7 +169,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         raise PrepareError("data.dir: say where the prepared documents go")
     out = DataDir(Path(cfg.data.dir))
     inputs = _inputs(cfg)
-    _claim(out, inputs)
+    _claim(out, inputs, mark=False)
     if out.manifest.exists():
         manifest = json.loads(out.manifest.read_text())
         log.info("%s is already prepared (%d documents)", out.root, manifest["documents"])
@@ -180,6 +183,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     resolution = cfg.source.resolution or (given or cfg.vqgan).resolution
     source = open_source(cfg.source, resolution)
     total = len(source)
+    _claim(out, inputs)  # only now: a source that does not open claims nothing
 
     t0 = time.perf_counter()
     text = _text_tokenizer(cfg, source, out)
@@ -239,20 +243,14 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     check_bad()
     skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
-    manifest = {
-        "documents": documents, "records": total, "skipped": dict(sorted(skipped.items())),
-        "vocab": vocab.to_json(), "text_pieces": text.size,
-        "text_tokenizer": out.text_tokenizer.name, "image_tokenizer": out.image_tokenizer.name,
-        "resolution": image.resolution, "tokens_per_image": image.tokens_per_image,
-        "shards": [shard_name(i, n_shards) for i in range(n_shards)],
-        "source": dataclasses.asdict(cfg.source), "inputs": inputs,
-        "seconds": {k: round(v, 3) for k, v in sorted(seconds.items())},
-        "wall_seconds": round(time.perf_counter() - started, 3),
-    }
-    tmp = out.manifest.with_name(out.manifest.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(out.manifest)
-    return manifest
+    return write_manifest(
+        out.root, documents, [shard_name(i, n_shards) for i in range(n_shards)],
+        records=total, skipped=dict(sorted(skipped.items())),
+        vocab=vocab.to_json(), text_pieces=text.size, text_tokenizer=out.text_tokenizer.name,
+        image_tokenizer=out.image_tokenizer.name, resolution=image.resolution,
+        tokens_per_image=image.tokens_per_image, source=dataclasses.asdict(cfg.source),
+        inputs=inputs, seconds={k: round(v, 3) for k, v in sorted(seconds.items())},
+        wall_seconds=round(time.perf_counter() - started, 3))
 
 
 def _write_skipped(out: DataDir, stats: dict) -> collections.Counter:

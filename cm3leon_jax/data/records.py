@@ -16,11 +16,15 @@ and one record per image–caption document with the fields
     meta     str         JSON ground truth from the source (e.g. the shapes scene), or ""
 
 Documents are addressed by their global index: shards in name order, records in order.
-Neighbor tables and the input pipeline use that index.
+Neighbor tables and the input pipeline use that index. The manifest is written last and
+lists the shards and the documents in all; `check_documents` holds the directory to it
+before anything reads it (a deleted shard, a half-finished prepare or an edited manifest
+would otherwise train on what happens to be there).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,6 +33,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
+from cm3leon_jax.config import ConfigError
 from cm3leon_jax.layout import DataDir
 
 FIELDS = ("id", "caption", "text", "image", "pixels", "meta")
@@ -79,8 +84,77 @@ def write_shard(path: str | Path, docs: Iterable[dict]) -> int:
     return count
 
 
+def write_manifest(data_dir: str | Path, documents: int, shards: list[str], **more) -> dict:
+    """The manifest (atomically, last): the shard names, the documents in all, and what
+    the writer adds (prepare: the vocabulary, tokenizers, source, timings)."""
+    manifest = {"documents": documents, **more, "shards": list(shards)}
+    path = DataDir(Path(data_dir)).manifest
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.rename(path)
+    return manifest
+
+
+def write_documents(data_dir: str | Path, groups: Iterable[Iterable[dict]]) -> int:
+    """Documents made elsewhere than `prepare` (tests, benchmarks, data-stats) as a checked
+    directory: one shard per group, each with its count, then the manifest; returns the
+    number of documents. The vocabulary is the caller's."""
+    groups = [list(g) for g in groups]
+    names = [shard_name(i, len(groups)) for i in range(len(groups))]
+    documents = DataDir(Path(data_dir)).documents
+    total = 0
+    for name, docs in zip(names, groups):
+        count = write_shard(documents / name, docs)
+        (documents / name).with_suffix(".json").write_text(
+            json.dumps({"documents": count, "skipped": {}, "skipped_records": []}) + "\n")
+        total += count
+    write_manifest(data_dir, total, names, records=total, skipped={})
+    return total
+
+
+def check_documents(data_dir: str | Path, what: str = "data.dir") -> int:
+    """The number of documents after holding the shards to the manifest: present, the same
+    shard names, each shard's record count as written, the total as the manifest says."""
+    d = DataDir(Path(data_dir))
+    if not d.manifest.exists():
+        raise ConfigError(f"{what}={str(d.root)!r} has no manifest.json: not a finished "
+                          "`cm3leon prepare` (an interrupted one leaves none); run or rerun it")
+    try:
+        manifest = json.loads(d.manifest.read_text())
+        listed, documents = list(manifest["shards"]), int(manifest["documents"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{d.manifest}: not a manifest written by `cm3leon prepare` "
+                          f"({type(e).__name__}: {e})") from None
+    present = sorted(p.name for p in d.documents.glob("shard-*.array_record"))
+    missing, extra = sorted(set(listed) - set(present)), sorted(set(present) - set(listed))
+    if missing or extra:
+        raise ConfigError(f"{d.documents}: " + "; ".join(
+            [f"shard {n} of the manifest is missing" for n in missing[:3]]
+            + [f"shard {n} is not in the manifest" for n in extra[:3]])
+            + "; rerun `cm3leon prepare` into a fresh directory")
+    total = 0
+    for name in listed:
+        path = d.documents / name
+        try:
+            count = len(grain.sources.ArrayRecordDataSource([str(path)]))
+        except Exception as e:  # noqa: BLE001 - any reader failure: the shard is damaged
+            raise ConfigError(f"{path}: unreadable shard ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+        counts = path.with_suffix(".json")
+        if counts.exists() and json.loads(counts.read_text()).get("documents") != count:
+            raise ConfigError(f"{path}: {count} records but {counts.name} says "
+                              f"{json.loads(counts.read_text()).get('documents')}")
+        total += count
+    if total != documents:
+        raise ConfigError(f"{d.manifest} says {documents} documents but the shards hold "
+                          f"{total}")
+    return total
+
+
 def open_documents(data_dir: str | Path):
-    """Random access to every document by global index (a grain data source of bytes)."""
+    """Random access to every document by global index (a grain data source of bytes),
+    after `check_documents`."""
+    check_documents(data_dir, "prepared directory")
     return grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(data_dir)])
 
 

@@ -8,8 +8,11 @@ count it, log it and go on; nothing is dropped silently.
 
 Sources: `shapes` (built in), `fashion_mnist` (Debian's IDX files), `tfds` (any builder with
 an image and a text feature, through `tfds.data_source`), `jsonl` (image path + caption per
-line); `open_source(cfg.source)` picks one. Large data is loaded lazily, once per process,
-so a source pickles as its few settings when it is sent to a prepare worker.
+line), `webdataset` (img2dataset's tar shards) and `parquet` (image bytes + caption
+columns); `open_source(cfg.source)` picks one. Large data is loaded lazily, once per
+process, so a source pickles as its few settings when it is sent to a prepare worker; the
+two sharded sources add the layout they listed (files, records per file and, for tar
+shards, where each sample starts), so a reader process never lists or scans them again.
 
 `shapes` serves the built-in world of cm3leon_jax/shapes/: scene i depends only on (seed,
 i), and its `meta` (the scene's objects) lets later stages score generated images from
@@ -20,19 +23,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import gzip
+import io
 import json
+import logging
+import os
+import re
+import tarfile
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
+from braceexpand import UnbalancedBracesError, braceexpand
 from PIL import Image
 
+from cm3leon_jax.config.loader import ConfigError
 from cm3leon_jax.shapes.world import BACKGROUND, check_world, draw, shapes_caption, shapes_scene
 
-# Why a record was skipped (manifest.json `skipped` keys).
+log = logging.getLogger(__name__)
+
+# Why a record was skipped (manifest.json `skipped` keys). `truncated_tar` is the one record
+# a damaged webdataset shard adds after its readable samples: the damage, counted.
 REASONS = ("missing_file", "corrupt_image", "wrong_mode", "wrong_shape", "empty_caption",
-           "bad_utf8", "bad_line", "lossy_text")
+           "bad_utf8", "bad_line", "lossy_text", "truncated_tar")
 
 
 class Pair(NamedTuple):
@@ -40,6 +54,12 @@ class Pair(NamedTuple):
     image: np.ndarray  # uint8 [H, W, 3]
     caption: str
     meta: dict  # JSON-serialisable ground truth ({} when the source has none)
+
+
+class SourceError(ConfigError):
+    """The source's files cannot be read as configured (a pattern that matches nothing, a
+    shard with nothing readable): the message names the file and the fix. A ConfigError,
+    so `cm3leon prepare` reports it without a traceback."""
 
 
 class BadRecord(Exception):
@@ -275,18 +295,28 @@ def _jsonl_lines(path: str) -> tuple[bytes, ...]:
     return tuple(line for line in file.read_bytes().splitlines() if line.strip())
 
 
+def decode_image(data: bytes, record_id: str, where: str) -> np.ndarray:
+    """Encoded image bytes as uint8 RGB, or BadRecord (corrupt_image, wrong_mode); `where`
+    (a file, a shard member, a row) starts the detail."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in PIL_MODES:
+                raise BadRecord("wrong_mode", record_id, f"{where}: mode {img.mode}")
+            return to_rgb(np.asarray(img), record_id)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord("corrupt_image", record_id, f"{where}: {e}") from None
+
+
 def read_image(path: Path, record_id: str) -> np.ndarray:
     """An image file as uint8 RGB, or BadRecord (missing_file, corrupt_image, wrong_mode)."""
     if not path.is_file():
         raise BadRecord("missing_file", record_id, str(path))
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in PIL_MODES:
-                raise BadRecord("wrong_mode", record_id, f"{path}: mode {img.mode}")
-            return to_rgb(np.asarray(img), record_id)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise BadRecord("corrupt_image", record_id, f"{path}: {e}") from None
+    return decode_image(data, record_id, str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +365,405 @@ class JsonlSource:
         return Pair(record_id, read_image(image_path, record_id), caption, meta)
 
 
+# --- file patterns (webdataset, parquet) ---------------------------------------------
+
+MAX_RANGE = 1_000_000  # names in one {a..b} of source.path (braceexpand holds a range in memory)
+_RANGE = re.compile(r"(?<!\\)\{(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?\}")  # braceexpand's ranges
+
+
+def source_files(pattern: str) -> list[str]:
+    """The files `source.path` names, in a fixed order: braces expanded by `braceexpand`
+    (bash's rules, alternatives in the order written; `\\{` is a literal brace), each glob's
+    matches sorted, a file named twice kept at its first place. A literal path that does not
+    exist, a glob that matches no file, or unbalanced braces is an error naming it."""
+    for m in _RANGE.finditer(pattern):
+        if abs(int(m[2]) - int(m[1])) // max(int(m[3] or 1), 1) >= MAX_RANGE:
+            raise SourceError(f"source.path={pattern!r}: {m[0]} names more than "
+                              f"{MAX_RANGE:,} files")
+    out, seen = [], set()
+    try:
+        for part in braceexpand(pattern):
+            part = os.path.expanduser(part)
+            if any(c in part for c in "*?["):
+                matches = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+                if not matches:
+                    raise SourceError(f"source.path={pattern!r}: {part} matches no file")
+            elif os.path.isfile(part):
+                matches = [part]
+            else:
+                raise SourceError(f"source.path={pattern!r}: {part} does not exist")
+            for p in matches:
+                if os.path.normpath(p) not in seen:
+                    seen.add(os.path.normpath(p))
+                    out.append(p)
+    except UnbalancedBracesError:
+        raise SourceError(f"source.path={pattern!r}: unbalanced braces (a literal brace is "
+                          "written \\{ or \\})") from None
+    return out
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+class _File(NamedTuple):
+    path: str
+    stamp: tuple[int, int]  # (bytes, mtime_ns) when listed: a changed file is refused
+    records: int
+    extra: Any  # per kind: the webdataset _TarLayout, the parquet row-group sizes
+
+
+def _restore(cls, settings: tuple, layout):
+    """Unpickle a sharded source with the layout the sending process had listed."""
+    source = cls(*settings)
+    if layout is not None:
+        object.__setattr__(source, "_listed", layout)
+    return source
+
+
+class _Sharded:
+    """Records spread over files: `_list()` lists them once per instance (a reader process
+    gets the list with the pickled source), records are numbered file by file in order."""
+
+    def _settings(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def _layout(self) -> tuple[tuple[_File, ...], np.ndarray]:
+        """(files, first record of each file and the total)."""
+        if "_listed" not in self.__dict__:
+            files = self._list()
+            object.__setattr__(self, "_listed",
+                               (files, np.cumsum([0] + [f.records for f in files])))
+        return self.__dict__["_listed"]
+
+    def __reduce__(self):
+        return _restore, (type(self), self._settings(), self.__dict__.get("_listed"))
+
+    def __len__(self) -> int:
+        n = int(self._layout()[1][-1])
+        return n if self.size is None else min(self.size, n)
+
+    def _locate(self, index: int) -> tuple[_File, int]:
+        """(file, record within it) of record `index`."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{type(self).__name__} {self.path}: index {index} outside "
+                             f"[0, {len(self)})")
+        files, starts = self._layout()
+        i = int(np.searchsorted(starts, index, side="right")) - 1
+        return files[i], index - int(starts[i])
+
+    def _enough(self, total: int) -> bool:
+        """Listing can stop: the first `size` records are known."""
+        return self.size is not None and total >= self.size
+
+
+def _check_stamp(file: _File) -> None:
+    if _stamp(file.path) != file.stamp:
+        raise SourceError(f"{file.path} changed after prepare listed it; run prepare again")
+
+
+# --- webdataset ----------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a sample's image member; case-insensitive
+_BLOCK = tarfile.BLOCKSIZE
+_END = bytes(2 * _BLOCK)  # tar's end-of-archive marker
+
+
+def _sample_key(name: str) -> Optional[tuple[str, str]]:
+    """(key, lower-case extension) of a member name, as webdataset splits it: the key is the
+    path up to the first dot of the file name; None for a name without one."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _stop_reason(fd: int, at: int, file_size: int,
+                 error: Optional[Exception] = None) -> Optional[str]:
+    """Why tarfile stopped reading at byte `at` (where the next header belongs), `error` if
+    it raised one: None at the end-of-archive marker. tarfile ends its member list quietly
+    at a cut or bad header, so the bytes there are looked at (through `TarInfo.frombuf`)."""
+    tail = os.pread(fd, len(_END), at)
+    if tail == _END:
+        return None
+    if not tail:
+        return f"no end-of-archive marker: the file ends at byte {at}"
+    if tail[:_BLOCK] == bytes(_BLOCK):
+        return f"no end-of-archive marker: one zero block at byte {at}, then the file " + (
+            "ends" if len(tail) < len(_END) else "goes on")
+    if len(tail) < _BLOCK:
+        return f"cut inside the header at byte {at}"
+    try:
+        info = tarfile.TarInfo.frombuf(tail[:_BLOCK], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:
+        return f"bad header at byte {at} ({e})"
+    if at + _BLOCK + -(-info.size // _BLOCK) * _BLOCK + _BLOCK > file_size:
+        return f"cut inside the header at byte {at}"  # a PAX / long-name record, no header after
+    return f"bad header at byte {at}" + (f" ({error})" if error else "")
+
+
+class _TarLayout(NamedTuple):
+    starts: np.ndarray  # [samples + 1]: where each sample's first header starts; the end
+    damage: Optional[str]  # where the shard breaks, when it does
+
+
+@functools.lru_cache(maxsize=8)
+def _list_tar(path: str, stamp: tuple[int, int]) -> _TarLayout:
+    """Where each sample of a shard starts, listed with `tarfile`: a sample is a run of
+    consecutive members with one key (webdataset's rule). A shard that breaks before its
+    end-of-archive marker keeps the samples before the break; nothing readable at all is a
+    SourceError."""
+    fix = "re-copy it or leave it out of source.path"
+    starts, key, at, damage = [], None, 0, None  # at: where the next header belongs
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise SourceError(f"{path}: a gzip-compressed tar; the webdataset source reads "
+                              "members by offset and needs plain .tar shards (gunzip them)")
+        f.seek(0)
+        try:
+            with tarfile.open(fileobj=f, mode="r:") as tar:
+                for member in tar:
+                    if member.offset_data + member.size > stamp[0]:
+                        damage = (f"cut inside member {member.name} (its data ends at byte "
+                                  f"{member.offset_data + member.size}, the file at {stamp[0]})")
+                        break
+                    split = _sample_key(member.name) if member.isfile() else None
+                    if split is not None and split[0] != key:
+                        key = split[0]
+                        starts.append(member.offset)
+                    at = tar.offset
+        except (tarfile.ReadError, EOFError, tarfile.HeaderError) as e:
+            damage = (_stop_reason(f.fileno(), at, stamp[0], e)
+                      or f"bad header at byte {at} ({e})")
+        if damage is None:
+            damage = _stop_reason(f.fileno(), at, stamp[0])
+    if damage is not None and not starts:
+        raise SourceError(f"{path}: nothing readable: {damage} (not a tar file?); {fix}")
+    dtype = np.uint32 if stamp[0] < 2**32 else np.int64
+    return _TarLayout(np.array(starts + [at], dtype), damage)
+
+
+def _sample_members(f, start: int, stop: int) -> list[tarfile.TarInfo]:
+    """The members whose headers lie in [start, stop) of the shard open as `f`, read by
+    tarfile from `start` on (a reader never scans a shard)."""
+    f.seek(start)
+    members = []
+    with tarfile.open(fileobj=f, mode="r:") as tar:  # reads the header at `start`
+        member = tar.next()
+        while member is not None:
+            members.append(member)
+            if tar.offset >= stop:  # where the next header belongs
+                break
+            member = tar.next()
+    return members
+
+
+@dataclasses.dataclass(frozen=True)
+class WebDatasetSource(_Sharded):
+    """img2dataset's tar shards: members grouped by key (the name up to its first dot), an
+    image KEY.jpg|jpeg|png|webp, its caption KEY.txt, optional KEY.json (kept in `meta`).
+
+    Records: the shards in `source_files` order, each shard's samples in tar order, then,
+    for a damaged shard, one `truncated_tar` record naming the damage. Record ids are
+    `<shard name without .tar>/<key>`. Listing (tarfile, in the prepare process) reads
+    every header once; the layout keeps where each sample starts, so a reader process
+    reads a record's headers and members at known offsets and never scans a shard.
+    """
+
+    path: str
+    size: Optional[int] = None
+
+    def _list(self) -> tuple[_File, ...]:
+        files, total = [], 0
+        paths = source_files(self.path)
+        for path in paths:
+            if self._enough(total):
+                break
+            stamp = _stamp(path)
+            layout = _list_tar(path, stamp)
+            samples = len(layout.starts) - 1
+            if layout.damage:
+                log.warning("%s is damaged: %s; its %d readable sample(s) are used", path,
+                            layout.damage, samples)
+            files.append(_File(path, stamp, samples + bool(layout.damage), layout))
+            total += files[-1].records
+        if total == 0:
+            raise SourceError(f"source.path={self.path!r}: the {len(paths)} shards hold no "
+                              "sample")
+        return tuple(files)
+
+    def _sample(self, index: int, f) -> tuple[str, str, str, dict]:
+        """(record id, key, shard path, {kind: TarInfo, "names": [...]}) of record `index`,
+        from the shard open as `f`."""
+        file, local = self._locate(index)
+        _check_stamp(file)
+        shard, starts = Path(file.path).name, file.extra.starts
+        if local == len(starts) - 1:  # the damage record
+            raise BadRecord("truncated_tar", shard, f"{file.path}: {file.extra.damage}; "
+                            f"{local} sample(s) before it are read, the rest is lost")
+        members: dict[str, Any] = {"names": []}
+        key = None
+        try:
+            found = _sample_members(f, int(starts[local]), int(starts[local + 1]))
+        except (tarfile.ReadError, EOFError, tarfile.HeaderError) as e:
+            raise SourceError(f"{file.path}: {e}; it changed after prepare listed it") from None
+        for member in found:
+            split = _sample_key(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            key, ext = split
+            members["names"].append(member.name)
+            kind = ("image" if ext in IMAGE_EXTENSIONS else "text" if ext == "txt"
+                    else "meta" if ext == "json" else None)
+            if kind is not None and kind not in members:
+                members[kind] = member  # the first of each kind
+        return f"{shard.removesuffix('.tar')}/{key}", key, file.path, members
+
+    def _caption(self, fd, path: str, record_id: str, key: str, members: dict) -> str:
+        if "text" not in members:
+            raise BadRecord("empty_caption", record_id, f"{path}: key {key} has no .txt member "
+                            f"(members: {', '.join(members['names'])})")
+        text = members["text"]
+        return check_caption(os.pread(fd, text.size, text.offset_data), record_id)
+
+    def caption(self, index: int) -> str:
+        with open(self._locate(index)[0].path, "rb") as f:
+            record_id, key, path, members = self._sample(index, f)
+            return self._caption(f.fileno(), path, record_id, key, members)
+
+    def __getitem__(self, index: int) -> Pair:
+        with open(self._locate(index)[0].path, "rb") as f:
+            fd = f.fileno()
+            record_id, key, path, members = self._sample(index, f)
+            if "image" not in members:
+                raise BadRecord("missing_file", record_id, f"{path}: key {key} has no image "
+                                f"member (.{'/.'.join(IMAGE_EXTENSIONS)}; members: "
+                                f"{', '.join(members['names'])})")
+            caption = self._caption(fd, path, record_id, key, members)
+            meta: dict[str, Any] = {"source": "webdataset", "shard": path, "key": key}
+            if "meta" in members:
+                raw = os.pread(fd, members["meta"].size, members["meta"].offset_data)
+                try:
+                    meta["json"] = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise BadRecord("bad_line", record_id,
+                                    f"{path}: {members['meta'].name}: {e}") from None
+            image = members["image"]
+            data = os.pread(fd, image.size, image.offset_data)
+        return Pair(record_id, decode_image(data, record_id, f"{path}: {image.name}"), caption,
+                    meta)
+
+
+# --- parquet -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def _row_group(path: str, stamp: tuple[int, int], group: int, columns: tuple[str, ...]):
+    """One row group's `columns` (prepare's readers take runs of consecutive records: a
+    reader reads each group it needs once)."""
+    import pyarrow.parquet as pq  # the parquet source only: reader processes start without it
+
+    return pq.ParquetFile(path).read_row_group(group, columns=list(columns))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetSource(_Sharded):
+    """Rows of Parquet files: encoded image bytes (a binary column, or a struct with a
+    `bytes` field as Hugging Face datasets write) and a caption column. img2dataset's
+    parquet output is `jpg` + `caption`, with a row (null `jpg`) for each failed download.
+
+    Records: the files in `source_files` order, rows in file order; ids `<file stem>/<row>`.
+    """
+
+    path: str
+    image_key: str = "jpg"
+    text_key: str = "caption"
+    size: Optional[int] = None
+
+    def _check_schema(self, path: str, schema) -> None:
+        import pyarrow as pa  # the parquet source only: reader processes start without it
+
+        t = pa.types
+        for key, column in (("image_key", self.image_key), ("text_key", self.text_key)):
+            if column not in schema.names:
+                raise SourceError(f"{path}: no column {column!r} (source.{key}); its "
+                                  f"columns: {', '.join(schema.names)}")
+
+        def binary(typ) -> bool:
+            return t.is_binary(typ) or t.is_large_binary(typ)
+
+        image = schema.field(self.image_key).type
+        if not (binary(image) or (t.is_struct(image) and image.get_field_index("bytes") >= 0
+                                  and binary(image.field("bytes").type))):
+            raise SourceError(f"{path}: column {self.image_key!r} (source.image_key) is "
+                              f"{image}, not encoded image bytes (binary, or a struct with "
+                              "binary `bytes`)")
+        caption = schema.field(self.text_key).type
+        if not (t.is_string(caption) or t.is_large_string(caption) or binary(caption)):
+            raise SourceError(f"{path}: column {self.text_key!r} (source.text_key) is "
+                              f"{caption}, not text")
+
+    def _list(self) -> tuple[_File, ...]:
+        import pyarrow.parquet as pq  # the parquet source only: reader processes start without it
+
+        files, total = [], 0
+        for path in source_files(self.path):
+            if self._enough(total):
+                break
+            try:
+                meta = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: name the file
+                raise SourceError(f"{path}: not a readable Parquet file ({e}); re-copy it or "
+                                  "leave it out of source.path") from None
+            self._check_schema(path, meta.schema_arrow)
+            groups = tuple(meta.metadata.row_group(g).num_rows
+                           for g in range(meta.metadata.num_row_groups))
+            files.append(_File(path, _stamp(path), sum(groups), groups))
+            total += files[-1].records
+        if total == 0:
+            raise SourceError(f"source.path={self.path!r}: the {len(files)} files hold no row")
+        return tuple(files)
+
+    def _row(self, index: int, columns: tuple[str, ...]):
+        """(file, row in it, record id, its row group's `columns`, row in the group)."""
+        import pyarrow as pa  # the parquet source only: reader processes start without it
+
+        file, row = self._locate(index)
+        _check_stamp(file)
+        record_id = f"{Path(file.path).stem}/{row}"
+        starts = np.cumsum((0,) + file.extra)
+        group = int(np.searchsorted(starts, row, side="right")) - 1
+        try:
+            table = _row_group(file.path, file.stamp, group, columns)
+        except (OSError, pa.ArrowException) as e:
+            raise BadRecord("bad_line", record_id, f"{file.path}: row group {group}: "
+                            f"{e}") from None
+        return file, row, record_id, table, row - int(starts[group])
+
+    def caption(self, index: int) -> str:
+        _, _, record_id, table, i = self._row(index, (self.text_key,))
+        return check_caption(table.column(self.text_key)[i].as_py(), record_id)
+
+    def __getitem__(self, index: int) -> Pair:
+        file, row, record_id, table, i = self._row(index, (self.image_key, self.text_key))
+        where = f"{file.path} row {row}"
+        data = table.column(self.image_key)[i].as_py()
+        if isinstance(data, dict):  # a Hugging Face Image struct
+            if data.get("bytes") is None:
+                raise BadRecord("missing_file", record_id, f"{where}: {self.image_key!r} "
+                                f"holds no bytes (path {data.get('path')!r}): the parquet "
+                                "source reads embedded images only")
+            data = data["bytes"]
+        if data is None:
+            raise BadRecord("missing_file", record_id, f"{where}: {self.image_key!r} is null")
+        caption = check_caption(table.column(self.text_key)[i].as_py(), record_id)
+        image = decode_image(data, record_id, where)
+        meta = {"source": "parquet", "file": file.path, "row": row}
+        return Pair(record_id, image, caption, meta)
+
+
 def open_source(cfg, resolution: Optional[int] = None):
     """The source a `SourceConfig` names; `resolution` renders `shapes` when it has none."""
     if cfg.kind == "shapes":
@@ -342,7 +771,12 @@ def open_source(cfg, resolution: Optional[int] = None):
     if cfg.kind == "fashion_mnist":
         return FashionMnistSource(cfg.path or FASHION_MNIST_DIR, cfg.split, cfg.size)
     if cfg.kind == "tfds":
-        return TfdsSource(cfg.name, cfg.split, cfg.data_dir, cfg.image_key, cfg.text_key, cfg.size)
+        return TfdsSource(cfg.name, cfg.split, cfg.data_dir, cfg.image_field(), cfg.text_key,
+                          cfg.size)
     if cfg.kind == "jsonl":
-        return JsonlSource(cfg.path, cfg.image_key, cfg.text_key, cfg.size)
+        return JsonlSource(cfg.path, cfg.image_field(), cfg.text_key, cfg.size)
+    if cfg.kind == "webdataset":
+        return WebDatasetSource(cfg.path, cfg.size)
+    if cfg.kind == "parquet":
+        return ParquetSource(cfg.path, cfg.image_field(), cfg.text_key, cfg.size)
     raise ValueError(f"unknown source kind {cfg.kind!r}")

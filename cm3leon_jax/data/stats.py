@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import pipeline
-from cm3leon_jax.data.records import shard_name, write_shard
+from cm3leon_jax.data.records import write_documents
 from cm3leon_jax.data.synthetic import synthetic_documents, synthetic_pools
 from cm3leon_jax.layout import DataDir, RetrievalDir
 
@@ -35,8 +35,8 @@ def write_synthetic(cfg: Config, out: Path, documents: int, pool: int) -> Config
     """A prepared directory of synthetic documents at the config's shapes; returns the
     config pointed at it (its own retrieval table)."""
     vocab, d = cfg.vocab.build(), DataDir(out)
-    write_shard(d.documents / shard_name(0, 1),
-                synthetic_documents(vocab, documents, cfg.vqgan.tokens_per_image, cfg.data.seed))
+    write_documents(out, [synthetic_documents(vocab, documents, cfg.vqgan.tokens_per_image,
+                                              cfg.data.seed)])
     vocab.save(d.vocab)
     retrieval = RetrievalDir(d.retrieval)
     retrieval.root.mkdir(parents=True)

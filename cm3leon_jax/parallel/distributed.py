@@ -151,17 +151,23 @@ class Preemption:
     """Turns SIGTERM into 'stop after this step' at the same step on every process.
 
     Multi-process: JAX's preemption sync manager (started by jax.distributed) catches the
-    signal and agrees a step with every process. One process: a Python handler sets a flag.
+    signal and agrees a step with every process. One process: a Python handler sets a flag,
+    for Ctrl-C (SIGINT) too, so an interactive run keeps the steps since its last
+    checkpoint; a second Ctrl-C interrupts at once.
     """
     requested: bool = False
-    previous: object = None
+    previous: dict = None
+    name: str = "SIGTERM"  # the signal that asked, for the message
 
     def install(self) -> None:
         if jax.process_count() == 1:
-            self.previous = signal.signal(signal.SIGTERM, self._handler)
+            self.previous = {sig: signal.signal(sig, self._handler)
+                             for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handler(self, signum, frame) -> None:
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
 
     def reached(self, step: int) -> bool:
         """Call at every step on every process; True when all must save and stop."""
@@ -170,5 +176,6 @@ class Preemption:
         return self.requested
 
     def uninstall(self) -> None:
-        if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self.previous or signal.SIG_DFL)
+        if jax.process_count() == 1 and self.previous:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

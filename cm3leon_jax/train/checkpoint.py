@@ -4,8 +4,12 @@ orbax's CheckpointManager writes each step asynchronously and marks it complete 
 every item is on disk, so a run killed mid-save resumes from the previous complete step.
 The data iterator goes through grain's orbax handler (one JSON per process), next to an
 index-based data position (global batches consumed) that lets a run resume with a different
-number of processes. A checkpoint that fails to restore (a truncated file) is reported,
-renamed `<step>.corrupt`, and the one before it is used.
+number of processes, and a checksum of every array of the state (bit sums computed on the
+devices, so any mesh gives the same numbers). A checkpoint that fails to restore (a
+truncated file) or whose restored arrays differ from their checksums (flipped bytes) is
+reported, renamed `<step>.corrupt`, and the one before it is used. When checkpoints exist
+and none restores, the run stops with the reasons instead of silently starting over
+(`train.allow_restart` starts over on purpose).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -40,6 +45,30 @@ def reader(directory: str | Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
+class NoCheckpointRestores(ConfigError):
+    """Checkpoints exist but none restores; the run does not start over by itself."""
+
+
+def _bit_sum(x: jax.Array) -> jax.Array:
+    """The array's bits as unsigned words summed mod 2^32: any flipped byte changes it, and
+    integer addition gives the same number under every sharding."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jnp.sum(jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32),
+                   dtype=jnp.uint32)
+
+
+@jax.jit
+def _bit_sums(state) -> dict:
+    return jax.tree.map(_bit_sum, state)
+
+
+def checksums(state) -> dict[str, int]:
+    """Per array of the state (by tree path), its bit sum."""
+    sums = jax.device_get(_bit_sums(state))
+    return {jax.tree_util.keystr(path): int(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) -> None:
     import grain  # optional: loading weights needs no grain (absent on the GPU machine)
 
@@ -47,8 +76,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) 
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
         position=ocp.args.JsonSave({"global_batches": step,
-                                    "process_count": jax.process_count()}),
+                                    "process_count": jax.process_count(),
+                                    "checksums": checksums(state)}),
         config=ocp.args.JsonSave(cfg.to_dict())), force=True)
+
+
+def verify(state, position: dict, where: str) -> None:
+    """Refuse a restored state whose arrays differ from the checksums saved with it
+    (checkpoints written before checksums existed are not checked)."""
+    saved = position.get("checksums")
+    if saved is None:
+        return
+    got = checksums(state)
+    bad = sorted(k for k in saved if got.get(k) != saved[k])
+    if bad or set(got) != set(saved):
+        raise ValueError(f"{where}: {len(bad)} arrays differ from the checksums written at "
+                         f"save ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, cfg: Config):
@@ -75,13 +118,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
             f"checkpoint {mngr.directory}/{step} was written with data.packing="
             f"{saved_packing} but the config says {cfg.data.packing}; resume with "
             f"data.packing={saved_packing}")
+    where = f"checkpoint {mngr.directory}/{step}"
     if position["process_count"] == jax.process_count():
         restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(abstract_state)))
+        verify(restored["state"], position, where)  # before the iterator is moved
+        mngr.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(data_iter)))
         return restored["state"]
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
+    verify(restored["state"], position, where)
     seek(data_iter, Path(mngr.directory) / str(step), position)
     return restored["state"]
 
@@ -122,11 +169,16 @@ def _everyone(ok: bool) -> bool:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: Config):
-    """(step, state) of the newest checkpoint every process restores, or (0, None).
+    """(step, state, failures) of the newest checkpoint every process restores, or
+    (0, None, failures) to start from scratch.
 
     Incomplete saves (orbax's temporary directories) are never listed; a complete one that
-    fails to read is reported, renamed `<step>.corrupt` and skipped.
+    fails to read or to match its checksums is reported, renamed `<step>.corrupt` and
+    skipped. When checkpoints were there (or set aside earlier) and none restores, raises
+    NoCheckpointRestores unless `train.allow_restart`; then `failures` lists them and the
+    caller must start from a fresh data iterator (a failed restore may have moved it).
     """
+    failures = []
     for step in sorted(mngr.all_steps(), reverse=True):
         error = None
         try:
@@ -136,8 +188,10 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
         except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
             error = e
         if _everyone(error is None):
-            return step, state
+            return step, state, failures
         path = Path(mngr.directory) / str(step)
+        failures.append(f"{step}: {type(error).__name__}: {str(error)[:200]}" if error
+                        else f"{step}: failed on another process")
         if jax.process_index() == 0:
             aside, n = path.with_name(f"{step}.corrupt"), 0
             while aside.exists():
@@ -150,7 +204,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"corrupt checkpoint {step}")
         mngr.reload()
-    return 0, None
+    aside = sorted(p.name for p in Path(mngr.directory).glob("*.corrupt*"))
+    if (failures or aside) and not cfg.train.allow_restart:
+        raise NoCheckpointRestores(
+            f"no checkpoint in {mngr.directory} restores ("
+            + "; ".join(failures or [f"set aside before: {', '.join(aside)}"])
+            + "); not starting over by itself: set train.allow_restart=true to train from "
+            "step 0 (the old metrics are kept)")
+    return 0, None, failures or aside
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -33,6 +33,7 @@ from cm3leon_jax.layout import RunDir
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint, heldout, weights
+from cm3leon_jax.train.lock import RunLock
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
                                      state_layout)
@@ -81,6 +82,16 @@ def _id_gatherer(mesh):
     return gather
 
 
+def _keep_metrics(run: RunDir) -> Path | None:
+    """Move the metrics of an abandoned run aside (a restart must not overwrite history)."""
+    if not run.metrics.exists():
+        return None
+    n = 1
+    while run.metrics_before_restart(n).exists():
+        n += 1
+    return run.metrics.rename(run.metrics_before_restart(n))
+
+
 def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] | None = None,
           hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset(),
           heldout_batches: list[dict] | None = None) -> TrainResult:
@@ -106,129 +117,142 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
     distributed.log(f"{distributed.topology()}; mesh {dict(mesh.shape)}; "
                     f"config {cfg.digest()}")
     run.root.mkdir(parents=True, exist_ok=True)
-    tx, mdef, shardings = state_layout(cfg, mesh)
-    mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
-    if cfg.train.init_from and not mngr.latest_step():
-        weights.check_init(cfg)  # before any compile or data
-    if cfg.train.eval_every and heldout_batches is None:
-        if data is not None:
-            raise ConfigError(f"train.eval_every={cfg.train.eval_every}: this command trains "
-                              "on its own data and has no held-out set for it; set "
-                              "train.eval_every=0")
-        heldout_batches = heldout.heldout_batches(cfg, jax.process_index(),
-                                                  jax.process_count())
-    batches = (data() if data is not None
-               else train_batches(cfg, jax.process_index(), jax.process_count()))
-    if lead:
-        save_config(cfg, run.config)
+    lock = RunLock(run.lock).acquire() if lead else None
+    try:
+        tx, mdef, shardings = state_layout(cfg, mesh)
+        mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
+        if cfg.train.init_from and not mngr.latest_step():
+            weights.check_init(cfg)  # before any compile or data
+        if cfg.train.eval_every and heldout_batches is None:
+            if data is not None:
+                raise ConfigError(f"train.eval_every={cfg.train.eval_every}: this command trains "
+                                  "on its own data and has no held-out set for it; set "
+                                  "train.eval_every=0")
+            heldout_batches = heldout.heldout_batches(cfg, jax.process_index(),
+                                                      jax.process_count())
+        batches = (data() if data is not None
+                   else train_batches(cfg, jax.process_index(), jax.process_count()))
+        if lead:
+            save_config(cfg, run.config)
 
-    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    flops = cfg.model.flops_per_token(cfg.vocab.build().size, cfg.data.seq_len)
-    peak = cfg.train.peak_tflops or device_peak_tflops()
-    history: list[dict] = []
-    preempt = distributed.Preemption()
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        flops = cfg.model.flops_per_token(cfg.vocab.build().size, cfg.data.seq_len)
+        peak = cfg.train.peak_tflops or device_peak_tflops()
+        history: list[dict] = []
+        preempt = distributed.Preemption()
 
-    with jax.set_mesh(mesh):
-        start, state = checkpoint.restore_latest(mngr, abstract_state(cfg, tx, shardings),
-                                                 batches, cfg)
-        if state is None and cfg.train.init_from:
-            params = weights.load(cfg.train.init_from, mesh=mesh).params
-            state = state_from_params(params, tx, shardings)
-        elif state is None:
-            state = create_state(cfg, tx, shardings)
-        step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
-        gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
-        evaluator = heldout.Evaluator(cfg, heldout_batches) if cfg.train.eval_every else None
-        writer = MetricsWriter(run, start, enabled=lead)
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
-                   dynamic_ncols=True)
-        t_start = last = time.perf_counter()
-        pending = None  # metrics of the previous step: read after the next is dispatched
-        bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
+        with jax.set_mesh(mesh):
+            start, state, failed = checkpoint.restore_latest(
+                mngr, abstract_state(cfg, tx, shardings), batches, cfg)
+            if state is None and failed:  # train.allow_restart: a truly fresh start
+                if lead:
+                    kept = _keep_metrics(run)
+                    print(f"train.allow_restart: no checkpoint restores ({len(failed)} failed); "
+                          f"starting over from step 0" + (f", old metrics kept as {kept.name}"
+                                                          if kept else ""), flush=True)
+                batches = (data() if data is not None
+                           else train_batches(cfg, jax.process_index(), jax.process_count()))
+            if state is None and cfg.train.init_from:
+                params = weights.load(cfg.train.init_from, mesh=mesh).params
+                state = state_from_params(params, tx, shardings)
+            elif state is None:
+                state = create_state(cfg, tx, shardings)
+            step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
+            gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
+            evaluator = heldout.Evaluator(cfg, heldout_batches) if cfg.train.eval_every else None
+            writer = MetricsWriter(run, start, enabled=lead)
+            bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
+                       dynamic_ncols=True)
+            t_start = last = time.perf_counter()
+            pending = None  # metrics of the previous step: read after the next is dispatched
+            bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
 
-        def log(step, device_metrics, ids, evaluate=False):
-            """Read a step's metrics (waiting for it), then with `evaluate` measure the
-            held-out losses of the state after it, and write the line."""
-            nonlocal last, bad_run, skipped
-            record = host_metrics(step, device_metrics)  # waits for that step to finish
-            now = time.perf_counter()
-            record["tokens_per_s"] = tokens_per_step / (now - last)  # row slots, padding too
-            record["real_tokens_per_s"] = record["real_tokens"] / (now - last)
-            record["mfu"] = mfu(flops, record["tokens_per_s"], peak, jax.device_count())
-            last = now
-            bad_run = bad_run + 1 if record["skipped"] else 0
-            skipped += bool(record["skipped"])
-            record["skipped_steps"] = skipped
-            if ids is not None:
-                record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
-            if evaluate:  # after the step's timing, so throughput excludes the evaluation
-                losses = evaluator(state.params)
-                record.update({f"eval_{k}": losses[k] for k in ("loss", "text_loss",
-                                                                 "image_loss")})
-                last = time.perf_counter()
-            history.append(record)
-            if (step % cfg.train.log_every == 0 or step == cfg.train.steps
-                    or record["skipped"] or evaluate):
-                writer.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
-                            else "non-finite")
-            if bad_run > cfg.fault.max_bad_steps:
-                raise BadStepsError(
-                    f"steps {step - bad_run + 1}..{step}: {bad_run} updates in a row skipped "
-                    f"(non-finite loss or gradient norm), more than fault.max_bad_steps="
-                    f"{cfg.fault.max_bad_steps}; stopped. The last good checkpoint is step "
-                    f"{last_saved} in {run.checkpoints}")
+            def log(step, device_metrics, ids, evaluate=False):
+                """Read a step's metrics (waiting for it), then with `evaluate` measure the
+                held-out losses of the state after it, and write the line."""
+                nonlocal last, bad_run, skipped
+                record = host_metrics(step, device_metrics)  # waits for that step to finish
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens_per_step / (now - last)  # row slots, padding too
+                record["real_tokens_per_s"] = record["real_tokens"] / (now - last)
+                record["mfu"] = mfu(flops, record["tokens_per_s"], peak, jax.device_count())
+                last = now
+                bad_run = bad_run + 1 if record["skipped"] else 0
+                skipped += bool(record["skipped"])
+                record["skipped_steps"] = skipped
+                if ids is not None:
+                    record["example_ids"] = np.asarray(jax.device_get(ids)).tolist()
+                if evaluate:  # after the step's timing, so throughput excludes the evaluation
+                    losses = evaluator(state.params)
+                    record.update({f"eval_{k}": losses[k] for k in ("loss", "text_loss",
+                                                                     "image_loss")})
+                    last = time.perf_counter()
+                history.append(record)
+                if (step % cfg.train.log_every == 0 or step == cfg.train.steps
+                        or record["skipped"] or evaluate):
+                    writer.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
+                                else "non-finite")
+                if bad_run > cfg.fault.max_bad_steps:
+                    raise BadStepsError(
+                        f"steps {step - bad_run + 1}..{step}: {bad_run} updates in a row skipped "
+                        f"(non-finite loss or gradient norm), more than fault.max_bad_steps="
+                        f"{cfg.fault.max_bad_steps}; stopped. The last good checkpoint is step "
+                        f"{last_saved} in {run.checkpoints}")
 
-        def save(step, state):
-            nonlocal last_saved
-            if bad_run == 0:  # never overwrite the last good checkpoint mid-run
-                checkpoint.save(mngr, step, state, batches, cfg)
-                last_saved = step
+            def save(step, state):
+                nonlocal last_saved
+                if bad_run == 0:  # never overwrite the last good checkpoint mid-run
+                    checkpoint.save(mngr, step, state, batches, cfg)
+                    last_saved = step
 
-        hooks = (*hooks, Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
-                              at_end=True))
-        preempt.install()
-        try:
-            for step in range(start + 1, cfg.train.steps + 1):
-                local = next(batches)
-                ids = local.pop("example_id", None)
-                batch = mesh_lib.global_batch(local, mesh)
-                state, metrics = step_fn(state, batch)
-                ids = gather_ids(ids) if gather_ids and ids is not None else None
+            hooks = (*hooks, Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
+                                  at_end=True))
+            preempt.install()
+            try:
+                for step in range(start + 1, cfg.train.steps + 1):
+                    local = next(batches)
+                    ids = local.pop("example_id", None)
+                    batch = mesh_lib.global_batch(local, mesh)
+                    state, metrics = step_fn(state, batch)
+                    ids = gather_ids(ids) if gather_ids and ids is not None else None
+                    if pending is not None:
+                        log(*pending)
+                    pending = (step, metrics, ids)
+                    stop = preempt.reached(step)
+                    due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
+                    # not on SIGTERM: the checkpoint must be written within the grace period
+                    evaluate = evaluator is not None and not stop and (
+                        step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+                    if due or evaluate:
+                        log(*pending, evaluate)  # hooks know whether this update was applied
+                        pending = None
+                    for hook in due:
+                        hook.fn(step, state)
+                    if stop:
+                        stopped_at = step
+                        break
                 if pending is not None:
                     log(*pending)
-                pending = (step, metrics, ids)
-                stop = preempt.reached(step)
-                due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
-                # not on SIGTERM: the checkpoint must be written within the grace period
-                evaluate = evaluator is not None and not stop and (
-                    step % cfg.train.eval_every == 0 or step == cfg.train.steps)
-                if due or evaluate:
-                    log(*pending, evaluate)  # hooks know whether this update was applied
-                    pending = None
-                for hook in due:
-                    hook.fn(step, state)
-                if stop:
-                    stopped_at = step
-                    break
-            if pending is not None:
-                log(*pending)
-        finally:
-            preempt.uninstall()
-            mngr.wait_until_finished()
-            bar.close()
-            writer.close()
+            finally:
+                preempt.uninstall()
+                mngr.wait_until_finished()
+                bar.close()
+                writer.close()
 
-    if lead and stopped_at is not None:
-        print(f"preempted (SIGTERM) at step {stopped_at}: checkpoint "
-              f"{run.checkpoints / str(last_saved)} saved; relaunch to resume")
-    elif lead and history:
-        elapsed = time.perf_counter() - t_start
-        losses = [f"{m['loss']:.4f}" for m in history if m["loss"] is not None] or ["n/a"]
-        print(f"trained steps {start + 1}..{cfg.train.steps} in {elapsed:.1f}s: "
-              f"loss {losses[0]} -> {losses[-1]}, {skipped} skipped, "
-              f"checkpoint {run.checkpoints / str(last_saved)}")
-    elif lead:
-        print(f"{run.root} is already at step {start} of train.steps={cfg.train.steps}")
-    return TrainResult(history, stopped_at)
+        if lead and stopped_at is not None:
+            print(f"preempted ({preempt.name}) at step {stopped_at}: checkpoint "
+                  f"{run.checkpoints / str(last_saved)} saved; relaunch to resume")
+        elif lead and history:
+            elapsed = time.perf_counter() - t_start
+            losses = [f"{m['loss']:.4f}" for m in history if m["loss"] is not None] or ["n/a"]
+            print(f"trained steps {start + 1}..{cfg.train.steps} in {elapsed:.1f}s: "
+                  f"loss {losses[0]} -> {losses[-1]}, {skipped} skipped, "
+                  f"checkpoint {run.checkpoints / str(last_saved)}")
+        elif lead:
+            print(f"{run.root} is already at step {start} of train.steps={cfg.train.steps}")
+        return TrainResult(history, stopped_at)
+    finally:
+        if lock is not None:
+            lock.release()

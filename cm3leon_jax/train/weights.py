@@ -221,7 +221,25 @@ def load(path: str | Path, step: int | None = None, *, overrides: list[str] = ()
             params = checkpoint.restore_params(mngr, step, abstract)
         else:
             params = _read_export(layout.ExportDir(path).weights, mdef, shardings)
+    bad = non_finite(params)
+    if bad:
+        raise ConfigError(f"{origin}: parameters {', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''} hold non-finite values; the "
+                          "weights are corrupt (use another checkpoint step)")
     return Weights(cfg, mdef, params, mesh, step, origin)
+
+
+@jax.jit
+def _all_finite(params: dict) -> dict:
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
+def non_finite(params: dict) -> list[str]:
+    """The names of the parameters with a NaN or an infinity (on the devices: one bool
+    each comes back)."""
+    ok = jax.device_get(_all_finite(params))
+    return [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(ok)[0]
+            if not v]
 
 
 def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:

@@ -1,0 +1,63 @@
+"""Bad input at the command line: one line naming the problem, exit 2, no traceback; the
+traceback with --debug."""
+
+import numpy as np
+import pytest
+
+from cm3leon_jax.data.records import write_documents
+from conftest import CONFIGS, run_cli
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "dup.yaml").write_text("train:\n  steps: 3\n  steps: 4\n")
+    (tmp_path / "broken.yaml").write_text("train: [1,\n")
+    (tmp_path / "object.yaml").write_text("train: !!python/object:os.system {}\n")
+    half = tmp_path / "half"  # a prepared directory whose manifest lost a shard
+    write_documents(half, [[{"id": "a", "caption": "", "text": [], "image": []}]] * 2)
+    (half / "documents" / "shard-00001-of-00002.array_record").unlink()
+    np.save(tmp_path / "tokens.npy", np.zeros((2, 4), np.int32))
+    (tmp_path / "empty").mkdir()
+    return {
+        "missing config": (["params", "--config", str(tmp_path / "nope.yaml")],
+                           "nope.yaml does not exist"),
+        "duplicate key": (["params", "--config", str(tmp_path / "dup.yaml")],
+                          "key 'steps' is given twice"),
+        "broken yaml": (["params", "--config", str(tmp_path / "broken.yaml")],
+                        "is not valid YAML"),
+        "python tag": (["params", "--config", str(tmp_path / "object.yaml")],
+                       "could not determine a constructor"),
+        "nan value": (["params", "--config", TINY, "optimizer.lr=.nan"],
+                      "optimizer.lr=nan: expected a finite number"),
+        "no data dir": (["train", "--config", TINY, "--workdir", str(tmp_path / "r1"),
+                         f"data.dir={tmp_path / 'absent'}"], "absent' is not a directory"),
+        "deleted shard": (["train", "--config", TINY, "--workdir", str(tmp_path / "r2"),
+                           f"data.dir={half}"], "shard-00001-of-00002.array_record of the "
+                                                "manifest is missing"),
+        "no run": (["score", "--workdir", str(tmp_path / "norun"), "--tokens",
+                    str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "o.npy")],
+                   "norun"),
+        "not inception weights": (["eval", "fid", "--real", str(tmp_path / "empty"), "--fake",
+                                   str(tmp_path / "empty"), "--inception-weights",
+                                   str(tmp_path / "tokens.npy")],
+                                  "tokens.npy: cannot read the Inception weights"),
+    }
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys):
+    for name, (argv, needle) in _bad_inputs(tmp_path).items():
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, (name, code, err)
+        assert "Traceback" not in err, (name, err)
+        last = err.strip().splitlines()[-1]  # after any progress lines, the one error line
+        assert last.startswith(f"cm3leon {argv[0]}: ") and needle in last, (name, err)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["params", "--config", str(tmp_path / "nope.yaml")]
+    with pytest.raises(Exception, match="nope.yaml does not exist"):
+        run_cli(capsys, *argv, "--debug")
+    monkeypatch.setenv("CM3LEON_DEBUG", "1")
+    with pytest.raises(Exception, match="nope.yaml does not exist"):
+        run_cli(capsys, *argv)
