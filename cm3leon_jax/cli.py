@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC
-        what = ("disk full" if full else "error" if isinstance(e, BAD_INPUT)
-                else type(e).__name__)
+        what = "disk full" if full else type(e).__name__
         print(f"cm3leon {args.command}: {what}: {e} (--debug for the traceback)",
               file=sys.stderr)
         return 2 if isinstance(e, BAD_INPUT) and not full else 1

@@ -151,7 +151,7 @@ def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path, random_vq):
     # a source that does not open claims nothing: the corrected rerun is not refused
     bad = config(tiny, tmp_path, "fixed", "source.kind=jsonl", f"source.path={tmp_path}/none.jsonl",
                  "source.size=8", f"prepare.image_tokenizer={random_vq}")
-    with pytest.raises(Exception, match="none.jsonl"):
+    with pytest.raises(FileNotFoundError, match="none.jsonl"):
         prepare(bad, progress=False)
     assert not (tmp_path / "fixed" / ".inputs.json").exists()
     prepare(config(tiny, tmp_path, "fixed", "source.size=8",

@@ -501,6 +501,23 @@ def test_webdataset_tar_formats(tmp_path, fmt):
         (f"0/{k}", f"c{i}") for i, k in enumerate(keys)]
 
 
+def test_webdataset_ids_across_folders_and_joined_archives(tmp_path):
+    """Shards of the same name in two folders keep distinct ids (the path below the shared
+    folder); archives joined end to end are reported, not silently cut to the first."""
+    png = encode(np.zeros((8, 8, 3), np.uint8), "PNG")
+    for folder in ("train", "extra"):
+        write_tar(tmp_path / folder / "00000.tar", [("k", {"png": png, "txt": b"x"})])
+    src = WebDatasetSource(str(tmp_path / "{train,extra}/*.tar"), None)
+    assert [i for i, _ in records(src)] == ["train/00000/k", "extra/00000/k"]
+    one = write_tar(tmp_path / "one.tar", [("a", {"png": png, "txt": b"first"})])
+    two = write_tar(tmp_path / "two.tar", [("b", {"png": png, "txt": b"second"})])
+    (tmp_path / "joined.tar").write_bytes(one.read_bytes() + two.read_bytes())
+    got = records(WebDatasetSource(str(tmp_path / "joined.tar"), None))
+    assert [i for i, _ in got] == ["joined/a", "joined.tar"]
+    assert got[1][1][0] == "truncated_tar"
+    assert "data after the end-of-archive marker" in got[1][1][1]
+
+
 def write_parquet(path, columns, row_group_size):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -41,11 +41,11 @@ class SourceConfig:
     seed: int = 0  # shapes: scene i depends on (seed, i)
     resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
     max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
-    path: Optional[str] = None  # fashion_mnist: IDX dir (null: Debian's); jsonl: file; webdataset/parquet: files (glob, {a..b})
+    path: Optional[str] = None  # IDX dir (fashion_mnist), file (jsonl), glob/{a..b} (webdataset, parquet)
     split: str = "train"  # fashion_mnist (train | test) and tfds split
     name: Optional[str] = None  # tfds builder name
     data_dir: Optional[str] = None  # tfds data directory (null: TFDS's default)
-    image_key: Optional[str] = None  # tfds feature / jsonl field / parquet column holding the image; null: image, or jpg for parquet (img2dataset's column)
+    image_key: Optional[str] = None  # tfds/jsonl/parquet image field; null: image (parquet: jpg)
     text_key: str = "caption"  # tfds feature / jsonl field / parquet column holding the caption
 
     def image_field(self) -> str:

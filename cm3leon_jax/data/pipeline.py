@@ -53,8 +53,9 @@ LOGGED_EXAMPLES = 256  # the train log's retrieved-k histogram: process 0's firs
 
 @functools.lru_cache(maxsize=4)
 def _documents(data_dir: str):
-    """The ArrayRecord source, opened once per process (and once per worker)."""
-    return open_documents(data_dir)
+    """The ArrayRecord source, opened once per process (and once per worker); `check_inputs`
+    has held the directory to its manifest already."""
+    return open_documents(data_dir, check=False)
 
 
 @functools.lru_cache(maxsize=4)

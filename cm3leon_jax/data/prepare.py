@@ -73,7 +73,9 @@ def _inputs(cfg: Config) -> dict:
             if not Path(path).exists():
                 raise PrepareError(f"prepare.{key}={path} does not exist")
             given[key] = {"path": str(Path(path).resolve()), "digest": _file_digest(Path(path))}
-    inputs = {"source": dataclasses.asdict(cfg.source), "vocab": dataclasses.asdict(cfg.vocab),
+    # the resolved image key: a directory prepared before the key could be null compares equal
+    source = {**dataclasses.asdict(cfg.source), "image_key": cfg.source.image_field()}
+    inputs = {"source": source, "vocab": dataclasses.asdict(cfg.vocab),
               "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
               "image_tokenizer": given.get("image_tokenizer", {
                   "vqgan": dataclasses.asdict(cfg.vqgan),

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from cm3leon_jax.data.sources import BadRecord, check_caption, fit_image
+from cm3leon_jax.data.sources import BadRecord, SourceError, check_caption, fit_image
 from cm3leon_jax.tokenizers.text import TextTokenizer
 
 _state: dict = {}
@@ -33,7 +33,7 @@ def read_chunk(start: int, stop: int) -> tuple[list, dict]:
         try:
             try:
                 pair = source[i]
-            except BadRecord:
+            except (BadRecord, SourceError):  # a changed shard stops the run: not a record
                 raise
             except Exception as e:  # a reader bug or an unreadable record: name the record
                 raise BadRecord("corrupt_image", f"index {i}", f"{type(e).__name__}: {e}") from e

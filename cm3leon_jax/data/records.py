@@ -151,10 +151,12 @@ def check_documents(data_dir: str | Path, what: str = "data.dir") -> int:
     return total
 
 
-def open_documents(data_dir: str | Path):
+def open_documents(data_dir: str | Path, check: bool = True):
     """Random access to every document by global index (a grain data source of bytes),
-    after `check_documents`."""
-    check_documents(data_dir, "prepared directory")
+    after `check_documents` (`check=False` where the caller has checked the directory:
+    the input pipeline's readers, once per process and worker)."""
+    if check:
+        check_documents(data_dir, "prepared directory")
     return grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(data_dir)])
 
 

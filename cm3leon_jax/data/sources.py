@@ -444,6 +444,13 @@ class _Sharded:
         n = int(self._layout()[1][-1])
         return n if self.size is None else min(self.size, n)
 
+    def _name(self, file: _File) -> str:
+        """The file as record ids name it: its path below the folder all files share, without
+        the extension (`train/00000`, `extra/00000` for `{train,extra}/*.tar`)."""
+        files = self._layout()[0]
+        common = os.path.commonpath([os.path.dirname(f.path) or "." for f in files])
+        return os.path.splitext(os.path.relpath(file.path, common))[0]
+
     def _locate(self, index: int) -> tuple[_File, int]:
         """(file, record within it) of record `index`."""
         index = int(index)
@@ -488,6 +495,10 @@ def _stop_reason(fd: int, at: int, file_size: int,
     at a cut or bad header, so the bytes there are looked at (through `TarInfo.frombuf`)."""
     tail = os.pread(fd, len(_END), at)
     if tail == _END:
+        after = os.pread(fd, tarfile.RECORDSIZE, at + len(_END))  # record padding, then EOF
+        if after.strip(b"\0"):
+            return (f"data after the end-of-archive marker at byte {at} (archives joined "
+                    "end to end? only the first is read)")
         return None
     if not tail:
         return f"no end-of-archive marker: the file ends at byte {at}"
@@ -600,9 +611,9 @@ class WebDatasetSource(_Sharded):
         from the shard open as `f`."""
         file, local = self._locate(index)
         _check_stamp(file)
-        shard, starts = Path(file.path).name, file.extra.starts
+        shard, starts = self._name(file), file.extra.starts
         if local == len(starts) - 1:  # the damage record
-            raise BadRecord("truncated_tar", shard, f"{file.path}: {file.extra.damage}; "
+            raise BadRecord("truncated_tar", f"{shard}.tar", f"{file.path}: {file.extra.damage}; "
                             f"{local} sample(s) before it are read, the rest is lost")
         members: dict[str, Any] = {"names": []}
         key = None
@@ -620,7 +631,7 @@ class WebDatasetSource(_Sharded):
                     else "meta" if ext == "json" else None)
             if kind is not None and kind not in members:
                 members[kind] = member  # the first of each kind
-        return f"{shard.removesuffix('.tar')}/{key}", key, file.path, members
+        return f"{shard}/{key}", key, file.path, members
 
     def _caption(self, fd, path: str, record_id: str, key: str, members: dict) -> str:
         if "text" not in members:
@@ -732,7 +743,7 @@ class ParquetSource(_Sharded):
 
         file, row = self._locate(index)
         _check_stamp(file)
-        record_id = f"{Path(file.path).stem}/{row}"
+        record_id = f"{self._name(file)}/{row}"
         starts = np.cumsum((0,) + file.extra)
         group = int(np.searchsorted(starts, row, side="right")) - 1
         try:

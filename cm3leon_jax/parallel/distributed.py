@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+from typing import Optional
 
 import jax
 import numpy as np
@@ -140,6 +141,13 @@ def check_batch_layout(cfg: Config, mesh, process_of=lambda device: device.proce
                 "processes, e.g. keep mesh.tensor within one process's devices")
 
 
+def everyone(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
 def log(message: str) -> None:
     """Print once per job (process 0)."""
     if jax.process_index() == 0:
@@ -153,10 +161,11 @@ class Preemption:
     Multi-process: JAX's preemption sync manager (started by jax.distributed) catches the
     signal and agrees a step with every process. One process: a Python handler sets a flag,
     for Ctrl-C (SIGINT) too, so an interactive run keeps the steps since its last
-    checkpoint; a second Ctrl-C interrupts at once.
+    checkpoint; a second Ctrl-C raises KeyboardInterrupt at the next Python bytecode.
+    (With `data.workers` > 0 a terminal's Ctrl-C also reaches grain's worker processes.)
     """
     requested: bool = False
-    previous: dict = None
+    previous: Optional[dict] = None
     name: str = "SIGTERM"  # the signal that asked, for the message
 
     def install(self) -> None:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.parallel import distributed
 
 # Sections that must match between a checkpoint and the config resuming it: they decide the
 # shapes (and meaning) of the saved arrays.
@@ -50,23 +50,23 @@ class NoCheckpointRestores(ConfigError):
 
 
 def _bit_sum(x: jax.Array) -> jax.Array:
-    """The array's bits as unsigned words summed mod 2^32: any flipped byte changes it, and
-    integer addition gives the same number under every sharding."""
+    """The array's bits as unsigned words, each times an odd weight from its index, summed
+    mod 2^32: any flipped byte or misplaced block changes it, and integer addition gives
+    the same number under every sharding and process count."""
     width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jnp.sum(jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32),
-                   dtype=jnp.uint32)
+    words = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+    return jnp.sum(words * weights, dtype=jnp.uint32)
 
 
 @jax.jit
-def _bit_sums(state) -> dict:
-    return jax.tree.map(_bit_sum, state)
+def _bit_sums(state) -> list:
+    return [_bit_sum(x) for x in jax.tree.leaves(state)]
 
 
-def checksums(state) -> dict[str, int]:
-    """Per array of the state (by tree path), its bit sum."""
-    sums = jax.device_get(_bit_sums(state))
-    return {jax.tree_util.keystr(path): int(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+def checksums(state) -> list[int]:
+    """Per array of the state, in tree order, its weighted bit sum."""
+    return [int(v) for v in jax.device_get(_bit_sums(state))]
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) -> None:
@@ -83,23 +83,30 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg: Config) 
 
 def verify(state, position: dict, where: str) -> None:
     """Refuse a restored state whose arrays differ from the checksums saved with it
-    (checkpoints written before checksums existed are not checked)."""
+    (checkpoints written before checksums existed are not checked). A collective: every
+    process calls it."""
     saved = position.get("checksums")
     if saved is None:
         return
     got = checksums(state)
-    bad = sorted(k for k in saved if got.get(k) != saved[k])
-    if bad or set(got) != set(saved):
+    if len(got) != len(saved):
+        raise ValueError(f"{where}: {len(saved)} checksums for {len(got)} arrays")
+    bad = [i for i, (a, b) in enumerate(zip(got, saved)) if a != b]
+    if bad:
+        names = [jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(state)[0]]
         raise ValueError(f"{where}: {len(bad)} arrays differ from the checksums written at "
-                         f"save ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+                         f"save ({', '.join(names[i] for i in bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''})")
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, cfg: Config):
-    """The state at `step` laid out as `abstract_state` says (any mesh), and the data
-    iterator moved to where it was (also under another process count); refuses a
-    checkpoint of a different model."""
-    import grain  # optional: loading weights needs no grain (absent on the GPU machine)
+class _Corrupt(Exception):
+    """A checkpoint that cannot be used: it is set aside and the previous one tried."""
 
+
+def _check_saved(mngr: ocp.CheckpointManager, step: int, cfg: Config) -> dict:
+    """The saved position after checking the saved config against this one (ConfigError
+    for a checkpoint of another model, worker count or packing)."""
     meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                       position=ocp.args.JsonRestore()))
     saved, position = meta["config"], meta["position"]
@@ -118,19 +125,50 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
             f"checkpoint {mngr.directory}/{step} was written with data.packing="
             f"{saved_packing} but the config says {cfg.data.packing}; resume with "
             f"data.packing={saved_packing}")
+    return position
+
+
+def _agreed(fn):
+    """Run `fn()` on every process; (result, None) when it worked everywhere, else
+    (None, the local error or a note). Out-of-memory is not a property of the checkpoint
+    and is raised, not set aside."""
+    result, error = None, None
+    try:
+        result = fn()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+    if distributed.everyone(error is None):
+        return result, None
+    return None, error or "failed on another process"
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, cfg: Config):
+    """The state at `step` laid out as `abstract_state` says (any mesh), checked against
+    its checksums, and the data iterator moved to where it was (also under another process
+    count); refuses a checkpoint of a different model. Each phase is agreed by every
+    process before the next, so a failure on one never leaves the others in a collective;
+    raises _Corrupt (with the reason) when the checkpoint is unusable."""
+    import grain  # optional: loading weights needs no grain (absent on the GPU machine)
+
     where = f"checkpoint {mngr.directory}/{step}"
-    if position["process_count"] == jax.process_count():
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
-        verify(restored["state"], position, where)  # before the iterator is moved
-        mngr.restore(step, args=ocp.args.Composite(
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
-        return restored["state"]
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    verify(restored["state"], position, where)
-    seek(data_iter, Path(mngr.directory) / str(step), position)
-    return restored["state"]
+    position = _check_saved(mngr, step, cfg)
+    restored, error = _agreed(lambda: mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"])
+    if error is None:
+        _, error = _agreed(lambda: verify(restored, position, where))
+    if error is None and position["process_count"] == jax.process_count():
+        _, error = _agreed(lambda: mngr.restore(step, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(data_iter))))
+    elif error is None:
+        _, error = _agreed(lambda: seek(data_iter, Path(mngr.directory) / str(step),
+                                        position))
+    if error is not None:
+        raise _Corrupt(error)
+    return restored
 
 
 def _check_model(mngr: ocp.CheckpointManager, step: int, saved: dict, cfg: Config) -> None:
@@ -162,12 +200,6 @@ def seek(data_iter, step_dir: Path, position: dict) -> None:
     data_iter.set_state({"next_index": n})
 
 
-def _everyone(ok: bool) -> bool:
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
-
-
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: Config):
     """(step, state, failures) of the newest checkpoint every process restores, or
     (0, None, failures) to start from scratch.
@@ -180,24 +212,17 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
     """
     failures = []
     for step in sorted(mngr.all_steps(), reverse=True):
-        error = None
         try:
-            state = restore(mngr, step, abstract_state, data_iter, cfg)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
-            error = e
-        if _everyone(error is None):
-            return step, state, failures
+            return step, restore(mngr, step, abstract_state, data_iter, cfg), failures
+        except _Corrupt as e:
+            why = str(e)
         path = Path(mngr.directory) / str(step)
-        failures.append(f"{step}: {type(error).__name__}: {str(error)[:200]}" if error
-                        else f"{step}: failed on another process")
+        failures.append(f"{step}: {why[:200]}")
         if jax.process_index() == 0:
             aside, n = path.with_name(f"{step}.corrupt"), 0
             while aside.exists():
                 n += 1
                 aside = path.with_name(f"{step}.corrupt{n}")
-            why = f"{type(error).__name__}: {str(error)[:300]}" if error else "on another process"
             print(f"checkpoint {path} cannot be restored ({why}); moved to {aside.name}, "
                   "trying the previous one", file=sys.stderr, flush=True)
             path.rename(aside)

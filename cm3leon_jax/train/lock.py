@@ -1,15 +1,17 @@
-"""One writer per run directory: a lock file that a second trainer is refused by.
+"""One writer per run directory: a lock a second trainer is refused by.
 
 Two trainers on one work directory interleave checkpoints and metrics (one dies inside
-orbax's save, `metrics.jsonl` gets steps twice). Process 0 of a job creates `RUN/.lock`
-exclusively (O_EXCL) with its host, pid and start time and removes it when the job ends;
-a second job finds it and stops with the holder's identity. A lock left by a process that
-died (kill -9) on this host is taken over; one from another host is reported with the
-file to delete, since its process cannot be checked from here.
+orbax's save, `metrics.jsonl` gets steps twice). Process 0 of a job holds an exclusive
+`flock` on `RUN/.lock` for the whole run and writes its host, pid and start time into it;
+a second job cannot take the lock and stops naming the holder. The kernel drops the lock
+when its process dies (kill -9 included), so a relaunch needs no clean-up, on any host of
+a shared POSIX file system with working `flock`. Cloud-storage run directories (issue 19)
+need another primitive.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -23,49 +25,33 @@ class RunLocked(ConfigError):
     """Another trainer holds the run directory."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class RunLock:
     def __init__(self, path: Path):
-        self.path, self.held = path, False
+        self.path, self.fd = path, None
 
     def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"host {h['host']}, pid {h['pid']}, since {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                who = "holder unknown"
+            raise RunLocked(f"{self.path.parent} is being trained by another job ({who}); "
+                            "one writer per run directory") from None
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):  # the second try after taking over a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # its process died: stale
-                    continue
-                where = (f"host {holder.get('host')}, pid {holder.get('pid')}, since "
-                         f"{holder.get('started')}" if holder else "unreadable lock")
-                raise RunLocked(f"{self.path.parent} is being trained by another job ({where});"
-                                f" one writer per run directory. If that job is gone, delete "
-                                f"{self.path}") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RunLocked(f"{self.path}: could not take over the stale lock")
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

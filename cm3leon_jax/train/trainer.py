@@ -33,7 +33,7 @@ from cm3leon_jax.layout import RunDir
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint, heldout, weights
-from cm3leon_jax.train.lock import RunLock
+from cm3leon_jax.train.lock import RunLock, RunLocked
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
                                      state_layout)
@@ -83,12 +83,15 @@ def _id_gatherer(mesh):
 
 
 def _keep_metrics(run: RunDir) -> Path | None:
-    """Move the metrics of an abandoned run aside (a restart must not overwrite history)."""
+    """Move the metrics and TensorBoard events of an abandoned run aside (a restart must
+    not overwrite history)."""
     if not run.metrics.exists():
         return None
     n = 1
     while run.metrics_before_restart(n).exists():
         n += 1
+    if run.tensorboard.exists():
+        run.tensorboard.rename(run.tensorboard.with_name(f"tensorboard.before-restart-{n}"))
     return run.metrics.rename(run.metrics_before_restart(n))
 
 
@@ -117,7 +120,14 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
     distributed.log(f"{distributed.topology()}; mesh {dict(mesh.shape)}; "
                     f"config {cfg.digest()}")
     run.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run.lock).acquire() if lead else None
+    lock, locked = None, None
+    if lead:
+        try:
+            lock = RunLock(run.lock).acquire()
+        except RunLocked as e:
+            locked = e
+    if not distributed.everyone(locked is None):  # every process stops, none waits
+        raise locked or RunLocked(f"{run.root} is being trained by another job")
     try:
         tx, mdef, shardings = state_layout(cfg, mesh)
         mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
@@ -145,6 +155,8 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
             start, state, failed = checkpoint.restore_latest(
                 mngr, abstract_state(cfg, tx, shardings), batches, cfg)
             if state is None and failed:  # train.allow_restart: a truly fresh start
+                if cfg.train.init_from:
+                    weights.check_init(cfg)
                 if lead:
                     kept = _keep_metrics(run)
                     print(f"train.allow_restart: no checkpoint restores ({len(failed)} failed); "
