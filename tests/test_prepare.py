@@ -156,3 +156,8 @@ def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path, random_vq):
     assert not (tmp_path / "fixed" / ".inputs.json").exists()
     prepare(config(tiny, tmp_path, "fixed", "source.size=8",
                    f"prepare.image_tokenizer={random_vq}"), progress=False)
+    # a config that contradicts the given tokenizer is refused, not silently overridden
+    with pytest.raises(PrepareError, match=r"has codebook_size 32 but vqgan.codebook_size is "
+                                           r"64; set vqgan.\* to the tokenizer's"):
+        prepare(config(tiny, tmp_path, "contradicted", "source.size=8", "vqgan.codebook_size=64",
+                       f"prepare.image_tokenizer={random_vq}"), progress=False)

@@ -257,6 +257,32 @@ def test_jsonl_good_and_bad_records(tmp_path):
         len(JsonlSource(str(tmp_path / "nope.jsonl")))
 
 
+def test_jsonl_converts_palette_and_grey_alpha_and_stays_in_its_folder(tmp_path):
+    from PIL import Image  # test-only: write the images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[:2] = (255, 0, 0)
+    Image.fromarray(rgb).convert("P").save(data / "palette.png")
+    grey = np.stack([np.full((4, 4), 100, np.uint8), np.full((4, 4), 0, np.uint8)], -1)
+    grey[0, 0, 1] = 255
+    Image.fromarray(grey, "LA").save(data / "grey_alpha.png")
+    Image.fromarray(rgb).save(tmp_path / "outside.png")
+    lines = [{"image": "palette.png", "caption": "p"}, {"image": "grey_alpha.png", "caption": "g"},
+             {"image": "../outside.png", "caption": "up"},
+             {"image": str(tmp_path / "outside.png"), "caption": "absolute"}]
+    (data / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    src = JsonlSource(str(data / "pairs.jsonl"))
+    np.testing.assert_array_equal(src[0].image, rgb)
+    want = np.full((4, 4, 3), 255, np.uint8)  # transparent grey: white
+    want[0, 0] = 100  # the one opaque pixel
+    np.testing.assert_array_equal(src[1].image, want)
+    for i in (2, 3):
+        with pytest.raises(BadRecord, match="is outside .*relative to the JSONL file's folder"):
+            src[i]
+
+
 # --- webdataset and parquet ----------------------------------------------------------------
 
 def encode(image: np.ndarray, fmt: str, **kw) -> bytes:

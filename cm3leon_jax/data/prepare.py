@@ -182,6 +182,12 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     given = None
     if cfg.prepare.image_tokenizer is not None:
         given = ImageTokenizer.load(cfg.prepare.image_tokenizer, cfg.prepare.batch_size)
+        for key in ("resolution", "codebook_size", "tokens_per_image"):
+            have, said = getattr(given.config, key), getattr(cfg.vqgan, key)
+            if have != said:  # the config would describe a tokenizer the data was not made with
+                raise PrepareError(f"prepare.image_tokenizer={cfg.prepare.image_tokenizer} has "
+                                   f"{key} {have} but vqgan.{key} is {said}; set vqgan.* to "
+                                   "the tokenizer's, or drop prepare.image_tokenizer")
     resolution = cfg.source.resolution or (given or cfg.vqgan).resolution
     source = open_source(cfg.source, resolution)
     total = len(source)

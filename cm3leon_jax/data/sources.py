@@ -284,7 +284,9 @@ class TfdsSource:
 
 # --- jsonl ---------------------------------------------------------------------------
 
-PIL_MODES = ("RGB", "RGBA", "L")  # read as is; any other mode is skipped as wrong_mode
+PIL_MODES = ("RGB", "RGBA", "L")  # read as is
+CONVERTED = {"P": "RGBA", "PA": "RGBA", "LA": "RGBA", "1": "L"}  # palette, grey+alpha, bilevel
+# any other mode (CMYK, 16-bit, float) is skipped as wrong_mode: its conversion is a guess
 
 
 @functools.lru_cache(maxsize=4)
@@ -301,6 +303,8 @@ def decode_image(data: bytes, record_id: str, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if img.mode in CONVERTED:  # transparency kept as alpha, then put on white
+                img = img.convert(CONVERTED[img.mode])
             if img.mode not in PIL_MODES:
                 raise BadRecord("wrong_mode", record_id, f"{where}: mode {img.mode}")
             return to_rgb(np.asarray(img), record_id)
@@ -360,7 +364,12 @@ class JsonlSource:
     def __getitem__(self, index: int) -> Pair:
         record_id, record = self._record(index)
         caption = check_caption(record.get(self.text_key), record_id)
-        image_path = Path(self.path).parent / record[self.image_key]
+        folder = Path(self.path).parent.resolve()
+        image_path = (folder / record[self.image_key]).resolve()
+        if not image_path.is_relative_to(folder):  # `../` or an absolute path
+            raise BadRecord("bad_line", record_id, f"{self.path}: image "
+                            f"{record[self.image_key]!r} is outside {folder}; image paths are "
+                            "relative to the JSONL file's folder")
         meta = {"source": "jsonl", "image": record[self.image_key], "line": int(index)}
         return Pair(record_id, read_image(image_path, record_id), caption, meta)
 
