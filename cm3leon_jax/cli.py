@@ -54,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-BAD_INPUT = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-             PermissionError, ValueError)  # what a user's files or arguments cause
+BAD_INPUT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+             ValueError)  # what a user's files or arguments cause (besides ConfigError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,9 +141,9 @@ def check_documents(data_dir: str | Path, what: str = "data.dir") -> int:
             raise ConfigError(f"{path}: unreadable shard ({type(e).__name__}: "
                               f"{str(e)[:200]})") from None
         counts = path.with_suffix(".json")
-        if counts.exists() and json.loads(counts.read_text()).get("documents") != count:
-            raise ConfigError(f"{path}: {count} records but {counts.name} says "
-                              f"{json.loads(counts.read_text()).get('documents')}")
+        said = json.loads(counts.read_text()).get("documents") if counts.exists() else count
+        if said != count:
+            raise ConfigError(f"{path}: {count} records but {counts.name} says {said}")
         total += count
     if total != documents:
         raise ConfigError(f"{d.manifest} says {documents} documents but the shards hold "

@@ -85,12 +85,13 @@ def add_commands(sub) -> None:
     t.set_defaults(fn=run_t2i)
 
 
+def _line(result: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in result.items())
+
+
 def _print(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-    else:
-        print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in result.items()))
+    print(json.dumps(result) if as_json else _line(result))
 
 
 def run_fid(args) -> None:
@@ -144,9 +145,8 @@ def run_t2i(args) -> None:
         center_crop=args.center_crop, real_drawn=args.real_drawn,
         overrides=tuple(args.overrides))
     report = t2i.run_t2i(req)
-    print(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in report.items() if k != "settings")
-          + f" -> {Path(args.out) / 'report.json'}")
+    scores = {k: v for k, v in report.items() if k != "settings"}
+    print(f"{_line(scores)} -> {Path(args.out) / 'report.json'}")
 
 
 def run_score(args) -> None:

@@ -22,16 +22,17 @@ import numpy as np
 from PIL import Image
 
 from cm3leon_jax.config import ConfigError
-from cm3leon_jax.perception.clip import Clip, embed_images, embed_texts
+from cm3leon_jax.perception.clip import Clip, pair_cosines
+
+
+def score_of(cosines: np.ndarray) -> np.ndarray:
+    """The CLIP score of each pair from its cosine: 100 * max(cos, 0)."""
+    return 100.0 * np.maximum(np.asarray(cosines, np.float64), 0.0)
 
 
 def pair_scores(clip: Clip, images, captions: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """100 * max(cos, 0) for each (image, caption) pair, float64 [N]."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    img = embed_images(clip, images, batch_size).astype(np.float64)
-    txt = embed_texts(clip, list(captions), batch_size).astype(np.float64)
-    return 100.0 * np.maximum((img * txt).sum(-1), 0.0)
+    return score_of(pair_cosines(clip, images, captions, batch_size))
 
 
 def clip_score(clip: Clip, images_uint8, captions: Sequence[str],

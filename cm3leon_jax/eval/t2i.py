@@ -150,11 +150,13 @@ class _Scores:
     def add(self, images: np.ndarray, captions: list[str], shown: list | None) -> None:
         self.features.append(inception_lib.pool_features(
             self.inception, inception_lib.resize_for_inception(images), dims=self.dims))
-        if self.clip is not None:
-            self.clip_pairs.append(clip_score_lib.pair_scores(self.clip, images, captions))
+        if self.clip is not None:  # each image embedded once, for both measures
+            emb = clip_lib.embed_images(self.clip, images).astype(np.float64)
+            text = clip_lib.embed_texts(self.clip, captions).astype(np.float64)
+            self.clip_pairs.append(clip_score_lib.score_of((emb * text).sum(-1)))
             if shown is not None:
-                self.copy += [None if seen is None else copy_cosine(self.clip, im, seen)
-                              for im, seen in zip(images, shown)]
+                self.copy += [None if seen is None else copy_cosine(self.clip, e, seen)
+                              for e, seen in zip(emb, shown)]
         self.first += list(images[:max(0, self.grid - len(self.first))])
 
     def report(self, real_mu, real_sigma, n_real, retrieve: int) -> dict:
@@ -173,10 +175,10 @@ class _Scores:
         return out
 
 
-def copy_cosine(clip, image: np.ndarray, shown: np.ndarray) -> float:
-    """CLIP image cosine of a generated image to the closest image it was shown."""
-    e = clip_lib.embed_images(clip, np.concatenate([image[None], shown]))
-    return float(np.max(e[1:] @ e[0]))
+def copy_cosine(clip, embedding: np.ndarray, shown: np.ndarray) -> float:
+    """CLIP image cosine of a generated image (its embedding) to the closest image it was
+    shown."""
+    return float(np.max(clip_lib.embed_images(clip, shown) @ embedding))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,7 @@ Score = Callable[[list, list], Sequence[float]]
 
 def clip_scorer(clip: clip_lib.Clip) -> Score:
     """CLIP cosine of each (image, caption string) pair."""
-    def score(images: list, captions: list) -> np.ndarray:
-        return (clip_lib.embed_images(clip, images) *
-                clip_lib.embed_texts(clip, list(captions))).sum(-1)
-    return score
+    return lambda images, captions: clip_lib.pair_cosines(clip, images, captions)
 
 
 def rerank(candidates: Sequence[Sequence], captions: Sequence, score: Score,

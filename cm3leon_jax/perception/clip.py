@@ -469,6 +469,10 @@ def embed_texts(clip: Clip, texts: Sequence[str], batch_size: int = 256) -> np.n
     return out
 
 
-def similarity(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    """Cosine similarities [N_images, N_texts] of unit embeddings."""
-    return np.asarray(image_emb, np.float32) @ np.asarray(text_emb, np.float32).T
+def pair_cosines(clip: Clip, images, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Cosine of each (image, text) pair, float64 [N] (images and texts paired by index)."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    img = embed_images(clip, images, batch_size).astype(np.float64)
+    txt = embed_texts(clip, list(texts), batch_size).astype(np.float64)
+    return (img * txt).sum(-1)

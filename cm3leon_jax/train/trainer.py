@@ -140,8 +140,9 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
                                   "train.eval_every=0")
             heldout_batches = heldout.heldout_batches(cfg, jax.process_index(),
                                                       jax.process_count())
-        batches = (data() if data is not None
-                   else train_batches(cfg, jax.process_index(), jax.process_count()))
+        if data is None:
+            data = lambda: train_batches(cfg, jax.process_index(), jax.process_count())
+        batches = data()
         if lead:
             save_config(cfg, run.config)
 
@@ -162,8 +163,7 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
                     print(f"train.allow_restart: no checkpoint restores ({len(failed)} failed); "
                           f"starting over from step 0" + (f", old metrics kept as {kept.name}"
                                                           if kept else ""), flush=True)
-                batches = (data() if data is not None
-                           else train_batches(cfg, jax.process_index(), jax.process_count()))
+                batches = data()
             if state is None and cfg.train.init_from:
                 params = weights.load(cfg.train.init_from, mesh=mesh).params
                 state = state_from_params(params, tx, shardings)
