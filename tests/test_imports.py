@@ -3,7 +3,7 @@
 - layers: a module imports only its own package and the packages of lower layers (the flow
   of docs/layout.md, top to bottom: the dispatcher, the main job, features, generation and export,
   retrieval and training, data, tokenizers, models and the shapes world, parallelism, the
-  on-disk layout, the config, the vocabulary);
+  on-disk layout, the config, the vocabulary, the storage paths);
 - packages of one layer do not import each other;
 - no import cycle between modules, counting imports inside functions;
 - an import inside a function says why on its line (`cm3leon --help` stays fast, or an
@@ -31,6 +31,7 @@ LAYERS = (  # top first; a `|` separates independent packages of one layer
     "layout",
     "config",
     "vocab",
+    "storage",
 )
 
 

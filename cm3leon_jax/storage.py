@@ -1,0 +1,174 @@
+"""User paths: local or cloud storage (`gs://`, `s3://`), one abstraction, `etils.epath`.
+
+Every path a user gives (work, data, retrieval and export directories, tokenizers, source
+files) becomes an `epath.Path` here; the code reads and writes through its pathlib-like
+API, never `open()` / `os.path`, so `gs://bucket/run` works wherever `./run` does. Orbax
+and TensorStore take the same strings; grain's ArrayRecord reader reads `gs://` itself.
+
+What a path cannot do on object storage is handled here, once:
+- libraries that only write local files (the ArrayRecord writer, ScaNN, sentencepiece's
+  trainer) write into `staged_file` / `staged_dir`, which uploads on success (locally it is
+  an atomic rename, so a reader never sees half a file);
+- libraries that only read local files get `local_copy`;
+- objects cannot be appended to: `append_text` rewrites a remote object (callers batch).
+
+Testing against an emulator is a matter of environment variables only (a real bucket
+works by leaving them unset): `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage:
+epath, TensorBoard), `CLOUD_STORAGE_EMULATOR_ENDPOINT` (google-cloud-cpp: ArrayRecord),
+`TENSORSTORE_GCS_HTTP_URL` and `GOOGLE_AUTH_TOKEN_FOR_TESTING` (TensorStore: orbax).
+`emulator_environment(url)` gives all four.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path as LocalPath
+
+from etils import epath
+
+Path = epath.Path
+PathLike = str | os.PathLike
+
+REMOTE_SCHEMES = ("gs://", "s3://")
+
+# gcsfs probes each bucket's type and logs a warning per call without credentials of a
+# real project (emulators, anonymous buckets); the probe falls back correctly.
+logging.getLogger("gcsfs").setLevel(logging.ERROR)
+
+
+def path(p: PathLike) -> epath.Path:
+    """A user path as an epath.Path; URLs of unsupported schemes are refused by name."""
+    s = os.fspath(p)
+    if "://" in s and not s.startswith(REMOTE_SCHEMES):
+        raise ValueError(f"{s}: unsupported storage scheme (supported: local paths, "
+                         f"{', '.join(REMOTE_SCHEMES)})")
+    return epath.Path(s)
+
+
+def is_remote(p: PathLike) -> bool:
+    return os.fspath(p).startswith(REMOTE_SCHEMES)
+
+
+def local(p: PathLike) -> LocalPath:
+    """A path that must be on this machine's file system (sockets, flock, a GUI)."""
+    if is_remote(p):
+        raise ValueError(f"{os.fspath(p)}: needs a local path here, not cloud storage")
+    return LocalPath(os.fspath(p))
+
+
+def emulator_environment(url: str) -> dict[str, str]:
+    """The variables that point every storage client of the stack at a GCS emulator."""
+    return {"STORAGE_EMULATOR_HOST": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+            "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+
+
+@contextlib.contextmanager
+def staged_file(dest: PathLike):
+    """A local file to write; it becomes `dest` only if the block succeeds."""
+    dest = path(dest)
+    if not is_remote(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        try:
+            yield LocalPath(os.fspath(tmp))
+            os.replace(tmp, dest)
+        finally:
+            LocalPath(os.fspath(tmp)).unlink(missing_ok=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="cm3leon-stage-") as d:
+        tmp = LocalPath(d) / dest.name
+        yield tmp
+        upload(tmp, dest)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: PathLike):
+    """A local directory to fill; its files are copied to `dest` if the block succeeds."""
+    dest = path(dest)
+    if not is_remote(dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        yield LocalPath(os.fspath(dest))
+        return
+    with tempfile.TemporaryDirectory(prefix="cm3leon-stage-") as d:
+        yield LocalPath(d)
+        upload(LocalPath(d), dest)
+
+
+def upload(src: LocalPath, dest: PathLike) -> None:
+    """Copy a local file or directory tree to `dest` (local or remote)."""
+    dest = path(dest)
+    if src.is_dir():
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                upload(f, dest / f.relative_to(src).as_posix())
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with src.open("rb") as r, dest.open("wb") as w:
+        shutil.copyfileobj(r, w, 8 << 20)
+
+
+@contextlib.contextmanager
+def local_copy(src: PathLike):
+    """A local path with the contents of `src` (a file or a directory), for readers that
+    take only local paths; a local `src` is used as it is."""
+    src = path(src)
+    if not is_remote(src):
+        yield LocalPath(os.fspath(src))
+        return
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    with tempfile.TemporaryDirectory(prefix="cm3leon-copy-") as d:
+        out = LocalPath(d) / src.name
+        download(src, out)
+        yield out
+
+
+def download(src: epath.Path, out: LocalPath) -> None:
+    if src.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            download(child, out / child.name)
+        return
+    with src.open("rb") as r, out.open("wb") as w:
+        shutil.copyfileobj(r, w, 8 << 20)
+
+
+def write_text_atomic(dest: PathLike, text: str) -> None:
+    """Whole-file write a reader never sees half of (local rename; objects are atomic)."""
+    dest = path(dest)
+    if is_remote(dest):
+        dest.write_text(text)
+        return
+    with staged_file(dest) as tmp:
+        tmp.write_text(text)
+
+
+def append_text(dest: PathLike, text: str) -> None:
+    """Append; on object storage this rewrites the object, so callers append in batches."""
+    dest = path(dest)
+    if not is_remote(dest):
+        with open(os.fspath(dest), "a") as f:
+            f.write(text)
+        return
+    old = dest.read_text() if dest.exists() else ""
+    dest.write_text(old + text)
+
+
+def move_aside(src: PathLike, dest: PathLike) -> None:
+    """Rename a file or directory; on object storage a copy then a delete."""
+    src, dest = path(src), path(dest)
+    if not is_remote(src):
+        os.replace(src, dest)
+        return
+    if src.is_dir():
+        for child in src.iterdir():
+            move_aside(child, dest / child.name)
+        if src.exists():
+            src.rmtree()
+        return
+    src.copy(dest, overwrite=True)
+    src.unlink()
