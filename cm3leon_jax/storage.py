@@ -10,7 +10,10 @@ What a path cannot do on object storage is handled here, once:
   trainer) write into `staged_file` / `staged_dir`, which uploads on success (locally it is
   an atomic rename, so a reader never sees half a file);
 - libraries that only read local files get `local_copy`;
-- objects cannot be appended to: `append_text` rewrites a remote object (callers batch).
+- objects cannot be appended to: `append_text` rewrites a remote object (callers batch);
+- what epath leaves out: `copy` between any two places, `files` (a sorted recursive
+  listing), `read_range` (one ranged read), `version` (GCS generations), `absolute`, and
+  .npy/.npz files memory-mapped where local (`load_npy`, `save_npy`, ...).
 
 Testing against an emulator is a matter of environment variables only (a real bucket
 works by leaving them unset): `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage:
@@ -28,12 +31,19 @@ import shutil
 import tempfile
 from pathlib import Path as LocalPath
 
+import fsspec
+import numpy as np
 from etils import epath
 
 Path = epath.Path
 PathLike = str | os.PathLike
 
 REMOTE_SCHEMES = ("gs://", "s3://")
+
+# Several processes share a bucket (the hosts of a pod, a relaunch, a reader beside the
+# trainer): listings must come from the bucket, not from an fsspec cache of this process.
+for _scheme in ("gs", "gcs", "s3", "s3a"):
+    fsspec.config.conf.setdefault(_scheme, {}).setdefault("use_listings_cache", False)
 
 # gcsfs probes each bucket's type and logs a warning per call without credentials of a
 # real project (emulators, anonymous buckets); the probe falls back correctly.
@@ -82,7 +92,7 @@ def staged_file(dest: PathLike):
     with tempfile.TemporaryDirectory(prefix="cm3leon-stage-") as d:
         tmp = LocalPath(d) / dest.name
         yield tmp
-        upload(tmp, dest)
+        copy(tmp, dest)
 
 
 @contextlib.contextmanager
@@ -95,20 +105,23 @@ def staged_dir(dest: PathLike):
         return
     with tempfile.TemporaryDirectory(prefix="cm3leon-stage-") as d:
         yield LocalPath(d)
-        upload(LocalPath(d), dest)
+        copy(LocalPath(d), dest)
 
 
-def upload(src: LocalPath, dest: PathLike) -> None:
-    """Copy a local file or directory tree to `dest` (local or remote)."""
-    dest = path(dest)
+def copy(src: PathLike, dest: PathLike) -> list[epath.Path]:
+    """Copy a file or a directory tree between any two places (local or remote); the
+    files written, in order. Local to local keeps modification times."""
+    src, dest = path(src), path(dest)
     if src.is_dir():
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                upload(f, dest / f.relative_to(src).as_posix())
-        return
+        return [f for child in sorted(src.iterdir()) for f in copy(child, dest / child.name)]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not (is_remote(src) or is_remote(dest)):
+        shutil.copy2(src, dest)
+        return [dest]
     with src.open("rb") as r, dest.open("wb") as w:
         shutil.copyfileobj(r, w, 8 << 20)
+    return [dest]
+
 
 
 @contextlib.contextmanager
@@ -123,18 +136,10 @@ def local_copy(src: PathLike):
         raise FileNotFoundError(f"{src} does not exist")
     with tempfile.TemporaryDirectory(prefix="cm3leon-copy-") as d:
         out = LocalPath(d) / src.name
-        download(src, out)
+        copy(src, out)
+        if src.is_dir():
+            out.mkdir(exist_ok=True)  # an empty folder has no object to copy
         yield out
-
-
-def download(src: epath.Path, out: LocalPath) -> None:
-    if src.is_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        for child in src.iterdir():
-            download(child, out / child.name)
-        return
-    with src.open("rb") as r, out.open("wb") as w:
-        shutil.copyfileobj(r, w, 8 << 20)
 
 
 def write_text_atomic(dest: PathLike, text: str) -> None:
@@ -172,3 +177,65 @@ def move_aside(src: PathLike, dest: PathLike) -> None:
         return
     src.copy(dest, overwrite=True)
     src.unlink()
+
+
+def absolute(p: PathLike) -> str:
+    """The path independent of the working directory and links (a URL is one already)."""
+    return os.fspath(p) if is_remote(p) else str(LocalPath(os.fspath(p)).resolve())
+
+
+def files(p: PathLike) -> list[epath.Path]:
+    """The files of a directory tree in sorted order, or the file itself (epath has no
+    rglob on URLs; its walk() drops their scheme)."""
+    p = path(p)
+    if not p.is_dir():
+        return [p]
+    return sorted(f for child in p.iterdir() for f in files(child))
+
+
+def read_range(p: PathLike, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a file in one read (on cloud storage one ranged GET, where
+    epath's file objects would read ahead megabytes)."""
+    if not is_remote(p):
+        with open(os.fspath(p), "rb") as f:
+            return os.pread(f.fileno(), stop - start, start)
+    return fsspec.core.url_to_fs(os.fspath(p))[0].cat_file(os.fspath(p), start=start, end=stop)
+
+
+def version(p: PathLike) -> tuple[int, int]:
+    """(bytes, version) of a file, which changes with every write: its modification time
+    in ns locally; on cloud storage the object's generation where the store has one (GCS),
+    else its modification time in s."""
+    if not is_remote(p):
+        st = os.stat(os.fspath(p))
+        return st.st_size, st.st_mtime_ns
+    fs = fsspec.core.url_to_fs(os.fspath(p))[0]
+    info = fs.info(os.fspath(p))
+    return int(info["size"]), int(info.get("generation") or path(p).stat().mtime)
+
+
+def save_npy(dest: PathLike, a: np.ndarray) -> None:
+    """A .npy file a reader never sees half written (a local rename; an object is whole)."""
+    with staged_file(dest) as tmp, tmp.open("wb") as f:
+        np.save(f, a)
+
+
+def save_npz(dest: PathLike, **arrays: np.ndarray) -> None:
+    """A .npz file, written like `save_npy`."""
+    with staged_file(dest) as tmp, tmp.open("wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_npy(src: PathLike, mmap: bool = False) -> np.ndarray:
+    """A .npy array; memory-mapped with `mmap` where the file is local, else read whole."""
+    src = path(src)
+    if mmap and not is_remote(src):
+        return np.load(os.fspath(src), mmap_mode="r")
+    with src.open("rb") as f:
+        return np.load(f)
+
+
+def load_npz(src: PathLike) -> dict[str, np.ndarray]:
+    """Every array of a .npz file."""
+    with path(src).open("rb") as f, np.load(f) as z:
+        return {k: z[k] for k in z.files}

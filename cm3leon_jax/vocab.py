@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
+
+from cm3leon_jax import storage
 
 SPECIALS = ("<pad>", "<eos>", "<break>", "<eoss>", "<unk>")
 PAD, EOS, BREAK, EOSS, UNK = range(len(SPECIALS))
@@ -131,13 +132,13 @@ class Vocab:
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "specials": list(SPECIALS), "size": self.size}
 
-    def save(self, path: str | Path, **info) -> None:
+    def save(self, path: storage.PathLike, **info) -> None:
         """Write vocab.json; `info` (e.g. the tokenizer files it was built for) rides along."""
-        Path(path).write_text(json.dumps({**self.to_json(), **info}, indent=2) + "\n")
+        storage.path(path).write_text(json.dumps({**self.to_json(), **info}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
-        d = json.loads(Path(path).read_text())
+    def load(cls, path: storage.PathLike) -> "Vocab":
+        d = json.loads(storage.path(path).read_text())
         if tuple(d.get("specials", SPECIALS)) != SPECIALS:
             raise ValueError(f"{path}: special tokens {d['specials']} differ from {list(SPECIALS)}")
         return cls(d["text_size"], d["image_size"], d["num_sentinels"])

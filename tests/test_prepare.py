@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,15 +59,15 @@ def test_shapes_round_trip_and_idempotent_rerun(tiny, tmp_path):
                                   image.encode(pixels))
 
     before = {q: q.read_bytes() for q in shard_paths(out)}
-    mtimes = {q: q.stat().st_mtime_ns for q in shard_paths(out)}
+    mtimes = {q: os.stat(q).st_mtime_ns for q in shard_paths(out)}
     assert prepare(cfg, progress=False) == m  # done: nothing rewritten
-    assert {q: q.stat().st_mtime_ns for q in shard_paths(out)} == mtimes
+    assert {q: os.stat(q).st_mtime_ns for q in shard_paths(out)} == mtimes
     (out / "manifest.json").unlink()  # an interrupted run: shard 1 never finished
     shard1 = shard_paths(out)[1]
     shard1.with_suffix(".json").unlink()
     m2 = prepare(cfg, progress=False)
     assert {q: q.read_bytes() for q in shard_paths(out)} == before
-    assert {q: q.stat().st_mtime_ns for q in shard_paths(out) if q != shard1} == {
+    assert {q: os.stat(q).st_mtime_ns for q in shard_paths(out) if q != shard1} == {
         q: t for q, t in mtimes.items() if q != shard1}
     assert {k: v for k, v in m2.items() if "seconds" not in k} == {
         k: v for k, v in m.items() if "seconds" not in k}

@@ -16,6 +16,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from cm3leon_jax import storage
+
 from cm3leon_jax.config import sweep
 from cm3leon_jax.config.data import DataConfig, PrepareConfig, SourceConfig, TextTokenizerConfig
 from cm3leon_jax.config.demo import DemoConfig
@@ -100,11 +102,12 @@ def from_dict(raw: dict, saved: bool = False) -> Config:
 SHIPPED = Path(__file__).resolve().parents[1] / "configs"  # installed with the package
 
 
-def config_file(path: str | Path) -> Path:
-    """`path`, else the shipped config it names (`configs/tiny.yaml` works anywhere)."""
+def config_file(path: storage.PathLike) -> storage.Path:
+    """`path` (local or a URL), else the shipped config it names (`configs/tiny.yaml`
+    works anywhere)."""
+    if storage.is_remote(path) or storage.path(path).exists():
+        return storage.path(path)
     path = Path(path)
-    if path.exists():
-        return path
     name = path.relative_to("configs") if path.parts[:1] == ("configs",) else path
     if not path.is_absolute() and (SHIPPED / name).is_file():
         return SHIPPED / name
@@ -125,8 +128,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(cfg))
+def save_config(cfg: Config, path: storage.PathLike) -> None:
+    storage.write_text_atomic(path, dump_yaml(cfg))
 
 
 def validate(cfg: Config, num_devices: int | None = None) -> None:

@@ -18,10 +18,11 @@ import textwrap
 import tokenize
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from cm3leon_jax import storage
 
 
 class ConfigError(ValueError):
@@ -47,9 +48,9 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str | Path) -> dict:
-    """The mapping of sections in a YAML file."""
-    path = Path(path)
+def read_yaml(path: storage.PathLike) -> dict:
+    """The mapping of sections in a YAML file (local or a URL)."""
+    path = storage.path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:

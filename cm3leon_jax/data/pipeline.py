@@ -21,6 +21,10 @@ the same whatever the process count or worker count; only the split (and, per pr
 packing of the examples it gets) changes. Workers only make examples; packing and batching
 stay in the main process, so the output does not depend on `data.workers` either. The
 returned grain iterator's state goes into the orbax checkpoint (train/checkpoint.py).
+
+The prepared directories and the neighbors table may be on cloud storage (storage.py):
+grain reads `gs://` shards itself; a remote table is read into memory once per process
+(a local one is memory-mapped).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import grain
@@ -36,7 +39,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from cm3leon_jax import layout
+from cm3leon_jax import layout, storage
 from cm3leon_jax.config import Config, DataConfig
 from cm3leon_jax.data import cm3, sequences
 from cm3leon_jax.data.records import check_documents, decode_document, open_documents
@@ -60,7 +63,7 @@ def _documents(data_dir: str):
 
 @functools.lru_cache(maxsize=4)
 def _neighbors(path: str) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
+    return storage.load_npy(path, mmap=True)
 
 
 class Inputs(NamedTuple):
@@ -72,7 +75,7 @@ class Inputs(NamedTuple):
     bank: Optional[str]
 
 
-def _check_prepared(root: Path, cfg: Config, what: str) -> int:
+def _check_prepared(root: storage.Path, cfg: Config, what: str) -> int:
     """Documents in the prepared directory `root` after checking it against the config."""
     if not root.is_dir():
         raise FileNotFoundError(f"{what}={str(root)!r} is not a directory")
@@ -94,14 +97,14 @@ def check_inputs(cfg: Config) -> Inputs:
     """The inputs after checking the data directory, the bank and the neighbors table
     against the config; every problem is reported here, before any batch is made."""
     d = cfg.data
-    n_docs = _check_prepared(Path(d.dir), cfg, "data.dir")
+    n_docs = _check_prepared(storage.path(d.dir), cfg, "data.dir")
     path = layout.retrieval_dir(cfg).neighbors
     if d.k == 0 or not path.exists():
         return Inputs(n_docs, None, 0, None)
     bank = layout.bank_dir(cfg)
-    own_bank = bank.resolve() == Path(d.dir).resolve()
+    own_bank = storage.absolute(bank) == storage.absolute(d.dir)
     n_bank = n_docs if own_bank else _check_prepared(bank, cfg, "retrieval.bank")
-    table = np.load(path, mmap_mode="r")
+    table = storage.load_npy(path, mmap=True)
     if table.ndim != 2 or table.shape[0] != n_docs or not np.issubdtype(table.dtype, np.integer):
         raise ValueError(f"{path}: expected an integer [documents={n_docs}, pool] table, got "
                          f"{table.dtype} {list(table.shape)}")
@@ -190,8 +193,8 @@ def examples(cfg: Config, process_index: int = 0, process_count: int = 1,
     ds = grain.MapDataset.range(n_docs).seed(cfg.data.seed).shuffle().repeat(None)
     ds = ds.map_with_index(_position_and_document)
     ds = ds[process_index::process_count]
-    return ds.map(ExampleMaker(str(Path(cfg.data.dir)), table, k, cfg.vocab.build(), cfg.data,
-                               bank))
+    return ds.map(ExampleMaker(str(storage.path(cfg.data.dir)), table, k, cfg.vocab.build(),
+                               cfg.data, bank))
 
 
 # --- batches -----------------------------------------------------------------------------

@@ -15,6 +15,11 @@ tokenize captions; this process encodes images in fixed-shape batches (one compi
 writes shards in source order, so the output does not depend on the number of workers. A
 re-run with the same inputs finds the manifest and returns; an interrupted run redoes only
 unfinished shards; a data.dir prepared from other inputs is refused.
+
+data.dir, the source and the given tokenizers may be on cloud storage (storage.py). There
+a file is uploaded whole when it is done, so what marks a step done is the same: a shard
+is done when its counts file exists, a copied or trained image tokenizer when both its
+files exist, the directory when its manifest exists.
 """
 
 from __future__ import annotations
@@ -28,16 +33,17 @@ import math
 import multiprocessing
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import readers
 from cm3leon_jax.data.records import shard_name, write_manifest, write_shard
 from cm3leon_jax.data.sources import BadRecord, open_source
 from cm3leon_jax.layout import DataDir
+from cm3leon_jax.storage import Path, PathLike
 from cm3leon_jax.tokenizers import image_train
 from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
@@ -55,7 +61,7 @@ class PrepareError(RuntimeError):
 # --- tokenizers -------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = storage.files(path)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -68,11 +74,11 @@ def _inputs(cfg: Config) -> dict:
     p = cfg.prepare
     given = {}
     for key in ("text_tokenizer", "image_tokenizer"):
-        path = getattr(p, key)
-        if path is not None:
-            if not Path(path).exists():
+        if getattr(p, key) is not None:
+            path = storage.path(getattr(p, key))
+            if not path.exists():
                 raise PrepareError(f"prepare.{key}={path} does not exist")
-            given[key] = {"path": str(Path(path).resolve()), "digest": _file_digest(Path(path))}
+            given[key] = {"path": storage.absolute(path), "digest": _file_digest(path)}
     # the resolved image key: a directory prepared before the key could be null compares equal
     source = {**dataclasses.asdict(cfg.source), "image_key": cfg.source.image_field()}
     inputs = {"source": source, "vocab": dataclasses.asdict(cfg.vocab),
@@ -113,15 +119,25 @@ def _image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, giv
     """The given tokenizer (copied into `out`), the one an interrupted run trained, or a new one."""
     path = out.image_tokenizer
     if given is not None:
-        if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(cfg.prepare.image_tokenizer, tmp)
-            tmp.rename(path)
+        if not ImageTokenizer.saved(path):
+            _copy_dir(storage.path(cfg.prepare.image_tokenizer), path)
         return given
-    if not path.exists():
+    if not ImageTokenizer.saved(path):
         _train_image_tokenizer(cfg, source, out, text, progress)
     return ImageTokenizer.load(path, batch_size=cfg.prepare.batch_size)
+
+
+def _copy_dir(src: Path, dest: Path) -> None:
+    """Copy a directory tree to `dest`: locally a temp copy renamed, so a reader sees it whole
+    or not at all; on cloud storage file by file, each an object uploaded whole."""
+    with storage.local_copy(src) as local_src:
+        if storage.is_remote(dest):
+            storage.copy(local_src, dest)
+            return
+        tmp = storage.local(dest.with_name(dest.name + ".tmp"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(local_src, tmp)
+        tmp.rename(dest)
 
 
 def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, progress):
@@ -141,7 +157,7 @@ def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenize
     _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir, progress=progress)
     log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
              summary["codebook_usage"])
-    (workdir / image_train.TOKENIZER_DIR).rename(out.image_tokenizer)
+    storage.move_aside(workdir / image_train.TOKENIZER_DIR, out.image_tokenizer)
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -169,7 +185,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     """Prepare `cfg.data.dir` from `cfg.source`; returns the manifest."""
     if cfg.data.dir is None:
         raise PrepareError("data.dir: say where the prepared documents go")
-    out = DataDir(Path(cfg.data.dir))
+    out = DataDir(cfg.data.dir)
     inputs = _inputs(cfg)
     _claim(out, inputs, mark=False)
     if out.manifest.exists():
@@ -264,7 +280,7 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
 def _write_skipped(out: DataDir, stats: dict) -> collections.Counter:
     """skipped.jsonl of the shards done so far; returns the counts per reason."""
     skipped = collections.Counter()
-    with open(out.skipped, "w") as f:
+    with out.skipped.open("w") as f:
         for i in sorted(stats):
             skipped.update(stats[i]["skipped"])
             for record_id, reason, detail in stats[i]["skipped_records"]:
@@ -308,9 +324,9 @@ def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seco
 
 # --- reading a prepared directory ----------------------------------------------------------
 
-def open_prepared(data_dir: str | Path, batch_size: int = 32) -> tuple[dict, Tokenizers]:
+def open_prepared(data_dir: PathLike, batch_size: int = 32) -> tuple[dict, Tokenizers]:
     """What `prepare` wrote: its manifest and tokenizers (fails when the run did not finish)."""
-    d = DataDir(Path(data_dir))
+    d = DataDir(data_dir)
     if not d.manifest.exists():
         raise FileNotFoundError(f"{d.manifest} does not exist: run `cm3leon prepare` first "
                                 "(or let it finish)")

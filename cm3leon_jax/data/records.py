@@ -20,12 +20,14 @@ Neighbor tables and the input pipeline use that index. The manifest is written l
 lists the shards and the documents in all; `check_documents` holds the directory to it
 before anything reads it (a deleted shard, a half-finished prepare or an edited manifest
 would otherwise train on what happens to be there).
+
+The directory may be on cloud storage (storage.py): shards are written locally and
+uploaded whole, and grain's ArrayRecord reader reads `gs://` shards itself.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import grain
@@ -33,8 +35,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.layout import DataDir
+from cm3leon_jax.storage import Path, PathLike
 
 FIELDS = ("id", "caption", "text", "image", "pixels", "meta")
 
@@ -61,47 +65,42 @@ def shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}.array_record"
 
 
-def shard_paths(data_dir: str | Path) -> list[Path]:
-    documents = DataDir(Path(data_dir)).documents
+def shard_paths(data_dir: PathLike) -> list[Path]:
+    documents = DataDir(data_dir).documents
     paths = sorted(documents.glob("shard-*.array_record"))
     if not paths:
         raise FileNotFoundError(f"{data_dir}: no document shards under {documents.name}/")
     return paths
 
 
-def write_shard(path: str | Path, docs: Iterable[dict]) -> int:
-    """Write one shard atomically (temp file, then rename); returns the record count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    count = 0
-    for doc in docs:
-        writer.write(encode_document(doc))
-        count += 1
-    writer.close()
-    tmp.rename(path)
+def write_shard(path: PathLike, docs: Iterable[dict]) -> int:
+    """Write one shard atomically (a local temp file, then a rename or an upload: the
+    ArrayRecord writer writes local files only); returns the record count."""
+    with storage.staged_file(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        count = 0
+        for doc in docs:
+            writer.write(encode_document(doc))
+            count += 1
+        writer.close()
     return count
 
 
-def write_manifest(data_dir: str | Path, documents: int, shards: list[str], **more) -> dict:
+def write_manifest(data_dir: PathLike, documents: int, shards: list[str], **more) -> dict:
     """The manifest (atomically, last): the shard names, the documents in all, and what
     the writer adds (prepare: the vocabulary, tokenizers, source, timings)."""
     manifest = {"documents": documents, **more, "shards": list(shards)}
-    path = DataDir(Path(data_dir)).manifest
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.rename(path)
+    storage.write_text_atomic(DataDir(data_dir).manifest, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
-def write_documents(data_dir: str | Path, groups: Iterable[Iterable[dict]]) -> int:
+def write_documents(data_dir: PathLike, groups: Iterable[Iterable[dict]]) -> int:
     """Documents made elsewhere than `prepare` (tests, benchmarks, data-stats) as a checked
     directory: one shard per group, each with its count, then the manifest; returns the
     number of documents. The vocabulary is the caller's."""
     groups = [list(g) for g in groups]
     names = [shard_name(i, len(groups)) for i in range(len(groups))]
-    documents = DataDir(Path(data_dir)).documents
+    documents = DataDir(data_dir).documents
     total = 0
     for name, docs in zip(names, groups):
         count = write_shard(documents / name, docs)
@@ -112,10 +111,10 @@ def write_documents(data_dir: str | Path, groups: Iterable[Iterable[dict]]) -> i
     return total
 
 
-def check_documents(data_dir: str | Path, what: str = "data.dir") -> int:
+def check_documents(data_dir: PathLike, what: str = "data.dir") -> int:
     """The number of documents after holding the shards to the manifest: present, the same
     shard names, each shard's record count as written, the total as the manifest says."""
-    d = DataDir(Path(data_dir))
+    d = DataDir(data_dir)
     if not d.manifest.exists():
         raise ConfigError(f"{what}={str(d.root)!r} has no manifest.json: not a finished "
                           "`cm3leon prepare` (an interrupted one leaves none); run or rerun it")
@@ -151,7 +150,7 @@ def check_documents(data_dir: str | Path, what: str = "data.dir") -> int:
     return total
 
 
-def open_documents(data_dir: str | Path, check: bool = True):
+def open_documents(data_dir: PathLike, check: bool = True):
     """Random access to every document by global index (a grain data source of bytes),
     after `check_documents` (`check=False` where the caller has checked the directory:
     the input pipeline's readers, once per process and worker)."""
@@ -160,7 +159,7 @@ def open_documents(data_dir: str | Path, check: bool = True):
     return grain.sources.ArrayRecordDataSource([str(p) for p in shard_paths(data_dir)])
 
 
-def iter_documents(data_dir: str | Path) -> Iterator[dict]:
+def iter_documents(data_dir: PathLike) -> Iterator[dict]:
     source = open_documents(data_dir)
     for i in range(len(source)):
         yield decode_document(source[i])

@@ -14,6 +14,11 @@ process, so a source pickles as its few settings when it is sent to a prepare wo
 two sharded sources add the layout they listed (files, records per file and, for tar
 shards, where each sample starts), so a reader process never lists or scans them again.
 
+Source paths may be on cloud storage (storage.py): `gs://bucket/shards/{00000..00009}.tar`,
+a JSONL file with its images beside it, a Fashion-MNIST folder. A webdataset reader reads
+each sample with one ranged read; a file that changes after listing is refused (its
+modification time locally, its object generation on GCS).
+
 `shapes` serves the built-in world of cm3leon_jax/shapes/: scene i depends only on (seed,
 i), and its `meta` (the scene's objects) lets later stages score generated images from
 pixels.
@@ -21,6 +26,7 @@ pixels.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -29,15 +35,16 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 import tarfile
-from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 from braceexpand import UnbalancedBracesError, braceexpand
 from PIL import Image
 
+from cm3leon_jax import storage
 from cm3leon_jax.config.loader import ConfigError
 from cm3leon_jax.shapes.world import BACKGROUND, check_world, draw, shapes_caption, shapes_scene
 
@@ -162,7 +169,7 @@ FASHION_MNIST_CLASSES = ("a t-shirt", "a pair of trousers", "a pullover", "a dre
 _FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}
 
 
-def read_idx(path: Path) -> np.ndarray:
+def read_idx(path: storage.Path) -> np.ndarray:
     """An IDX file (gzip or plain) of unsigned bytes, as numpy with the file's shape."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (install dataset-fashion-mnist?)")
@@ -184,9 +191,9 @@ def read_idx(path: Path) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _fashion_mnist(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    stem = Path(directory) / _FASHION_MNIST_FILES[split]
-    images = read_idx(Path(f"{stem}-images-idx3-ubyte.gz"))
-    labels = read_idx(Path(f"{stem}-labels-idx1-ubyte.gz"))
+    stem = storage.path(directory) / _FASHION_MNIST_FILES[split]
+    images = read_idx(storage.path(f"{stem}-images-idx3-ubyte.gz"))
+    labels = read_idx(storage.path(f"{stem}-labels-idx1-ubyte.gz"))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"{stem}-*: images {images.shape} and labels {labels.shape} disagree")
     if labels.max() >= len(FASHION_MNIST_CLASSES):
@@ -291,7 +298,7 @@ CONVERTED = {"P": "RGBA", "PA": "RGBA", "LA": "RGBA", "1": "L"}  # palette, grey
 
 @functools.lru_cache(maxsize=4)
 def _jsonl_lines(path: str) -> tuple[bytes, ...]:
-    file = Path(path)
+    file = storage.path(path)
     if not file.is_file():
         raise FileNotFoundError(f"jsonl source {file} does not exist")
     return tuple(line for line in file.read_bytes().splitlines() if line.strip())
@@ -312,7 +319,7 @@ def decode_image(data: bytes, record_id: str, where: str) -> np.ndarray:
         raise BadRecord("corrupt_image", record_id, f"{where}: {e}") from None
 
 
-def read_image(path: Path, record_id: str) -> np.ndarray:
+def read_image(path: storage.Path, record_id: str) -> np.ndarray:
     """An image file as uint8 RGB, or BadRecord (missing_file, corrupt_image, wrong_mode)."""
     if not path.is_file():
         raise BadRecord("missing_file", record_id, str(path))
@@ -343,7 +350,7 @@ class JsonlSource:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"jsonl {self.path}: index {index} outside [0, {len(self)})")
-        record_id = f"{Path(self.path).stem}-{index}"
+        record_id = f"{storage.path(self.path).stem}-{index}"
         try:
             record = json.loads(_jsonl_lines(self.path)[index].decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -364,14 +371,26 @@ class JsonlSource:
     def __getitem__(self, index: int) -> Pair:
         record_id, record = self._record(index)
         caption = check_caption(record.get(self.text_key), record_id)
-        folder = Path(self.path).parent.resolve()
-        image_path = (folder / record[self.image_key]).resolve()
-        if not image_path.is_relative_to(folder):  # `../` or an absolute path
+        folder = storage.path(self.path).parent
+        image_path = _inside(folder, record[self.image_key])
+        if image_path is None:  # `../` or an absolute path
             raise BadRecord("bad_line", record_id, f"{self.path}: image "
-                            f"{record[self.image_key]!r} is outside {folder}; image paths are "
-                            "relative to the JSONL file's folder")
+                            f"{record[self.image_key]!r} is outside {storage.absolute(folder)}; image "
+                            "paths are relative to the JSONL file's folder")
         meta = {"source": "jsonl", "image": record[self.image_key], "line": int(index)}
         return Pair(record_id, read_image(image_path, record_id), caption, meta)
+
+
+def _inside(folder: storage.Path, name: str) -> Optional[storage.Path]:
+    """`folder / name` if it stays inside `folder` (a local one after resolving links; on
+    cloud storage after `..` is taken away), else None."""
+    if not storage.is_remote(folder):
+        image_path = storage.path(storage.absolute(folder / name))
+        return image_path if image_path.is_relative_to(storage.absolute(folder)) else None
+    rel = posixpath.normpath(name)
+    if posixpath.isabs(rel) or rel == ".." or rel.startswith("../") or "://" in name:
+        return None
+    return folder / rel
 
 
 # --- file patterns (webdataset, parquet) ---------------------------------------------
@@ -394,10 +413,10 @@ def source_files(pattern: str) -> list[str]:
         for part in braceexpand(pattern):
             part = os.path.expanduser(part)
             if any(c in part for c in "*?["):
-                matches = sorted(p for p in glob.glob(part) if os.path.isfile(p))
+                matches = _glob(pattern, part)
                 if not matches:
                     raise SourceError(f"source.path={pattern!r}: {part} matches no file")
-            elif os.path.isfile(part):
+            elif storage.path(part).is_file():
                 matches = [part]
             else:
                 raise SourceError(f"source.path={pattern!r}: {part} does not exist")
@@ -411,9 +430,18 @@ def source_files(pattern: str) -> list[str]:
     return out
 
 
-def _stamp(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+def _glob(pattern: str, part: str) -> list[str]:
+    """The files the glob `part` matches, sorted: `glob.glob`'s locally; on cloud storage
+    the listing below the last folder before the first wildcard."""
+    if not storage.is_remote(part):
+        return sorted(p for p in glob.glob(part) if os.path.isfile(p))
+    scheme, rest = part.split("://", 1)
+    folders = rest.split("/")
+    fixed = next(i for i, name in enumerate(folders) if any(c in name for c in "*?["))
+    if fixed == 0:
+        raise SourceError(f"source.path={pattern!r}: a wildcard in the bucket name")
+    base = storage.path(f"{scheme}://" + "/".join(folders[:fixed]))
+    return sorted(str(p) for p in base.glob("/".join(folders[fixed:])) if p.is_file())
 
 
 class _File(NamedTuple):
@@ -476,7 +504,7 @@ class _Sharded:
 
 
 def _check_stamp(file: _File) -> None:
-    if _stamp(file.path) != file.stamp:
+    if storage.version(file.path) != file.stamp:
         raise SourceError(f"{file.path} changed after prepare listed it; run prepare again")
 
 
@@ -497,14 +525,20 @@ def _sample_key(name: str) -> Optional[tuple[str, str]]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _stop_reason(fd: int, at: int, file_size: int,
+def _read_at(f, size: int, at: int) -> bytes:
+    f.seek(at)
+    return f.read(size)
+
+
+def _stop_reason(f, at: int, file_size: int,
                  error: Optional[Exception] = None) -> Optional[str]:
-    """Why tarfile stopped reading at byte `at` (where the next header belongs), `error` if
-    it raised one: None at the end-of-archive marker. tarfile ends its member list quietly
-    at a cut or bad header, so the bytes there are looked at (through `TarInfo.frombuf`)."""
-    tail = os.pread(fd, len(_END), at)
+    """Why tarfile stopped reading the shard open as `f` at byte `at` (where the next header
+    belongs), `error` if it raised one: None at the end-of-archive marker. tarfile ends its
+    member list quietly at a cut or bad header, so the bytes there are looked at (through
+    `TarInfo.frombuf`)."""
+    tail = _read_at(f, len(_END), at)
     if tail == _END:
-        after = os.pread(fd, tarfile.RECORDSIZE, at + len(_END))  # record padding, then EOF
+        after = _read_at(f, tarfile.RECORDSIZE, at + len(_END))  # record padding, then EOF
         if after.strip(b"\0"):
             return (f"data after the end-of-archive marker at byte {at} (archives joined "
                     "end to end? only the first is read)")
@@ -538,7 +572,7 @@ def _list_tar(path: str, stamp: tuple[int, int]) -> _TarLayout:
     SourceError."""
     fix = "re-copy it or leave it out of source.path"
     starts, key, at, damage = [], None, 0, None  # at: where the next header belongs
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         if f.read(2) == b"\x1f\x8b":
             raise SourceError(f"{path}: a gzip-compressed tar; the webdataset source reads "
                               "members by offset and needs plain .tar shards (gunzip them)")
@@ -556,26 +590,26 @@ def _list_tar(path: str, stamp: tuple[int, int]) -> _TarLayout:
                         starts.append(member.offset)
                     at = tar.offset
         except (tarfile.ReadError, EOFError, tarfile.HeaderError) as e:
-            damage = (_stop_reason(f.fileno(), at, stamp[0], e)
+            damage = (_stop_reason(f, at, stamp[0], e)
                       or f"bad header at byte {at} ({e})")
         if damage is None:
-            damage = _stop_reason(f.fileno(), at, stamp[0])
+            damage = _stop_reason(f, at, stamp[0])
     if damage is not None and not starts:
         raise SourceError(f"{path}: nothing readable: {damage} (not a tar file?); {fix}")
     dtype = np.uint32 if stamp[0] < 2**32 else np.int64
     return _TarLayout(np.array(starts + [at], dtype), damage)
 
 
-def _sample_members(f, start: int, stop: int) -> list[tarfile.TarInfo]:
-    """The members whose headers lie in [start, stop) of the shard open as `f`, read by
-    tarfile from `start` on (a reader never scans a shard)."""
-    f.seek(start)
+def _sample_members(data: bytes) -> list[tarfile.TarInfo]:
+    """The members of one sample from its bytes (its first header up to where the next
+    sample's starts), read by tarfile; their offsets are within `data` (a reader never
+    scans a shard)."""
     members = []
-    with tarfile.open(fileobj=f, mode="r:") as tar:  # reads the header at `start`
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:  # reads the first header
         member = tar.next()
         while member is not None:
             members.append(member)
-            if tar.offset >= stop:  # where the next header belongs
+            if tar.offset >= len(data):  # where the next header belongs
                 break
             member = tar.next()
     return members
@@ -590,7 +624,7 @@ class WebDatasetSource(_Sharded):
     for a damaged shard, one `truncated_tar` record naming the damage. Record ids are
     `<shard name without .tar>/<key>`. Listing (tarfile, in the prepare process) reads
     every header once; the layout keeps where each sample starts, so a reader process
-    reads a record's headers and members at known offsets and never scans a shard.
+    reads a record's bytes (headers and members) in one read and never scans a shard.
     """
 
     path: str
@@ -602,7 +636,7 @@ class WebDatasetSource(_Sharded):
         for path in paths:
             if self._enough(total):
                 break
-            stamp = _stamp(path)
+            stamp = storage.version(path)
             layout = _list_tar(path, stamp)
             samples = len(layout.starts) - 1
             if layout.damage:
@@ -615,9 +649,9 @@ class WebDatasetSource(_Sharded):
                               "sample")
         return tuple(files)
 
-    def _sample(self, index: int, f) -> tuple[str, str, str, dict]:
-        """(record id, key, shard path, {kind: TarInfo, "names": [...]}) of record `index`,
-        from the shard open as `f`."""
+    def _sample(self, index: int) -> tuple[str, str, str, dict, bytes]:
+        """(record id, key, shard path, {kind: TarInfo, "names": [...]}, the sample's bytes
+        the TarInfo offsets are in) of record `index`."""
         file, local = self._locate(index)
         _check_stamp(file)
         shard, starts = self._name(file), file.extra.starts
@@ -626,8 +660,9 @@ class WebDatasetSource(_Sharded):
                             f"{local} sample(s) before it are read, the rest is lost")
         members: dict[str, Any] = {"names": []}
         key = None
+        data = storage.read_range(file.path, int(starts[local]), int(starts[local + 1]))
         try:
-            found = _sample_members(f, int(starts[local]), int(starts[local + 1]))
+            found = _sample_members(data)
         except (tarfile.ReadError, EOFError, tarfile.HeaderError) as e:
             raise SourceError(f"{file.path}: {e}; it changed after prepare listed it") from None
         for member in found:
@@ -640,41 +675,39 @@ class WebDatasetSource(_Sharded):
                     else "meta" if ext == "json" else None)
             if kind is not None and kind not in members:
                 members[kind] = member  # the first of each kind
-        return f"{shard}/{key}", key, file.path, members
+        return f"{shard}/{key}", key, file.path, members, data
 
-    def _caption(self, fd, path: str, record_id: str, key: str, members: dict) -> str:
+    def _caption(self, data: bytes, path: str, record_id: str, key: str, members: dict) -> str:
         if "text" not in members:
             raise BadRecord("empty_caption", record_id, f"{path}: key {key} has no .txt member "
                             f"(members: {', '.join(members['names'])})")
-        text = members["text"]
-        return check_caption(os.pread(fd, text.size, text.offset_data), record_id)
+        return check_caption(_member(data, members["text"]), record_id)
 
     def caption(self, index: int) -> str:
-        with open(self._locate(index)[0].path, "rb") as f:
-            record_id, key, path, members = self._sample(index, f)
-            return self._caption(f.fileno(), path, record_id, key, members)
+        record_id, key, path, members, data = self._sample(index)
+        return self._caption(data, path, record_id, key, members)
 
     def __getitem__(self, index: int) -> Pair:
-        with open(self._locate(index)[0].path, "rb") as f:
-            fd = f.fileno()
-            record_id, key, path, members = self._sample(index, f)
-            if "image" not in members:
-                raise BadRecord("missing_file", record_id, f"{path}: key {key} has no image "
-                                f"member (.{'/.'.join(IMAGE_EXTENSIONS)}; members: "
-                                f"{', '.join(members['names'])})")
-            caption = self._caption(fd, path, record_id, key, members)
-            meta: dict[str, Any] = {"source": "webdataset", "shard": path, "key": key}
-            if "meta" in members:
-                raw = os.pread(fd, members["meta"].size, members["meta"].offset_data)
-                try:
-                    meta["json"] = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise BadRecord("bad_line", record_id,
-                                    f"{path}: {members['meta'].name}: {e}") from None
-            image = members["image"]
-            data = os.pread(fd, image.size, image.offset_data)
-        return Pair(record_id, decode_image(data, record_id, f"{path}: {image.name}"), caption,
-                    meta)
+        record_id, key, path, members, data = self._sample(index)
+        if "image" not in members:
+            raise BadRecord("missing_file", record_id, f"{path}: key {key} has no image "
+                            f"member (.{'/.'.join(IMAGE_EXTENSIONS)}; members: "
+                            f"{', '.join(members['names'])})")
+        caption = self._caption(data, path, record_id, key, members)
+        meta: dict[str, Any] = {"source": "webdataset", "shard": path, "key": key}
+        if "meta" in members:
+            try:
+                meta["json"] = json.loads(_member(data, members["meta"]).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise BadRecord("bad_line", record_id,
+                                f"{path}: {members['meta'].name}: {e}") from None
+        image = members["image"]
+        return Pair(record_id, decode_image(_member(data, image), record_id,
+                                            f"{path}: {image.name}"), caption, meta)
+
+
+def _member(data: bytes, member: tarfile.TarInfo) -> bytes:
+    return data[member.offset_data:member.offset_data + member.size]
 
 
 # --- parquet -------------------------------------------------------------------------
@@ -683,9 +716,21 @@ class WebDatasetSource(_Sharded):
 def _row_group(path: str, stamp: tuple[int, int], group: int, columns: tuple[str, ...]):
     """One row group's `columns` (prepare's readers take runs of consecutive records: a
     reader reads each group it needs once)."""
+    with _parquet_file(path) as f:
+        return f.read_row_group(group, columns=list(columns))
+
+
+@contextlib.contextmanager
+def _parquet_file(path: str):
+    """A `pq.ParquetFile`: pyarrow opens a local file itself and reads an object through
+    the epath file object (seeking: the footer and the row groups read, not the file)."""
     import pyarrow.parquet as pq  # the parquet source only: reader processes start without it
 
-    return pq.ParquetFile(path).read_row_group(group, columns=list(columns))
+    if not storage.is_remote(path):
+        yield pq.ParquetFile(path)
+        return
+    with storage.path(path).open("rb") as f:
+        yield pq.ParquetFile(f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -726,21 +771,19 @@ class ParquetSource(_Sharded):
                               f"{caption}, not text")
 
     def _list(self) -> tuple[_File, ...]:
-        import pyarrow.parquet as pq  # the parquet source only: reader processes start without it
-
         files, total = [], 0
         for path in source_files(self.path):
             if self._enough(total):
                 break
             try:
-                meta = pq.ParquetFile(path)
+                with _parquet_file(path) as f:
+                    schema, metadata = f.schema_arrow, f.metadata
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: name the file
                 raise SourceError(f"{path}: not a readable Parquet file ({e}); re-copy it or "
                                   "leave it out of source.path") from None
-            self._check_schema(path, meta.schema_arrow)
-            groups = tuple(meta.metadata.row_group(g).num_rows
-                           for g in range(meta.metadata.num_row_groups))
-            files.append(_File(path, _stamp(path), sum(groups), groups))
+            self._check_schema(path, schema)
+            groups = tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))
+            files.append(_File(path, storage.version(path), sum(groups), groups))
             total += files[-1].records
         if total == 0:
             raise SourceError(f"source.path={self.path!r}: the {len(files)} files hold no row")

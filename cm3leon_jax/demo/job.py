@@ -16,7 +16,8 @@ distribution-level score: the Fréchet distance (FID's formula, eval/fid.py) bet
 generated and the true held-out images in the image space of the run's retrieval dual
 encoder. No Inception weights ship (nothing here downloads), and ImageNet features of
 32x32 flat-colour scenes would say little; the dual encoder was trained on these scenes,
-so its space separates what the captions name (colour, shape, size, place).
+so its space separates what the captions name (colour, shape, size, place). DIR may be on
+cloud storage (storage.py).
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, load_config
 from cm3leon_jax.data.prepare import prepare
 from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
-from cm3leon_jax.generate.grid import image_grid
+from cm3leon_jax.generate.grid import image_grid, save_image
 from cm3leon_jax.layout import DataDir, DemoDir, retrieval_dir
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import neighbors, train_encoder
@@ -55,9 +55,11 @@ MODES = {  # report key -> (classifier-free guidance, retrieval)
 }
 
 
-def demo_config(config_path: str | Path, workdir: str | Path, overrides=()) -> Config:
+def demo_config(config_path: storage.PathLike, workdir: storage.PathLike,
+                overrides=()) -> Config:
     """The demo's config with every stage's outputs under `workdir`."""
-    out = DemoDir(Path(workdir).resolve())
+    root = storage.path(workdir)
+    out = DemoDir(root if storage.is_remote(root) else root.resolve())
     return load_config(config_path, [f"data.dir={out.data.root}",
                                      f"train.eval_dir={out.heldout.root}", *overrides],
                        num_devices=jax.device_count())
@@ -66,7 +68,7 @@ def demo_config(config_path: str | Path, workdir: str | Path, overrides=()) -> C
 def heldout_config(cfg: Config) -> Config:
     """`prepare` of the held-out documents: other scenes (source seed + 1), the training
     data's own tokenizers, so their tokens mean the same."""
-    data = DataDir(Path(cfg.data.dir))
+    data = DataDir(cfg.data.dir)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, dir=cfg.train.eval_dir),
         source=dataclasses.replace(cfg.source, seed=cfg.source.seed + 1,
@@ -106,8 +108,8 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
     done = {}
     rdir = retrieval_dir(cfg)
     checks = {
-        "prepare": DataDir(Path(cfg.data.dir)).manifest.exists,
-        "heldout": DataDir(Path(cfg.train.eval_dir)).manifest.exists,
+        "prepare": DataDir(cfg.data.dir).manifest.exists,
+        "heldout": DataDir(cfg.train.eval_dir).manifest.exists,
         "encoder": (rdir.encoder / train_encoder.INFO).exists,
         "index": (rdir.index / index_lib.MANIFEST).exists,
         "neighbors": lambda: neighbors.table_is_current(cfg),
@@ -180,14 +182,14 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     rows = min(cfg.demo.grid_rows, len(scenes))
     columns = [np.stack([p.image for p in scenes[:rows]])] + [images[k][:rows] for k in MODES]
     grid = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
-    Image.fromarray(image_grid(grid, len(columns))).save(out.samples_png)
+    save_image(out.samples_png, image_grid(grid, len(columns)))
     examples = [{"caption": c, "retrieved": [text_tok.decode(model.vocab.to_piece_ids(
                     d[model.vocab.is_text(d)])) for d in r],
                  "generated_caption": t} for c, r, t in zip(captions[:rows], retrieved, generated)]
     return {"step": step, "scores": scores, "examples": examples, "eval_scenes": len(scenes)}
 
 
-def plot_loss(run: Path, out: Path) -> list[dict]:
+def plot_loss(run: storage.Path, out: storage.Path) -> list[dict]:
     rows = read_metrics(run)
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -200,7 +202,8 @@ def plot_loss(run: Path, out: Path) -> list[dict]:
     ax.set_ylabel("cross-entropy (nats)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    with out.open("wb") as f:
+        fig.savefig(f, format="png")
     return rows
 
 
@@ -241,10 +244,11 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, minutes:
     return report
 
 
-def demo(config_path: str | Path, workdir: str | Path, overrides=(), log=print) -> dict:
+def demo(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
+         log=print) -> dict:
     """Run (or resume) every stage and write the report; returns report.json's content."""
     t0 = time.perf_counter()
-    out = DemoDir(Path(workdir))
+    out = DemoDir(workdir)
     out.root.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(config_path, out.root, overrides)
     if cfg.source.kind != "shapes":

@@ -7,14 +7,15 @@
                      --out DIR [--num N --seed S --cfg A --retrieve K --samples M
                      --rerank clip --clip DIR]
 
-Stage modules are imported when the command runs, so `cm3leon --help` does not load jax.
+Every file and folder may be on cloud storage (storage.py). Stage modules are imported
+when the command runs, so `cm3leon --help` does not load jax.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 
 
@@ -103,17 +104,18 @@ def run_fid(args) -> None:
                           "statistics)")
     for name in ("real", "fake"):
         path = getattr(args, name)
-        if path is not None and not Path(path).exists():
+        if path is not None and not storage.path(path).exists():
             raise ConfigError(f"--{name} {path} does not exist")
-    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+    if (args.inception_weights is not None
+            and not storage.path(args.inception_weights).is_file()):
         raise ConfigError(f"--inception-weights {args.inception_weights} does not exist")
     if args.inception_weights is None and any(
-            p is not None and Path(p).is_dir() for p in (args.real, args.fake)):
+            p is not None and storage.path(p).is_dir() for p in (args.real, args.fake)):
         raise ConfigError("--inception-weights: a folder of images needs the FID Inception "
                           "weights file")
     if args.save_stats is not None and not args.save_stats.endswith(".npz"):
         raise ConfigError(f"--save-stats {args.save_stats}: name a .npz file")
-    folders = any(p is not None and Path(p).is_dir() for p in (args.real, args.fake))
+    folders = any(p is not None and storage.path(p).is_dir() for p in (args.real, args.fake))
     net = inception.load_inception(args.inception_weights) if folders else None
     mu, sigma, n = fid.stats_of(args.real, net, args.batch_size, args.dims, args.center_crop)
     if args.save_stats:
@@ -146,7 +148,7 @@ def run_t2i(args) -> None:
         overrides=tuple(args.overrides))
     report = t2i.run_t2i(req)
     scores = {k: v for k, v in report.items() if k != "settings"}
-    print(f"{_line(scores)} -> {Path(args.out) / 'report.json'}")
+    print(f"{_line(scores)} -> {storage.path(args.out) / 'report.json'}")
 
 
 def run_score(args) -> None:

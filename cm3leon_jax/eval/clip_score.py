@@ -9,18 +9,18 @@ under the same checkpoint (ViT-B/32, ViT-L/14, ...): name it next to every numbe
 
 The captions file is JSONL, one `{"image": NAME, "caption": TEXT}` per line, NAME relative
 to the images folder. Every line is checked (and that its image exists) before any image is
-embedded; an error names the file and the line.
+embedded; an error names the file and the line. Both may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.perception.clip import Clip, pair_cosines
 
@@ -45,13 +45,14 @@ def clip_score(clip: Clip, images_uint8, captions: Sequence[str],
     return {"clip_score": float(s.mean()), "n": len(s)}
 
 
-def read_captions(path: str | Path, images_dir: str | Path | None = None) -> list[dict]:
+def read_captions(path: storage.PathLike,
+                  images_dir: storage.PathLike | None = None) -> list[dict]:
     """The records of a captions JSONL (blank lines skipped), each checked: a JSON object with
     string `image` and `caption`; with `images_dir`, the image file must exist under it."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such captions file")
-    images_dir = Path(images_dir) if images_dir is not None else None
+    images_dir = storage.path(images_dir) if images_dir is not None else None
     if images_dir is not None and not images_dir.is_dir():
         raise ConfigError(f"{images_dir}: no such images directory")
     out = []
@@ -82,22 +83,22 @@ def read_captions(path: str | Path, images_dir: str | Path | None = None) -> lis
     return out
 
 
-def _load_image(path: Path) -> np.ndarray:
+def _load_image(path: storage.Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with path.open("rb") as f, Image.open(f) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:  # any decoder failure (PIL raises several kinds): name the file
         raise ConfigError(f"{path}: not a readable image ({e})") from None
 
 
-def clip_score_files(clip: Clip, images_dir: str | Path, captions_jsonl: str | Path,
+def clip_score_files(clip: Clip, images_dir: storage.PathLike, captions_jsonl: storage.PathLike,
                      batch_size: int = 64) -> dict:
     """`clip_score` of the images named by a captions JSONL, read from `images_dir` a batch
     at a time (all lines checked first)."""
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} must be >= 1")
     records = read_captions(captions_jsonl, images_dir)
-    images_dir = Path(images_dir)
+    images_dir = storage.path(images_dir)
     scores = []
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]

@@ -9,18 +9,19 @@ the root is not finite, the imaginary-part check), which the tests hold it to.
 A folder streams through in batches, so a 50k-image set never sits in memory whole;
 statistics saved as an `.npz` with `mu` and `sigma` (pytorch-fid's `--save-stats` format)
 stand in for either side. FID is biased by the set size: compare numbers computed from
-equally many images, and at least 2048 of them for full-rank covariances.
+equally many images, and at least 2048 of them for full-rank covariances. Folders and
+statistics may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import linalg
 
+from cm3leon_jax import storage
 from cm3leon_jax.perception.inception import (
     Inception,
     pool_features,
@@ -33,9 +34,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # ----------------------------------------------------------------------------- images
 
 
-def image_files(folder: str | Path) -> list[Path]:
+def image_files(folder: storage.PathLike) -> list[storage.Path]:
     """The PNG/JPEG files directly in `folder`, sorted by name."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder of images")
     files = sorted(p for p in folder.iterdir()
@@ -45,10 +46,10 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_image(file: str | Path) -> np.ndarray:
+def load_image(file: storage.PathLike) -> np.ndarray:
     """One file -> uint8 [H, W, 3]; grayscale, palette and RGBA converted by PIL."""
     try:
-        with Image.open(file) as image:
+        with storage.path(file).open("rb") as f, Image.open(f) as image:
             return np.asarray(image.convert("RGB"), np.uint8)
     except Exception as e:  # any decoder failure (PIL raises several kinds): name the file
         raise ValueError(f"{file}: not a readable image ({e})") from e
@@ -62,14 +63,14 @@ def center_square(image: np.ndarray) -> np.ndarray:
     return image[top:top + side, left:left + side]
 
 
-def features_of(folder: str | Path, inception: Inception, batch_size: int = 50,
+def features_of(folder: storage.PathLike, inception: Inception, batch_size: int = 50,
                 dims: int = 2048, center_crop: bool = False) -> np.ndarray:
     """Pool features float64 [N, dims] of a folder's images, read `batch_size` at a time
     (with `center_crop`, each image's central square)."""
     return features_of_files(image_files(folder), inception, batch_size, dims, center_crop)
 
 
-def features_of_files(files: list[Path], inception: Inception, batch_size: int = 50,
+def features_of_files(files: list[storage.Path], inception: Inception, batch_size: int = 50,
                       dims: int = 2048, center_crop: bool = False) -> np.ndarray:
     """Pool features float64 [N, dims] of these image files, read `batch_size` at a time."""
     crop = center_square if center_crop else (lambda image: image)
@@ -131,20 +132,22 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int | None) -> None:
+def save_stats(path: storage.PathLike, mu: np.ndarray, sigma: np.ndarray, n: int | None) -> None:
     """mu, sigma and the image count to an `.npz` (pytorch-fid reads mu and sigma)."""
-    path = Path(path)
+    path = storage.path(path)
     if path.suffix != ".npz":
         raise ValueError(f"{path}: FID statistics are written as .npz")
     count = {} if n is None else {"n": np.int64(n)}  # unknown for pytorch-fid's statistics
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **count)
+    with path.open("wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                 **count)
 
 
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+def load_stats(path: storage.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(mu, sigma, n) from an `.npz`; n is None when the file does not say (pytorch-fid's)."""
-    path = Path(path)
+    path = storage.path(path)
     try:
-        with np.load(path) as npz:
+        with path.open("rb") as f, np.load(f) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as e:  # a missing, truncated or non-npz file: name it
         raise ValueError(f"{path}: cannot read FID statistics ({e})") from e
@@ -159,11 +162,11 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     return mu, sigma, int(arrays["n"]) if "n" in arrays else None
 
 
-def stats_of(path: str | Path, inception: Inception | None, batch_size: int = 50,
+def stats_of(path: storage.PathLike, inception: Inception | None, batch_size: int = 50,
              dims: int = 2048, center_crop: bool = False
              ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(mu, sigma, n) of a folder of images (through `inception`) or of a saved `.npz`."""
-    path = Path(path)
+    path = storage.path(path)
     if path.is_dir():
         if inception is None:
             raise ValueError(f"{path}: a folder of images needs the Inception weights")
@@ -180,7 +183,7 @@ def stats_of(path: str | Path, inception: Inception | None, batch_size: int = 50
     raise ValueError(f"{path}: neither a folder of images nor an .npz of FID statistics")
 
 
-def fid(real: str | Path, fake: str | Path, inception: Inception | None,
+def fid(real: storage.PathLike, fake: storage.PathLike, inception: Inception | None,
         batch_size: int = 50, dims: int = 2048, center_crop: bool = False) -> dict:
     """FID between two folders of images and/or `.npz` statistics (either side).
 

@@ -4,12 +4,11 @@ For rows of T tokens, out[b, t] = log p(tokens[b, t+1] | tokens[b, :t+1]), the b
 perplexity evaluation and of reranking candidates by perplexity (RA-CM3). Rows are plain
 sequences (positions 0..T-1, no packing), scored in batches whose rows are split over the
 mesh's batch axes while the parameters stay sharded. The softmax runs over the whole
-(padded) vocabulary in float32, exactly as the training loss does.
+(padded) vocabulary in float32, exactly as the training loss does. The tokens and the
+output may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train.weights import Weights
@@ -93,20 +93,25 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def load_tokens(path: str | Path) -> np.ndarray:
-    path = Path(path)
+def load_tokens(path: storage.PathLike) -> np.ndarray:
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"--tokens {path} does not exist")
     try:
-        return np.load(path, allow_pickle=False)
+        with path.open("rb") as f:
+            return np.load(f, allow_pickle=False)
     except ValueError as e:
         raise ConfigError(f"--tokens {path}: not a .npy array ({e})") from None
 
 
-def save_scores(logp: np.ndarray, out_path: str | Path) -> dict:
+def save_scores(logp: np.ndarray, out_path: storage.PathLike) -> dict:
     """Write OUT.npy (process 0); returns a summary (mean log-prob, perplexity per token)."""
+    out_path = storage.path(out_path)
+    if out_path.suffix != ".npy":  # as np.save names it
+        out_path = out_path.with_name(out_path.name + ".npy")
     if jax.process_index() == 0:
-        np.save(out_path, logp)
+        with out_path.open("wb") as f:
+            np.save(f, logp)
     mean = float(logp.mean())
     return {"rows": int(logp.shape[0]), "tokens": int(logp.size), "mean_logprob": mean,
             "perplexity": float(np.exp(-mean)), "out": str(out_path)}

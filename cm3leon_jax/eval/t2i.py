@@ -7,23 +7,23 @@ retrieval how close each image is to the images it was shown (the over-copying c
 static retrieval). `report.json` holds every setting needed to reproduce the numbers; a
 PNG grid shows the first images. CM3Leon's headline protocol is MS-COCO FID-30K with two
 retrieved documents and 8 samples reranked by CLIP (paper_spec §7.1; docs/eval.md).
+Every input and `--out` may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.eval import clip_score as clip_score_lib
 from cm3leon_jax.eval import fid as fid_lib
 from cm3leon_jax.generate import tasks
-from cm3leon_jax.generate.grid import image_grid
+from cm3leon_jax.generate.grid import image_grid, save_image
 from cm3leon_jax.generate.rerank import clip_scorer, rerank
 from cm3leon_jax.perception import clip as clip_lib
 from cm3leon_jax.perception import inception as inception_lib
@@ -53,11 +53,11 @@ class T2IRequest:
     overrides: tuple[str, ...] = ()
 
 
-def read_caption_file(path: str | Path) -> list[dict]:
+def read_caption_file(path: storage.PathLike) -> list[dict]:
     """`{"caption": ..., "source": ...}` records: a JSONL file's lines (`{"caption": ...}`,
     any `image` kept as the source), or COCO's `captions_*.json`, one caption per image
     (its first in the file, so an image is never drawn twice) with the image's file name."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise ConfigError(f"--captions {path} does not exist")
     if path.suffix == ".json":
@@ -78,7 +78,7 @@ def read_caption_file(path: str | Path) -> list[dict]:
     return out
 
 
-def _coco_captions(path: Path) -> list[dict]:
+def _coco_captions(path: storage.Path) -> list[dict]:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -122,18 +122,18 @@ def _check(req: T2IRequest) -> None:
     if req.retrieve and req.clip is None:
         raise ConfigError(f"--retrieve {req.retrieve} also measures how close each image is "
                           "to the images it was shown, with CLIP: add --clip DIR")
-    if not Path(req.inception_weights).is_file():
+    if not storage.path(req.inception_weights).is_file():
         raise ConfigError(f"--inception-weights {req.inception_weights} does not exist")
-    real = Path(req.real)
+    real = storage.path(req.real)
     if req.real_drawn and not real.is_dir():
         raise ConfigError(f"--real-drawn reads the drawn captions' images from --real: "
                           f"{real} is not a folder")
     if not (real.is_dir() or (real.suffix == ".npz" and real.is_file())):
         raise ConfigError(f"--real {real}: expected a folder of images or a .npz of "
                           "statistics (`cm3leon eval fid --save-stats`)")
-    if req.clip is not None and not Path(req.clip).is_dir():
+    if req.clip is not None and not storage.path(req.clip).is_dir():
         raise ConfigError(f"--clip {req.clip} is not a directory")
-    images = Path(req.out) / "images"
+    images = storage.path(req.out) / "images"
     if images.is_dir() and any(images.iterdir()):
         raise ConfigError(f"--out {req.out}: {images} already holds images; FID of that "
                           "folder would mix runs. Choose a new --out or empty it")
@@ -202,7 +202,7 @@ def load_generator(req: T2IRequest) -> _Generator:
 
 
 def generate(req: T2IRequest, gen: _Generator, captions: list[str], scores: _Scores,
-             out: Path) -> None:
+             out: storage.Path) -> None:
     """Generate for `captions` in batches; each batch is saved as PNGs and scored."""
     model, toks = gen.model, gen.toks
     n_tokens = toks.image.tokens_per_image
@@ -220,7 +220,7 @@ def generate(req: T2IRequest, gen: _Generator, captions: list[str], scores: _Sco
         else:
             pixels = pixels[:, 0]
         for i, im in enumerate(pixels):
-            Image.fromarray(im).save(out / "images" / f"{b + i:06d}.png")
+            save_image(out / "images" / f"{b + i:06d}.png", im)
         shown = None
         if retrieved is not None:
             shown = []
@@ -236,7 +236,7 @@ def _real_stats(req: T2IRequest, drawn: list[dict], inception) -> tuple:
     --real-drawn the folder's images of the drawn captions (a set as large as the fakes)."""
     if not req.real_drawn:
         return fid_lib.stats_of(req.real, inception, dims=req.dims, center_crop=req.center_crop)
-    files = [Path(req.real) / r["source"] for r in drawn if r["source"]]
+    files = [storage.path(req.real) / r["source"] for r in drawn if r["source"]]
     missing = [f for f in files if not f.is_file()]
     if len(files) < len(drawn) or missing:
         raise ConfigError(f"--real-drawn: {len(drawn) - len(files)} drawn captions name no "
@@ -257,20 +257,19 @@ def run_t2i(req: T2IRequest) -> dict:
     inception = inception_lib.load_inception(req.inception_weights)
     clip = clip_lib.load_clip(req.clip) if req.clip else None
     real_mu, real_sigma, n_real = _real_stats(req, drawn, inception)
-    out = Path(req.out)
+    out = storage.path(req.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     names = [f"{i:06d}.png" for i in range(len(drawn))]
-    with (out / "captions.jsonl").open("w") as f:
-        for name, r in zip(names, drawn):
-            f.write(json.dumps({"image": name, "caption": r["caption"], "source": r["source"]})
-                    + "\n")
+    (out / "captions.jsonl").write_text("".join(
+        json.dumps({"image": name, "caption": r["caption"], "source": r["source"]}) + "\n"
+        for name, r in zip(names, drawn)))
     scores = _Scores(inception, clip, req.dims)
     generate(req, gen, captions, scores, out)
-    Image.fromarray(image_grid(np.stack(scores.first), 8)).save(out / "grid.png")
+    save_image(out / "grid.png", image_grid(np.stack(scores.first), 8))
     if req.retrieve:
-        with (out / "copy.jsonl").open("w") as f:
-            for name, c in zip(names, scores.copy):
-                f.write(json.dumps({"image": name, "copy_cosine": c}) + "\n")
+        (out / "copy.jsonl").write_text("".join(
+            json.dumps({"image": name, "copy_cosine": c}) + "\n"
+            for name, c in zip(names, scores.copy)))
     report = scores.report(real_mu, real_sigma, n_real, req.retrieve)
     report["settings"] = {
         **{k: v for k, v in dataclasses.asdict(req).items() if k != "overrides"},

@@ -7,7 +7,8 @@ sequence of pieces (slices along its first axis): the writer holds at most one p
 host, and a sharded array is only ever gathered one piece at a time. This is the
 "tensor by tensor" export path; the `safetensors` package needs the whole dict in memory.
 
-Only process 0 writes; every process runs the gathers (they are collectives).
+Only process 0 writes; every process runs the gathers (they are collectives). The file is
+written as a stream, so `path` may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.train.weights import DTYPES
 
 PIECE_BYTES = 256 * 2**20  # largest slice gathered to the host at once
@@ -58,12 +59,12 @@ def header(tensors: Sequence[Tensor], metadata: dict[str, str]) -> bytes:
     return len(text).to_bytes(8, "little") + text
 
 
-def write(path: str | Path, tensors: Sequence[Tensor], metadata: dict[str, str],
+def write(path: storage.PathLike, tensors: Sequence[Tensor], metadata: dict[str, str],
           desc: str = "export") -> int:
     """Write `tensors` to `path` (process 0 only); returns the bytes of tensor data."""
     lead = jax.process_index() == 0
     total = sum(t.nbytes for t in tensors)
-    f = open(path, "wb") if lead else None
+    f = storage.path(path).open("wb") if lead else None
     try:
         if lead:
             f.write(header(tensors, metadata))

@@ -3,19 +3,18 @@
 Everything that can be refused is refused from the saved config alone (format options,
 missing tokenizers, an occupied output directory) before any array is read. The directory
 is written as `OUT.partial` and renamed at the end, so an interrupted export never looks
-complete.
+complete. OUT may be on cloud storage (storage.py), where the rename is a copy and a delete.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.export import hf_opt, tensor_file, tokenizers
 from cm3leon_jax.export import safetensors as st
@@ -25,12 +24,12 @@ from cm3leon_jax.train import weights as weights_lib
 FORMATS = ("safetensors", "hf-opt")
 
 
-def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = None,
+def export(workdir: storage.PathLike, out: storage.PathLike, fmt: str, step: int | None = None,
            mesh: Mesh | None = None, with_tokenizers: bool = True,
            piece_bytes: int = tensor_file.PIECE_BYTES) -> dict:
     """Write the export; returns a summary (also printed)."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = storage.path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -54,7 +53,7 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
     lead = jax.process_index() == 0
     partial = ExportDir(out.with_name(out.name + ".partial"))
     if lead:
-        shutil.rmtree(partial.root, ignore_errors=True)
+        partial.root.rmtree(missing_ok=True)
         partial.root.mkdir(parents=True)
     nbytes = tensor_file.write(partial.weights, files, metadata, desc=f"export {fmt}")
     summary = {"format": fmt, "out": str(out), "source": weights.origin, "step": step,
@@ -71,9 +70,9 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
             partial.config.write_text(json.dumps(hf_opt.config_json(cfg), indent=2) + "\n")
             partial.provenance.write_text(json.dumps(ours, indent=2) + "\n")
         cfg.vocab.build().save(partial.vocab)
-        if out.exists():
+        if out.exists() and not storage.is_remote(out):  # an empty folder (checked above)
             out.rmdir()
-        partial.root.rename(out)
+        storage.move_aside(partial.root, out)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         tok = (f"{len(summary['tokenizers'])} tokenizer files from {data_dir}" if data_dir
                else "no tokenizers (none known: the built-in synthetic source)"

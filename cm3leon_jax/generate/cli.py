@@ -8,18 +8,19 @@
 The weights come from train/weights.py (parameters only); the text and image tokenizers are
 the ones the model trained with (`weights.tokenizer_dir`: `sft.tokenizers`, an export's
 own tokenizers/, the init's, else `data.dir`; an override may point elsewhere as long as
-every piece and code has an id in the model's vocabulary). Stage modules are imported
-when a command runs, so `cm3leon --help` does not load jax.
+every piece and code has an id in the model's vocabulary). Every path (the run or export,
+`--out`, `--image`, `--clip`) may be on cloud storage (storage.py). Stage modules are
+imported when a command runs, so `cm3leon --help` does not load jax.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.layout import ExportDir, RunDir, is_run
+from cm3leon_jax.storage import Path
 
 HELPS = {"image": "text -> PNG grid of images", "caption": "image files -> captions",
          "infill": "fill the gap between two texts"}
@@ -67,16 +68,17 @@ def generate_image(workdir, prompts: list[str], num: int, out: str | None,
     """Write a PNG grid (a row per prompt: `num` images, each generate.candidates wide, or
     the best candidate alone with `rerank_by="clip"`) and the codes (.npy) next to it;
     returns the PNG path."""
-    from PIL import Image  # heavy: deferred (cm3leon --help)
-
     from cm3leon_jax.generate import tasks  # heavy: deferred (cm3leon --help)
-    from cm3leon_jax.generate.grid import image_grid  # heavy: deferred (cm3leon --help)
+    from cm3leon_jax.generate.grid import (  # heavy: deferred (cm3leon --help)
+        image_format, image_grid, save_image)
     from cm3leon_jax.generate.rerank import clip_scorer, rerank  # heavy: as above
     from cm3leon_jax.perception import clip  # heavy: deferred (cm3leon --help)
 
-    if out is None and not is_run(workdir) and ExportDir(Path(workdir)).config.is_file():
+    if out is None and not is_run(workdir) and ExportDir(workdir).config.is_file():
         raise ConfigError(f"--out: {workdir} is an export, which is not written to; name the "
                           "PNG file")
+    if out is not None:
+        image_format(out)  # a name PIL cannot write is refused before any work
     if (rerank_by is None) != (clip_dir is None):
         raise ConfigError("--rerank clip and --clip DIR go together")
     scorer = clip.load_clip(clip_dir) if clip_dir else None  # a bad directory fails first
@@ -98,10 +100,11 @@ def generate_image(workdir, prompts: list[str], num: int, out: str | None,
         pixels = groups[np.arange(len(texts)), best[:, 0]]
         codes = codes.reshape(len(texts), m, n_tokens)[np.arange(len(texts)), best[:, 0]]
         columns = num
-    path = Path(out) if out else RunDir(Path(workdir)).samples / f"generate-{step}.png"
+    path = storage.path(out) if out else RunDir(workdir).samples / f"generate-{step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(pixels, columns)).save(path)
-    np.save(path.with_suffix(".npy"), codes.reshape(len(prompts), num, -1, n_tokens))
+    save_image(path, image_grid(pixels, columns))
+    with path.with_suffix(".npy").open("wb") as f:
+        np.save(f, codes.reshape(len(prompts), num, -1, n_tokens))
     g = cfg.generate
     kept = (f", best of {m} by CLIP (mean similarity {scores.max(axis=1).mean():.4f})"
             if scorer is not None else "")
@@ -122,9 +125,11 @@ def caption_images(workdir, images: list[str], overrides: list[str]) -> list[str
     cfg, model, toks, _ = tasks.load_model(workdir, overrides=overrides)
     pixels = []
     for f in images:
-        if not Path(f).is_file():
+        if not storage.path(f).is_file():
             raise FileNotFoundError(f"--image {f} does not exist")
-        pixels.append(fit_image(to_rgb(np.asarray(Image.open(f)), f), toks.image.resolution))
+        with storage.path(f).open("rb") as stream:
+            pixels.append(fit_image(to_rgb(np.asarray(Image.open(stream)), f),
+                                    toks.image.resolution))
     codes = toks.image.encode(np.stack(pixels))
     ids = tasks.image_to_text(model, list(codes), cfg.generate)
     texts = [toks.text.decode(model.vocab.to_piece_ids(i)) for i in ids]

@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,9 @@ import safetensors.numpy
 import tokenizers
 from PIL import Image
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
+from cm3leon_jax.storage import Path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,16 +125,21 @@ def _need(path: Path, name: str, what: str) -> Path:
     return f
 
 
+def _load_safetensors(f: Path) -> dict[str, np.ndarray]:
+    if storage.is_remote(f):  # safetensors opens local files only
+        return safetensors.numpy.load(f.read_bytes())
+    return safetensors.numpy.load_file(str(f))
+
+
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return safetensors.numpy.load_file(str(single))
+        return _load_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out = {}
         for shard in shards:
-            out.update(safetensors.numpy.load_file(str(_need(path, shard, f"a shard named by "
-                                                                      f"{index.name}"))))
+            out.update(_load_safetensors(_need(path, shard, f"a shard named by {index.name}")))
         return out
     raise ConfigError(f"{path}: no model.safetensors nor model.safetensors.index.json (save the "
                       f"model with CLIPModel.save_pretrained; .bin weights are not read)")
@@ -256,7 +262,7 @@ def _tokenizer(path: Path, max_length: int) -> tuple[tokenizers.Tokenizer, int]:
     if not f.is_file():
         raise ConfigError(f"{path}: no tokenizer.json (save the processor next to the model: "
                           f"CLIPProcessor.from_pretrained(...).save_pretrained({str(path)!r}))")
-    tok = tokenizers.Tokenizer.from_file(str(f))
+    tok = tokenizers.Tokenizer.from_str(f.read_text())
     pad_id = (tok.padding or {}).get("pad_id")
     if pad_id is None:
         tc = path / "tokenizer_config.json"
@@ -270,9 +276,10 @@ def _tokenizer(path: Path, max_length: int) -> tuple[tokenizers.Tokenizer, int]:
     return tok, int(pad_id or 0)
 
 
-def load_clip(path: str | Path) -> Clip:
-    """A `CLIPModel.save_pretrained` folder with its processor saved next to it -> `Clip`."""
-    path = Path(path)
+def load_clip(path: storage.PathLike) -> Clip:
+    """A `CLIPModel.save_pretrained` folder with its processor saved next to it -> `Clip`,
+    local or on cloud storage (storage.py)."""
+    path = storage.path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such CLIP model directory")
     cfg = json.loads(_need(path, "config.json", "save the model with "

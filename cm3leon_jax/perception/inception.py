@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,8 @@ import numpy as np
 import safetensors.numpy
 from jax import lax
 from PIL import Image
+
+from cm3leon_jax import storage
 
 SIZE = 299
 BN_EPS = 1e-3
@@ -338,10 +339,11 @@ def random_init(seed: int) -> Inception:
     return from_state_dict(state, f"random-{seed}")
 
 
-def load_inception(path: str | Path) -> Inception:
+def load_inception(path: storage.PathLike) -> Inception:
     """The FID Inception from a `.pth` (torch-fidelity's or pytorch-fid's state dict,
-    same key names in both), an `.npz` or a `.safetensors` file with those names."""
-    path = Path(path)
+    same key names in both), an `.npz` or a `.safetensors` file with those names; local or
+    on cloud storage (storage.py)."""
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weight file (torch-fidelity's "
                                 f"weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
@@ -355,16 +357,17 @@ def load_inception(path: str | Path) -> Inception:
             except ImportError as e:
                 raise ValueError("reading a .pth needs torch; convert it once where torch "
                                  "is installed (save_npz) and load the .npz") from e
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with path.open("rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
                 raise ValueError(f"holds a {type(state).__name__}, not a state dict")
             state = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v
                      for k, v in state.items()}
         elif suffix == ".npz":
-            with np.load(path) as npz:
+            with path.open("rb") as f, np.load(f) as npz:
                 state = {k: npz[k] for k in npz.files}
         elif suffix == ".safetensors":
-            state = safetensors.numpy.load_file(str(path))
+            state = safetensors.numpy.load(path.read_bytes())
         else:
             raise ValueError("unsupported weight file type (expected .pth, .pt, .npz or "
                              ".safetensors)")
@@ -373,6 +376,7 @@ def load_inception(path: str | Path) -> Inception:
     return from_state_dict(state, source=str(path))
 
 
-def save_npz(inception: Inception, path: str | Path) -> None:
+def save_npz(inception: Inception, path: storage.PathLike) -> None:
     """Write the weights with their torch names, loadable without torch."""
-    np.savez(path, **{k: np.asarray(v) for k, v in inception.params.items()})
+    with storage.path(path).open("wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in inception.params.items()})

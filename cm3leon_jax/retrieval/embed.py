@@ -16,17 +16,20 @@ A document's vector is normalize(mean(normalize(text), normalize(image))) for a 
 its one side otherwise (CM3Leon §2.1); a document with no embeddable side is all zeros and
 is never retrieved. Query text dropout removes a fixed fraction of the text tokens, chosen
 by (seed, document index) alone, so results do not depend on batching or sharding.
+
+Every folder may be on cloud storage (storage.py): the array files of retrieval are
+written and read by storage.py's `save_npy`/`load_npy` (memory-mapped locally, read
+whole from a remote object).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import RetrievalConfig
 from cm3leon_jax.data import records
 
@@ -61,16 +64,16 @@ def drop_tokens(tokens: np.ndarray, rate: float, seed: int, index: int) -> np.nd
     return tokens[keep]
 
 
-def read_npy(data_dir: str | Path, cfg: RetrievalConfig, count: int) -> dict:
+def read_npy(data_dir: storage.PathLike, cfg: RetrievalConfig, count: int) -> dict:
     """The user's precomputed vectors for one prepared directory, checked and normalised."""
-    folder = Path(data_dir) / cfg.embeddings
+    folder = storage.path(data_dir) / cfg.embeddings
     out = {}
     for side in ("text", "image"):
         path = folder / f"{side}.npy"
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing (retrieval.encoder=npy reads "
                                     f"{cfg.embeddings}/text.npy and image.npy)")
-        a = np.load(path, mmap_mode="r")
+        a = storage.load_npy(path, mmap=True)
         if a.ndim != 2 or len(a) != count:
             raise ValueError(f"{path}: shape {a.shape}, expected [{count} documents, dim]")
         if not np.isfinite(a).all():
@@ -105,17 +108,18 @@ def _embed_docs(encoder, docs: list[dict], first: int, dropout: float, seed: int
     return text, image
 
 
-def embed_range(data_dir: str | Path, encoder, start: int, stop: int, cfg: RetrievalConfig,
-                cache: str | Path, dropout: float = 0.0, want_text: bool = True,
+def embed_range(data_dir: storage.PathLike, encoder, start: int, stop: int,
+                cfg: RetrievalConfig, cache: storage.PathLike, dropout: float = 0.0,
+                want_text: bool = True,
                 want_image: bool = True, desc: str = "embed") -> dict:
     """Text and image vectors [stop - start, D] and modality bits of documents
     [start, stop), computed in resumable chunks saved under `cache`."""
-    cache = Path(cache)
-    spec = {"data_dir": str(Path(data_dir).resolve()), "encoder": encoder.fingerprint,
+    cache = storage.path(cache)
+    spec = {"data_dir": storage.absolute(data_dir), "encoder": encoder.fingerprint,
             "dropout": dropout, "seed": cfg.seed, "text": want_text, "image": want_image}
     if cache.exists() and (not (cache / "spec.json").exists() or
                            json.loads((cache / "spec.json").read_text()) != spec):
-        shutil.rmtree(cache)  # made for other settings
+        cache.rmtree()  # made for other settings
     cache.mkdir(parents=True, exist_ok=True)
     (cache / "spec.json").write_text(json.dumps(spec))
     source = records.open_documents(data_dir)
@@ -135,18 +139,15 @@ def embed_range(data_dir: str | Path, encoder, start: int, stop: int, cfg: Retri
                     text.append(t), image.append(im)
                     mods.append(np.asarray([modalities(d) for d in docs], np.uint8))
                     bar.update(len(docs))
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, text=np.concatenate(text), image=np.concatenate(image),
-                         modalities=np.concatenate(mods))
-                tmp.rename(path)
+                storage.save_npz(path, text=np.concatenate(text), image=np.concatenate(image),
+                            modalities=np.concatenate(mods))
             else:
                 bar.update(hi - lo)
-            with np.load(path) as z:
-                parts.append({k: z[k] for k in z.files})
+            parts.append(storage.load_npz(path))
     return {k: np.concatenate([p[k] for p in parts]) for k in ("text", "image", "modalities")}
 
 
-def read_modalities(data_dir: str | Path) -> np.ndarray:
+def read_modalities(data_dir: storage.PathLike) -> np.ndarray:
     source = records.open_documents(data_dir)
     return np.asarray([modalities(records.decode_document(source[i]))
                        for i in range(len(source))], np.uint8)

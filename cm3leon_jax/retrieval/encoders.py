@@ -6,10 +6,10 @@ computed elsewhere are read, not computed; retrieval/embed.py)."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import RetrievalConfig
 from cm3leon_jax.layout import RetrievalDir
 from cm3leon_jax.perception import clip as clip_lib
@@ -23,14 +23,14 @@ class ClipEncoder:
     markers; `embed_texts` frames them as the tokenizer does (truncated keeping the end)."""
     has_text, has_image = True, True
 
-    def __init__(self, path: str | Path, batch: int):
+    def __init__(self, path: storage.PathLike, batch: int):
         self.clip = clip_lib.load_clip(path)
         self.batch, self.dim = batch, self.clip.projection_dim
         tok = self.clip.tokenizer
         self.bos, self.eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
         if self.bos is None or self.eos is None:
             raise ValueError(f"{path}: tokenizer.json lacks <|startoftext|> or <|endoftext|>")
-        self.fingerprint = f"clip-{_digest(Path(path))}"
+        self.fingerprint = f"clip-{_digest(storage.path(path))}"
 
     def text_tokens(self, doc: dict) -> np.ndarray:
         ids = self.clip.tokenizer.encode(doc["caption"], add_special_tokens=False).ids
@@ -57,7 +57,7 @@ class ClipEncoder:
         return clip_lib.embed_images(self.clip, pixels, self.batch)
 
 
-def _digest(folder: Path) -> str:
+def _digest(folder: storage.Path) -> str:
     """Of everything that changes a vector: the weights, config, tokenizer, preprocessing
     (a fine-tune of the same shape must not reuse the old one's cached vectors)."""
     h = hashlib.sha256()

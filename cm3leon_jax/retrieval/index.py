@@ -3,7 +3,10 @@
 Below `exact_threshold` documents the searcher is brute force (exact); above it, a tree of
 about sqrt(N) leaves + anisotropic asymmetric hashing + exact reordering of the best
 `reorder` candidates (ScaNN's own rules of thumb, stack.md §B). The searcher is
-serialized with ScaNN's own format next to a manifest saying how it was built.
+serialized with ScaNN's own format (asset paths relative to its folder, so the folder may
+be moved or copied) next to a manifest saying how it was built. ScaNN reads and writes
+local folders only: an index on cloud storage is built in a local folder and uploaded,
+and copied to this machine to load (storage.py).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import scann
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import RetrievalConfig
 
 MANIFEST = "manifest.json"
@@ -91,16 +94,16 @@ def recall_with_ties(queries: np.ndarray, bank: np.ndarray, found: np.ndarray,
     return float(hits.sum() / truth_scores.size)
 
 
-def build_index(bank: np.ndarray, out_dir: str | Path, cfg: RetrievalConfig,
+def build_index(bank: np.ndarray, out_dir: storage.PathLike, cfg: RetrievalConfig,
                 extra: dict | None = None) -> dict:
     """Build, serialize and measure the searcher (recall@10 of bank rows as queries, ties
     with the 10th exact score counted); returns (and writes) its manifest."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = storage.path(out_dir)
     t0 = time.perf_counter()
     searcher = build_searcher(bank, cfg)
     build_s = time.perf_counter() - t0
-    searcher.serialize(str(out_dir.resolve()))  # ScaNN cannot load relative asset paths
+    with storage.staged_dir(out_dir) as local:
+        searcher.serialize(str(local), relative_path=True)
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(bank), min(cfg.recall_queries, len(bank)), replace=False)
     queries = bank[np.sort(sample)]
@@ -114,8 +117,9 @@ def build_index(bank: np.ndarray, out_dir: str | Path, cfg: RetrievalConfig,
     return manifest
 
 
-def load_searcher(index_dir: str | Path):
-    index_dir = Path(index_dir)
+def load_searcher(index_dir: storage.PathLike):
+    index_dir = storage.path(index_dir)
     if not (index_dir / MANIFEST).exists():
         raise FileNotFoundError(f"{index_dir}: no index here (run `cm3leon index` first)")
-    return scann.scann_ops_pybind.load_searcher(str(index_dir))
+    with storage.local_copy(index_dir) as local:  # the searcher holds its assets in memory
+        return scann.scann_ops_pybind.load_searcher(str(local))

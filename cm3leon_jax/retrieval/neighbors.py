@@ -25,19 +25,19 @@ were found), scores.npy float32 (query–neighbor score, -inf where none) and ma
 with the fill rate (share of documents with at least data.k distinct neighbors) and the
 histogram of distinct neighbors per document. Row i is document i of the training set.
 Work can be split by document range (`shard` of `num_shards`); shard files merge into the
-same table.
+same table. The retrieval directory may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, RetrievalConfig
 from cm3leon_jax.data import records
 from cm3leon_jax.layout import RetrievalDir, bank_dir, data_dir, retrieval_dir
@@ -151,8 +151,8 @@ def train_dir(cfg: Config) -> str:
     return str(data_dir(cfg).root)
 
 
-def _same(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+def _same(a: storage.PathLike, b: storage.PathLike) -> bool:
+    return storage.absolute(a) == storage.absolute(b)
 
 
 # --- cm3leon index -------------------------------------------------------------------
@@ -174,10 +174,9 @@ def build_bank_index(cfg: Config) -> dict:
                                   desc="embed bank")
     embed_s = time.perf_counter() - t0
     vectors = embed.document_vectors(sides["text"], sides["image"])
-    out.bank.mkdir(parents=True, exist_ok=True)
     for name, a in (("text", sides["text"]), ("image", sides["image"]),
                     ("modalities", sides["modalities"]), ("vectors", vectors)):
-        np.save(out.bank / f"{name}.npy", a)
+        storage.save_npy(out.bank / f"{name}.npy", a)
     manifest = index.build_index(vectors, out.index, r, extra={
         "bank": str(source_dir), "encoder": r.encoder, "encoder_fingerprint": fingerprint,
         "embed_seconds": round(embed_s, 1),
@@ -189,7 +188,7 @@ def build_bank_index(cfg: Config) -> dict:
 # --- cm3leon neighbors ---------------------------------------------------------------
 
 def _queries(cfg: Config, lo: int, hi: int, same_bank: bool,
-             cache: Path) -> tuple[dict[str, np.ndarray], Sides]:
+             cache: storage.Path) -> tuple[dict[str, np.ndarray], Sides]:
     """({list: query vectors [hi - lo, D]}, the documents' own undropped sides)."""
     r, out = cfg.retrieval, retrieval_dir(cfg)
     data_dir = train_dir(cfg)
@@ -204,8 +203,8 @@ def _queries(cfg: Config, lo: int, hi: int, same_bank: bool,
             raise ValueError(f"{out.index}: built with encoder {built}, the encoder now is "
                              f"{encoder.fingerprint} (retrained?); rerun `cm3leon index`")
         if same_bank:
-            own = Sides(np.load(out.bank / "text.npy", mmap_mode="r")[lo:hi],
-                        np.load(out.bank / "image.npy", mmap_mode="r")[lo:hi])
+            own = Sides(storage.load_npy(out.bank / "text.npy", mmap=True)[lo:hi],
+                        storage.load_npy(out.bank / "image.npy", mmap=True)[lo:hi])
         else:
             sides = embed.embed_range(data_dir, encoder, lo, hi, r, cache / "own",
                                       desc="embed documents")
@@ -227,7 +226,7 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
     return n * shard // num_shards, n * (shard + 1) // num_shards
 
 
-def shard_path(out: RetrievalDir, shard: int, num_shards: int) -> Path:
+def shard_path(out: RetrievalDir, shard: int, num_shards: int) -> storage.Path:
     return out.shards / f"neighbors-{shard:05d}-of-{num_shards:05d}.npz"
 
 
@@ -254,9 +253,9 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     queries, own = _queries(cfg, lo, hi, same_bank,
                             out.queries / f"shard-{shard:05d}-of-{num_shards:05d}")
     t_embed = time.perf_counter() - t0
-    bank = Sides(np.load(out.bank / "text.npy", mmap_mode="r"),
-                 np.load(out.bank / "image.npy", mmap_mode="r"))
-    pairs = np.load(out.bank / "modalities.npy") == (embed.TEXT | embed.IMAGE)
+    bank = Sides(storage.load_npy(out.bank / "text.npy", mmap=True),
+                 storage.load_npy(out.bank / "image.npy", mmap=True))
+    pairs = storage.load_npy(out.bank / "modalities.npy") == (embed.TEXT | embed.IMAGE)
     searcher = index.load_searcher(out.index)
     self_ids = np.arange(lo, hi) if same_bank else np.full(hi - lo, -1)
     width = len(queries) * r.pool
@@ -287,11 +286,8 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
                "empty_queries": {name: int((~_present(q)).sum()) for name, q in queries.items()}}
     if num_shards == 1:
         return write_table(cfg, ids, scores, [summary], index_manifest)
-    path = shard_path(out, shard, num_shards)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=ids, scores=scores, summary=json.dumps(summary))
-    tmp.rename(path)
+    storage.save_npz(shard_path(out, shard, num_shards), ids=ids, scores=scores,
+                      summary=json.dumps(summary))
     return summary
 
 
@@ -304,18 +300,18 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
         path = shard_path(out, s, num_shards)
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard {s} of {num_shards} has not been computed")
-        with np.load(path) as z:
-            summary = json.loads(str(z["summary"]))
-            if summary["range"] != list(shard_range(n, s, num_shards)):
-                raise ValueError(f"{path}: covers documents {summary['range']}, expected "
-                                 f"{list(shard_range(n, s, num_shards))} of {n}")
-            made = (summary.get("lists"), summary.get("pool"))
-            if made != (list(cfg.retrieval.lists()), cfg.retrieval.pool):
-                raise ValueError(f"{path}: computed with lists {made[0]} of {made[1]}, the "
-                                 f"config makes {list(cfg.retrieval.lists())} of "
-                                 f"{cfg.retrieval.pool} (retrieval.query, retrieval.pool); "
-                                 "recompute that shard")
-            ids.append(z["ids"]), scores.append(z["scores"]), summaries.append(summary)
+        z = storage.load_npz(path)
+        summary = json.loads(str(z["summary"]))
+        if summary["range"] != list(shard_range(n, s, num_shards)):
+            raise ValueError(f"{path}: covers documents {summary['range']}, expected "
+                             f"{list(shard_range(n, s, num_shards))} of {n}")
+        made = (summary.get("lists"), summary.get("pool"))
+        if made != (list(cfg.retrieval.lists()), cfg.retrieval.pool):
+            raise ValueError(f"{path}: computed with lists {made[0]} of {made[1]}, the "
+                             f"config makes {list(cfg.retrieval.lists())} of "
+                             f"{cfg.retrieval.pool} (retrieval.query, retrieval.pool); "
+                             "recompute that shard")
+        ids.append(z["ids"]), scores.append(z["scores"]), summaries.append(summary)
     index_manifest = json.loads((out.index / index.MANIFEST).read_text())
     return write_table(cfg, np.concatenate(ids), np.concatenate(scores), summaries,
                        index_manifest)
@@ -325,9 +321,7 @@ def write_table(cfg: Config, ids: np.ndarray, scores: np.ndarray, summaries: lis
                 index_manifest: dict) -> dict:
     out, r, k = retrieval_dir(cfg), cfg.retrieval, cfg.data.k
     for path, a in ((out.neighbors, ids.astype(np.int64)), (out.scores, scores.astype(np.float32))):
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, a)
-        tmp.rename(path)
+        storage.save_npy(path, a)
     counts = distinct_counts(ids)
     found = ids >= 0
     seconds = sum(s["seconds"] for s in summaries)

@@ -5,7 +5,8 @@ per-epoch permutation fixed by `retrieval.seed`; the loss is symmetric InfoNCE o
 B x B text–image similarities at a fixed temperature (CLIP). Half the texts are seen with
 `train_text_dropout` of their tokens dropped, like the queries `neighbors` builds. The step is jitted over the
 project's mesh: parameters laid out by the logical-axis rule table, the batch split over
-(`data`, `fsdp`). The result is `<retrieval dir>/encoder/{params.npz, encoder.json}`.
+(`data`, `fsdp`). The result is `<retrieval dir>/encoder/{params.npz, encoder.json}`
+(local or on cloud storage, storage.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import hashlib
 import json
 import time
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError, RetrievalConfig
 from cm3leon_jax.data import records
 from cm3leon_jax.layout import DataDir
@@ -51,7 +52,7 @@ def pad_tokens(token_lists: list[np.ndarray], rows: int | None = None) -> np.nda
     return out
 
 
-def pair_batches(data_dir: str | Path, vocab: Vocab, batch: int, seed: int,
+def pair_batches(data_dir: storage.PathLike, vocab: Vocab, batch: int, seed: int,
                  text_dropout: float = 0.0):
     """Endless (tokens [B, T], pixels [B, H, W, 3]) batches of pairs, fixed by seed.
 
@@ -104,10 +105,10 @@ def contrastive_loss(model: DualEncoder, tokens, pixels, temperature: float):
     return loss, accuracy
 
 
-def train_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dict:
+def train_encoder(cfg: Config, data_dir: storage.PathLike, out_dir: storage.PathLike) -> dict:
     """Train on `data_dir`'s pairs; writes params and info under `out_dir`; returns info."""
     r = cfg.retrieval
-    vocab_path = DataDir(Path(data_dir)).vocab
+    vocab_path = DataDir(data_dir).vocab
     if not vocab_path.exists():
         raise FileNotFoundError(f"{vocab_path}: missing (a prepared directory has vocab.json)")
     vocab = Vocab.load(vocab_path)
@@ -171,12 +172,11 @@ def train_encoder(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> dic
     return info
 
 
-def save_encoder(out_dir: str | Path, params: dict, info: dict) -> None:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def save_encoder(out_dir: storage.PathLike, params: dict, info: dict) -> None:
+    out_dir = storage.path(out_dir)
     flat = {jax.tree_util.keystr(path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(out_dir / PARAMS, **flat)
+    storage.save_npz(out_dir / PARAMS, **flat)
     (out_dir / INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -221,8 +221,8 @@ class BuiltinEncoder:
         return np.concatenate(out)
 
 
-def load_encoder(enc_dir: str | Path, batch: int) -> BuiltinEncoder:
-    enc_dir = Path(enc_dir)
+def load_encoder(enc_dir: storage.PathLike, batch: int) -> BuiltinEncoder:
+    enc_dir = storage.path(enc_dir)
     if not (enc_dir / INFO).exists():
         raise FileNotFoundError(f"{enc_dir}: no trained encoder (run `cm3leon retrieval "
                                 f"train-encoder` first, or set retrieval.encoder)")
@@ -231,15 +231,15 @@ def load_encoder(enc_dir: str | Path, batch: int) -> BuiltinEncoder:
     v = info["vocab"]
     vocab = Vocab(v["text_size"], v["image_size"], v["num_sentinels"])
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: new_encoder(spec, 0))))
-    with np.load(enc_dir / PARAMS) as z:
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-        values = []
-        for path, a in leaves:
-            key = jax.tree_util.keystr(path)
-            if key not in z.files or z[key].shape != a.shape:
-                raise ValueError(f"{enc_dir / PARAMS}: parameter {key} missing or of the wrong "
-                                 f"shape (expected {a.shape})")
-            values.append(jnp.asarray(z[key]))
+    z = storage.load_npz(enc_dir / PARAMS)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    values = []
+    for path, a in leaves:
+        key = jax.tree_util.keystr(path)
+        if key not in z or z[key].shape != a.shape:
+            raise ValueError(f"{enc_dir / PARAMS}: parameter {key} missing or of the wrong "
+                             f"shape (expected {a.shape})")
+        values.append(jnp.asarray(z[key]))
     digest = hashlib.sha256((enc_dir / PARAMS).read_bytes()).hexdigest()[:16]
     return BuiltinEncoder(spec, jax.tree_util.tree_unflatten(treedef, values), vocab, batch,
                           f"builtin-{digest}")

@@ -8,7 +8,8 @@ less or equal compute beats. The L(C) fit uses the frontier from the smallest ru
 budget on: below it no run has
 finished even the smallest budget, so those points measure the start of training (warmup,
 the first steps) rather than what a size can reach. x0 is the smallest fitted x, so `a` is
-the reducible loss at the first fitted point.
+the reducible loss at the first fitted point. The runs directory and the output may be on
+cloud storage (storage.py).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import yaml
 from scipy.optimize import curve_fit
 
+from cm3leon_jax import storage
 from cm3leon_jax.scaling.plot import plot_compute, plot_params
 from cm3leon_jax.scaling.sweep import EVALS, RUN, SPEC, read_evals
 
@@ -91,8 +92,8 @@ class RunResult:
         return bool(self.evals) and self.evals[-1]["step"] == self.steps
 
 
-def load_runs(runs_dir: str | Path) -> list[RunResult]:
-    runs_dir = Path(runs_dir)
+def load_runs(runs_dir: storage.PathLike) -> list[RunResult]:
+    runs_dir = storage.path(runs_dir)
     if not (runs_dir / SPEC).exists():
         raise FileNotFoundError(f"{runs_dir / SPEC} is missing: not a `cm3leon sweep` "
                                 "runs directory")
@@ -138,10 +139,10 @@ def _try_fit(x, y) -> PowerLawFit | str:
         return f"not fitted: {e}"
 
 
-def fit_scaling(runs_dir: str | Path, out: str | Path | None = None) -> dict:
+def fit_scaling(runs_dir: storage.PathLike, out: storage.PathLike | None = None) -> dict:
     """Fit, print, write fit.json and the PNG plots; returns what fit.json holds."""
-    runs_dir = Path(runs_dir)
-    out = Path(out or runs_dir)
+    runs_dir = storage.path(runs_dir)
+    out = storage.path(out or runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(runs_dir)
     per_decade = yaml.safe_load((runs_dir / SPEC).read_text())["sweep"]["evals_per_decade"]

@@ -1,15 +1,16 @@
 """Log-log PNG plots of a sweep: every run's held-out loss against compute with the frontier
 and its fit, and loss against size at a fixed token count with its fit. One panel per
-metric (all tokens, text tokens, image tokens)."""
+metric (all tokens, text tokens, image tokens). Written through a stream, so anywhere
+(local or cloud storage, storage.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+from cm3leon_jax import storage
 
 TITLES = {"loss": "all tokens", "text_loss": "text tokens", "image_loss": "image tokens"}
 
@@ -39,7 +40,8 @@ def _fit_label(fit, var: str) -> str:
             f"+ {fit.c:.3f}")
 
 
-def plot_compute(runs, fronts: dict, fits: dict, fit_from: float, path: Path) -> None:
+def plot_compute(runs, fronts: dict, fits: dict, fit_from: float,
+                 path: storage.PathLike) -> None:
     fig, axes = _figure(len(fronts))
     cmap = matplotlib.colormaps["viridis"]
     for ax, (metric, front) in zip(axes, fronts.items()):
@@ -65,11 +67,10 @@ def plot_compute(runs, fronts: dict, fits: dict, fit_from: float, path: Path) ->
         ax.set(xlabel="training FLOPs C", ylabel="held-out loss (nats/token)",
                title=f"L(C), {TITLES[metric]}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
-def plot_params(series: dict, fits: dict, path: Path) -> None:
+def plot_params(series: dict, fits: dict, path: storage.PathLike) -> None:
     """`series`: label -> [(run, eval record)]; `fits`: label -> metric -> fit."""
     fig, axes = _figure(len(TITLES))
     styles = ("ko", "bs")
@@ -88,5 +89,10 @@ def plot_params(series: dict, fits: dict, path: Path) -> None:
         ax.set(xlabel="non-embedding parameters N", ylabel="held-out loss (nats/token)",
                title=f"L(N), {TITLES[metric]}")
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: storage.PathLike) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with storage.path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)

@@ -11,18 +11,21 @@ Layout of RUNS_DIR:
     <size>/run.json           parameters, FLOPs per token, budget, evaluation steps
     <size>/eval.jsonl         one line per evaluation: step, tokens, flops, grid, losses
     <size>/metrics.jsonl ...  what `cm3leon train` writes (checkpoints, tensorboard, config)
+
+RUNS_DIR may be on cloud storage (storage.py), where eval.jsonl gets one rewrite per
+evaluation (objects cannot be appended to; evaluations are few).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jax
 import yaml
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError, from_dict
 from cm3leon_jax.data.pipeline import check_inputs
 from cm3leon_jax.layout import RunDir
@@ -37,14 +40,14 @@ RUN = "run.json"
 RESUMABLE = ("mesh",)  # sections a resumed sweep may change (layout only)
 
 
-def read_evals(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / EVALS
+def read_evals(run_dir: storage.PathLike) -> list[dict]:
+    path = storage.path(run_dir) / EVALS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _check_same_sweep(cfg: Config, path: Path) -> None:
+def _check_same_sweep(cfg: Config, path: storage.Path) -> None:
     # through the loader, so a sweep written before a key was renamed compares by new names
     saved = json.loads(json.dumps(from_dict(yaml.safe_load(path.read_text()), saved=True)
                                   .to_dict()))
@@ -59,12 +62,7 @@ def _check_same_sweep(cfg: Config, path: Path) -> None:
                                   f"config says {value!r}; use a new runs directory")
 
 
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def evaluate_run(run: Run, run_dir: Path, batches: list[dict],
+def evaluate_run(run: Run, run_dir: storage.Path, batches: list[dict],
                  lead: bool) -> tuple[list[dict], bool]:
     """Train `run` through its evaluation steps not yet in eval.jsonl, evaluating each on
     the way; returns the new records and whether SIGTERM stopped it."""
@@ -94,7 +92,7 @@ def evaluate_run(run: Run, run_dir: Path, batches: list[dict],
                   "params": run.params, **losses}
         records.append(record)
         if lead:
-            _append(run_dir / EVALS, record)
+            storage.append_text(run_dir / EVALS, json.dumps(record) + "\n")
             print(f"{run.name} step {step}/{run.steps}: held-out loss "
                   f"{losses['loss']:.4f} (text {_fmt(losses['text_loss'])}, "
                   f"image {_fmt(losses['image_loss'])})")
@@ -109,14 +107,14 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
+def sweep(cfg: Config, runs_dir: storage.PathLike) -> dict[str, list[dict]]:
     """Run (or finish) the whole sweep; returns each run's new evaluation records."""
-    runs_dir = Path(runs_dir)
+    runs_dir = storage.path(runs_dir)
     lead = jax.process_index() == 0
     runs = plan(cfg)
     if cfg.data.dir is not None:  # both data directories are checked before any training
         check_inputs(cfg)
-        if not Path(cfg.train.eval_dir).is_dir():
+        if not storage.path(cfg.train.eval_dir).is_dir():
             raise FileNotFoundError(f"train.eval_dir={cfg.train.eval_dir!r} is not a directory")
     batches = heldout_batches(cfg, jax.process_index(), jax.process_count())
     spec = runs_dir / SPEC
@@ -145,6 +143,6 @@ def sweep(cfg: Config, runs_dir: str | Path) -> dict[str, list[dict]]:
     return new
 
 
-def _last_loss(run_dir: Path) -> float | None:
+def _last_loss(run_dir: storage.Path) -> float | None:
     evals = read_evals(run_dir)
     return max(evals, key=lambda r: r["step"])["loss"] if evals else None

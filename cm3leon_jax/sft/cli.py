@@ -5,15 +5,16 @@
     cm3leon eval-sft --config FILE --workdir RUN [--workdir RUN ...] [--out DIR] [section.key=value ...]
 
 `cm3leon sft` is the trainer of `cm3leon train` (train/trainer.py) on the SFT mixture's rows
-(sft/rows.py), starting from --init's weights (`train.init_from`). Stage modules are
-imported when a command runs, so `cm3leon --help` does not load jax.
+(sft/rows.py), starting from --init's weights (`train.init_from`). Every path may be on
+cloud storage (storage.py). Stage modules are imported when a command runs, so
+`cm3leon --help` does not load jax.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import load_config
 from cm3leon_jax.config.cli import with_config
 from cm3leon_jax.train.cli import run_training
@@ -55,8 +56,8 @@ def sft_data_for(cfg):
 def sft_data(args) -> None:
     """The SFT mixture's per-task shares, and sample examples as PNG + JSONL for a look."""
     import numpy as np  # heavy: deferred so cm3leon --help stays fast
-    from PIL import Image  # heavy: as above
 
+    from cm3leon_jax.generate.grid import save_image  # heavy: as above
     from cm3leon_jax.sft.jsonl import SFTDataError, jsonl_example, read_sft_jsonl  # heavy
     from cm3leon_jax.sft.mixture import config_shares, mixture_report  # heavy: as above
     from cm3leon_jax.sft.shapes_suite import ShapesSFT  # heavy: as above
@@ -68,7 +69,7 @@ def sft_data(args) -> None:
     except (SFTDataError, ValueError) as e:
         raise SystemExit(f"cm3leon sft-data: {e}") from None
     print(mixture_report(shares, s.seed, args.draws))
-    out = Path(args.out)
+    out = storage.path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     resolution = s.resolution or cfg.vqgan.resolution
     if s.source == "shapes":
@@ -80,16 +81,17 @@ def sft_data(args) -> None:
         examples = {t: [jsonl_example(r, resolution, k)
                         for k, r in enumerate(x for x in records if x["task"] == t)
                         if k < args.per_task] for t in s.tasks}
-    with open(out / "samples.jsonl", "w") as f:
-        for task, exs in examples.items():
-            rows = []
-            for ex in exs:
-                images = [seg for seg in ex.segments if not isinstance(seg, str)]
-                rows.append(np.concatenate([np.pad(im, ((2, 2), (2, 2), (0, 0)))
-                                            for im in images], axis=1))
-                f.write(json.dumps({"task": task, "id": ex.id, "segments": [
-                    seg if isinstance(seg, str) else "<image>" for seg in ex.segments]}) + "\n")
-            Image.fromarray(np.concatenate(rows, axis=0)).save(out / f"{task}.png")
+    lines = []
+    for task, exs in examples.items():
+        rows = []
+        for ex in exs:
+            images = [seg for seg in ex.segments if not isinstance(seg, str)]
+            rows.append(np.concatenate([np.pad(im, ((2, 2), (2, 2), (0, 0)))
+                                        for im in images], axis=1))
+            lines.append(json.dumps({"task": task, "id": ex.id, "segments": [
+                seg if isinstance(seg, str) else "<image>" for seg in ex.segments]}) + "\n")
+        save_image(out / f"{task}.png", np.concatenate(rows, axis=0))
+    (out / "samples.jsonl").write_text("".join(lines))
     print(f"wrote {args.per_task} examples per task to {out}/samples.jsonl and "
           f"{', '.join(f'{t}.png' for t in s.tasks)} (one row per example, images in order)")
 

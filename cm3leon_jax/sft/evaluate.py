@@ -14,22 +14,22 @@ Text answers are decoded greedily (exact-answer benchmarks are); images are samp
 `generate` section's settings and guidance scales.
 
 Writes `eval_sft.json`, `eval_sft.md` (the table) and `eval_sft.png` (per image task:
-condition (white for grounding), truth, then each run's image) under `--out`.
+condition (white for grounding), truth, then each run's image) under `--out` (local or
+cloud storage, storage.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.generate import tasks
-from cm3leon_jax.generate.grid import image_grid
+from cm3leon_jax.generate.grid import image_grid, save_image
 from cm3leon_jax.sft.prompts import (answer_text, condition_image, instruction_prefix,
                                      target_image, task_prompt)
 from cm3leon_jax.sft.shapes_suite import ShapesSFT
@@ -112,13 +112,13 @@ def answer(model, text_tok, image_tok, examples: list[SFTExample], g) -> list:
     return list(image_tok.decode(codes))
 
 
-def load(workdir: str | Path):
+def load(workdir: storage.PathLike):
     """(model, step, text tokenizer, image tokenizer) of a run directory or an export."""
     _, model, toks, step = tasks.load_model(workdir)
     return model, step, toks.text, toks.image
 
 
-def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> dict:
+def evaluate(cfg: Config, workdirs: list[str], out: storage.PathLike, log=print) -> dict:
     """Score every run on every task; write the JSON, the Markdown table and the PNG."""
     runs = [(str(w), *load(w)) for w in workdirs]  # fail on a bad run before generating
     resolutions = {r[4].resolution for r in runs}
@@ -136,7 +136,7 @@ def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> di
     bar = tqdm(total=len(runs) * len(examples), desc="eval-sft", unit="task")
     for name, model, step, text_tok, image_tok in runs:
         for task, ex in examples.items():
-            bar.set_postfix(run=Path(name).name, task=task)
+            bar.set_postfix(run=storage.path(name).name, task=task)
             answers[name, task] = answer(model, text_tok, image_tok, ex, cfg.generate)
             bar.update()
         scores = {n: float(np.mean([score(e, a, m) for e, a in zip(examples[t], answers[name, t])]))
@@ -149,7 +149,7 @@ def evaluate(cfg: Config, workdirs: list[str], out: str | Path, log=print) -> di
                 {"prompt": instruction_prefix(e), "truth": truth(e),
                  **{name: answers[name, task][i] for name, *_ in runs}}
                 for i, e in enumerate(ex[:SAMPLE_ROWS * 2])]
-    out = Path(out)
+    out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT).write_text(json.dumps(result, indent=1) + "\n")
     (out / "eval_sft.md").write_text(table(result) + "\n")
@@ -170,7 +170,7 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_samples(path: Path, examples: dict, answers: dict, names: list[str]) -> None:
+def write_samples(path: storage.Path, examples: dict, answers: dict, names: list[str]) -> None:
     rows = []
     for task, ex in examples.items():
         if task in TEXT_TASKS:
@@ -182,4 +182,4 @@ def write_samples(path: Path, examples: dict, answers: dict, names: list[str]) -
                          *[answers[n, task][i] for n in names]])
     if rows:
         images = np.stack([im for row in rows for im in row])
-        Image.fromarray(image_grid(images, len(rows[0]))).save(path)
+        save_image(path, image_grid(images, len(rows[0])))

@@ -4,6 +4,7 @@ condition-map pairs, rendered text (OCR, "how-to-write") and ScienceQA-style mul
 choice. A record may bring its own `prompt`: a template over the task's fields that replaces
 the built-in phrasings (`Render the words "{text}" in chalk.`). Every line is checked before
 any image is read; a bad one raises `SFTDataError` naming the file, the line and the key.
+Files and images may be on cloud storage (storage.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 import numbers
 import string
-from pathlib import Path
 
+from cm3leon_jax import storage
 from cm3leon_jax.data.sources import BadRecord, fit_image, read_image
 from cm3leon_jax.sft.tasks import (ANSWER_FIELD, PHRASINGS, SFTExample, format_example,
                                    placeholders)
@@ -101,12 +102,12 @@ def _check_prompt(prompt, task: str, where: str) -> None:
                                f"{prompt!r}")
 
 
-def read_sft_jsonl(path: str | Path) -> list[dict]:
+def read_sft_jsonl(path: storage.PathLike) -> list[dict]:
     """Every record of an SFT JSONL file, checked (no images read yet).
 
     Each record gets `_where` ("file:line") for later errors and `_dir` for image paths.
     """
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise SFTDataError(f"SFT data file {path} does not exist")
     records = []
@@ -135,7 +136,7 @@ def jsonl_example(record: dict, resolution: int, phrasing: int) -> SFTExample:
             fields[key] = record[key]
             continue
         try:
-            image = read_image(Path(record["_dir"]) / record[key], where)
+            image = read_image(storage.path(record["_dir"]) / record[key], where)
         except BadRecord as e:
             raise SFTDataError(f"{where}: key {key!r}: {e.reason} ({e.detail})") from None
         if key == "image":

@@ -1,5 +1,6 @@
 """The text and image tokenizers of a directory: a prepared data directory or an export's
-tokenizers/ (both use the names of `layout.DataDir`), checked against a model's vocabulary.
+tokenizers/ (both use the names of `layout.DataDir`; local or cloud storage), checked
+against a model's vocabulary.
 
 Light on purpose: sampling and evaluation open tokenizers without the data pipeline.
 """
@@ -7,10 +8,10 @@ Light on purpose: sampling and evaluation open tokenizers without the data pipel
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.layout import DataDir
+from cm3leon_jax.storage import PathLike
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.tokenizers.text import TextTokenizer
 from cm3leon_jax.vocab import Vocab
@@ -24,12 +25,12 @@ class Tokenizers:
     vocab: Vocab
 
 
-def load_tokenizers(directory: str | Path, vocab: Vocab, batch_size: int = 32,
+def load_tokenizers(directory: PathLike, vocab: Vocab, batch_size: int = 32,
                     where: str = "tokenizers") -> Tokenizers:
     """The tokenizers of `directory`, refused unless every text piece and image code has
     its id in `vocab`. `where` names the config key the directory came from, for the
     errors."""
-    d = DataDir(Path(directory))
+    d = DataDir(directory)
     for path in (d.text_tokenizer, d.image_tokenizer):
         if not path.exists():
             raise ConfigError(f"{where}: {path} does not exist (expected a prepared data "

@@ -2,7 +2,8 @@
 
 Encode and decode run a jitted function of one fixed batch shape; inputs are split into
 batches of `batch_size` and the last one is zero-padded, so any number of images compiles
-once. A saved tokenizer is a directory with `vqgan.json` (config) and `vqgan.npz` (weights).
+once. A saved tokenizer is a directory with `vqgan.json` (config) and `vqgan.npz` (weights),
+local or on cloud storage (storage.py); each file is written whole.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError, VQGANConfig
 from cm3leon_jax.config.loader import build
 from cm3leon_jax.model.vqgan import VQGAN
@@ -178,15 +179,23 @@ class ImageTokenizer:
         out = self._batched(self._decode, codes.astype(np.int32))
         return np.zeros((0, r, r, 3), np.uint8) if out is None else out
 
-    def save(self, directory: str | Path) -> None:
-        d = Path(directory)
+    def save(self, directory: storage.PathLike) -> None:
+        d = storage.path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / PARAMS_FILE, **flatten(self.params))
-        (d / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        with storage.staged_file(d / PARAMS_FILE) as tmp, tmp.open("wb") as f:
+            np.savez(f, **flatten(self.params))
+        storage.write_text_atomic(d / CONFIG_FILE,
+                                  json.dumps(dataclasses.asdict(self.config), indent=1))
+
+    @staticmethod
+    def saved(directory: storage.PathLike) -> bool:
+        """Both files are there (on cloud storage a directory exists with its first file)."""
+        d = storage.path(directory)
+        return all((d / name).exists() for name in (CONFIG_FILE, PARAMS_FILE))
 
     @classmethod
-    def load(cls, directory: str | Path, batch_size: int = 32) -> "ImageTokenizer":
-        d = Path(directory)
+    def load(cls, directory: storage.PathLike, batch_size: int = 32) -> "ImageTokenizer":
+        d = storage.path(directory)
         for name in (CONFIG_FILE, PARAMS_FILE):
             if not (d / name).exists():
                 raise FileNotFoundError(f"{d / name} does not exist (not a saved image tokenizer)")
@@ -196,6 +205,6 @@ class ImageTokenizer:
         except (ConfigError, json.JSONDecodeError) as e:
             raise ValueError(f"{d / CONFIG_FILE}: {e}") from None
         like = abstract_params(lambda rngs: VQGAN(config, rngs=rngs))
-        with np.load(d / PARAMS_FILE) as npz:
+        with (d / PARAMS_FILE).open("rb") as f, np.load(f) as npz:
             params = unflatten(dict(npz), like, str(d / PARAMS_FILE))
         return cls(config, params, batch_size)

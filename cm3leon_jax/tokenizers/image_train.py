@@ -6,7 +6,8 @@ Dead-code restarts keep the codebook in use: every `restart_every` steps (not af
 step, so the evaluated codebook is the trained one), codes no batch
 picked in that window are re-seeded from encoder outputs of the current batch. The core,
 `train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
-where they come from.
+where they come from. Its work directory may be on cloud storage: the run writes into a
+local one that is uploaded when it is done (storage.staged_dir).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, VQGANConfig, VQGANTrainConfig
 from cm3leon_jax.model.patchgan import PatchGAN
 from cm3leon_jax.shapes.world import check_world, render_shapes, shapes_scene
@@ -128,7 +130,7 @@ def _check_images(images: np.ndarray, resolution: int, what: str) -> None:
 
 
 def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray,
-                          workdir: str | Path, eval_images: np.ndarray | None = None,
+                          workdir: storage.PathLike, eval_images: np.ndarray | None = None,
                           progress: bool = True) -> tuple[ImageTokenizer, dict]:
     """Train on `images` (uint8 [N, R, R, 3]); save the tokenizer, metrics and a PNG.
 
@@ -142,8 +144,13 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
     if eval_images is None:
         eval_images = images[:t.eval_images]
     _check_images(eval_images, cfg.resolution, "eval images")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with storage.staged_dir(workdir) as local:
+        return _train(cfg, t, images, local, eval_images, progress)
+
+
+def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: Path,
+           eval_images: np.ndarray, progress: bool) -> tuple[ImageTokenizer, dict]:
+    """`train_image_tokenizer` into the local directory `workdir`."""
     rng = np.random.default_rng(t.seed)
 
     params = init_params(cfg, t.seed)
@@ -212,7 +219,7 @@ def shapes_images(count: int, resolution: int, seed: int, max_objects: int) -> n
                      for i in tqdm(range(count), desc="render shapes", leave=False)])
 
 
-def train_from_config(cfg: Config, workdir: str | Path,
+def train_from_config(cfg: Config, workdir: storage.PathLike,
                       progress: bool = True) -> tuple[ImageTokenizer, dict]:
     """`cm3leon tokenizer train-image`: `vqgan_train.images` shapes scenes (seed
     `vqgan_train.seed`), evaluated on `vqgan_train.eval_images` others (seed + 1)."""

@@ -6,17 +6,18 @@ caption it writes. The model has only `<unk>` as a control piece (id 0): `<pad>`
 and the sentinels live in the unified vocabulary (`cm3leon_jax.vocab`), which shifts these
 piece ids into its text range. Pieces are ids [0, size); the vocabulary may reserve more
 text ids than the model has (sentencepiece stops early on a small corpus), those are never
-produced.
+produced. The model is trained into and loaded from bytes, so it may live on cloud storage.
 """
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
+
+from cm3leon_jax import storage
 
 
 class TextTokenizer:
@@ -27,8 +28,8 @@ class TextTokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextTokenizer":
-        path = Path(path)
+    def load(cls, path: storage.PathLike) -> "TextTokenizer":
+        path = storage.path(path)
         if not path.is_file():
             raise FileNotFoundError(f"text tokenizer {path} does not exist")
         try:
@@ -36,12 +37,9 @@ class TextTokenizer:
         except RuntimeError as e:
             raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(self.model_proto)
-        tmp.rename(path)
+    def save(self, path: storage.PathLike) -> None:
+        with storage.staged_file(path) as tmp:
+            tmp.write_bytes(self.model_proto)
 
     @property
     def size(self) -> int:

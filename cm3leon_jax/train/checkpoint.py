@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.parallel import distributed
 
@@ -31,15 +31,20 @@ from cm3leon_jax.parallel import distributed
 MUST_MATCH = ("vocab", "model")
 
 
-def manager(directory: str | Path, keep: int) -> ocp.CheckpointManager:
+def _absolute(directory: storage.PathLike) -> storage.Path:
+    d = storage.path(directory)
+    return d if storage.is_remote(d) else d.absolute()
+
+
+def manager(directory: storage.PathLike, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        Path(directory).absolute(),
+        _absolute(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
 
-def reader(directory: str | Path) -> ocp.CheckpointManager:
+def reader(directory: storage.PathLike) -> ocp.CheckpointManager:
     """A manager for reading a run's steps (export, scoring); it creates nothing."""
-    directory = Path(directory).absolute()
+    directory = _absolute(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory} does not exist: expected a run's checkpoint directory")
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
@@ -164,7 +169,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter, c
         _, error = _agreed(lambda: mngr.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(data_iter))))
     elif error is None:
-        _, error = _agreed(lambda: seek(data_iter, Path(mngr.directory) / str(step),
+        _, error = _agreed(lambda: seek(data_iter, storage.path(mngr.directory) / str(step),
                                         position))
     if error is not None:
         raise _Corrupt(error)
@@ -181,7 +186,7 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, saved: dict, cfg: Confi
                     f"{saved.get(section, {}).get(key)!r} but the config says {value!r}")
 
 
-def seek(data_iter, step_dir: Path, position: dict) -> None:
+def seek(data_iter, step_dir: storage.Path, position: dict) -> None:
     """Elastic resume: move a fresh iterator to global batch `position['global_batches']`.
 
     Works for pipelines whose iterator state is just `{"next_index": n}` with n = global
@@ -216,7 +221,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
             return step, restore(mngr, step, abstract_state, data_iter, cfg), failures
         except _Corrupt as e:
             why = str(e)
-        path = Path(mngr.directory) / str(step)
+        path = storage.path(mngr.directory) / str(step)
         failures.append(f"{step}: {why[:200]}")
         if jax.process_index() == 0:
             aside, n = path.with_name(f"{step}.corrupt"), 0
@@ -225,11 +230,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg: 
                 aside = path.with_name(f"{step}.corrupt{n}")
             print(f"checkpoint {path} cannot be restored ({why}); moved to {aside.name}, "
                   "trying the previous one", file=sys.stderr, flush=True)
-            path.rename(aside)
+            storage.move_aside(path, aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"corrupt checkpoint {step}")
         mngr.reload()
-    aside = sorted(p.name for p in Path(mngr.directory).glob("*.corrupt*"))
+    aside = sorted(p.name for p in storage.path(mngr.directory).glob("*.corrupt*"))
     if (failures or aside) and not cfg.train.allow_restart:
         raise NoCheckpointRestores(
             f"no checkpoint in {mngr.directory} restores ("

@@ -12,14 +12,13 @@ the config, identical for every size and every evaluation.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import jax
 import numpy as np
 
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.data import pipeline
 from cm3leon_jax.data.synthetic import synthetic_row
+from cm3leon_jax.layout import DataDir
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train.state import model_def
 from cm3leon_jax.train.step import BATCH_KEYS, loss_sums
@@ -31,7 +30,7 @@ def heldout_batches(cfg: Config, process_index: int = 0, process_count: int = 1)
     """This process's share of each of the `train.eval_batches` held-out batches."""
     n, batch = cfg.train.eval_batches, cfg.train.batch_size
     if cfg.data.dir is not None:
-        if not (Path(cfg.train.eval_dir) / "documents").is_dir():
+        if not DataDir(cfg.train.eval_dir).documents.is_dir():
             raise ConfigError(f"train.eval_dir={cfg.train.eval_dir!r} is not a prepared "
                               "directory (`cm3leon prepare` of held-out documents)")
         data = dataclasses.replace(cfg.data, dir=cfg.train.eval_dir, workers=0)

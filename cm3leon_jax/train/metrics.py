@@ -1,17 +1,23 @@
 """Per-step metrics: `metrics.jsonl` (one JSON object per step) and TensorBoard, plus MFU.
 
 Only process 0 writes. On resume, lines past the restored step (steps that were run but
-not checkpointed before a stop) are dropped, because the run does them again.
+not checkpointed before a stop) are dropped, because the run does them again. Objects in
+cloud storage cannot be appended to: there the file is rewritten at every `flush` (each
+checkpoint and the end), which loses nothing a resume would keep, and TensorBoard writes
+its events file into a local folder uploaded at the same times (through storage.py, not
+tensorboardX's own GCS writer, which uploads again when collected).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-
+import shutil
+import tempfile
+from pathlib import Path as LocalPath
 import jax
 
+from cm3leon_jax import storage
 from cm3leon_jax.layout import RunDir
 
 # Dense bf16 matmul peak per device, TFLOP/s (datasheet, no sparsity).
@@ -67,21 +73,29 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = run.metrics
         self.tb = None
+        self.remote = storage.is_remote(self.path)
+        self.lines: list[str] = []  # remote: the whole file, rewritten at each flush
+        self.tb_dir = run.tensorboard
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if _complete(line) and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.lines = [line + "\n" for line in self.path.read_text().splitlines()
+                          if _complete(line) and json.loads(line)["step"] <= resume_step]
+            storage.write_text_atomic(self.path, "".join(self.lines))
         from tensorboardX import SummaryWriter  # optional: benchmarks import this module without it
 
-        self.tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1)
+        self.tb_local = (LocalPath(tempfile.mkdtemp(prefix="cm3leon-tb-")) if self.remote
+                         else storage.local(self.tb_dir))
+        self.tb = SummaryWriter(str(self.tb_local), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self.lines.append(line)
+        else:
+            storage.append_text(self.path, line)
         for key in TB_KEYS:
             if record.get(key) is not None:
                 self.tb.add_scalar(f"train/{key}", record[key], record["step"])
@@ -89,11 +103,26 @@ class MetricsWriter:
             if record.get(key) is not None:
                 self.tb.add_scalar(f"eval/{key[5:]}", record[key], record["step"])
 
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        self.tb.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.remote:
+            self.path.write_text("".join(self.lines))
+            storage.copy(self.tb_local, self.tb_dir)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self._upload()
+            if self.remote:
+                shutil.rmtree(self.tb_local)
+            self.tb = None
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = RunDir(Path(workdir)).metrics
+def read_metrics(workdir: storage.PathLike) -> list[dict]:
+    path = RunDir(workdir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError, save_config, validate
 from cm3leon_jax.data.pipeline import train_batches
 from cm3leon_jax.layout import RunDir
@@ -82,7 +82,7 @@ def _id_gatherer(mesh):
     return gather
 
 
-def _keep_metrics(run: RunDir) -> Path | None:
+def _keep_metrics(run: RunDir) -> storage.Path | None:
     """Move the metrics and TensorBoard events of an abandoned run aside (a restart must
     not overwrite history)."""
     if not run.metrics.exists():
@@ -91,11 +91,13 @@ def _keep_metrics(run: RunDir) -> Path | None:
     while run.metrics_before_restart(n).exists():
         n += 1
     if run.tensorboard.exists():
-        run.tensorboard.rename(run.tensorboard.with_name(f"tensorboard.before-restart-{n}"))
-    return run.metrics.rename(run.metrics_before_restart(n))
+        storage.move_aside(run.tensorboard,
+                           run.tensorboard.with_name(f"tensorboard.before-restart-{n}"))
+    storage.move_aside(run.metrics, run.metrics_before_restart(n))
+    return run.metrics_before_restart(n)
 
 
-def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] | None = None,
+def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[dict]] | None = None,
           hooks: tuple[Hook, ...] = (), checkpoint_at: frozenset = frozenset(),
           heldout_batches: list[dict] | None = None) -> TrainResult:
     """Train to `cfg.train.steps` updates in total; returns this call's per-step metrics.
@@ -111,7 +113,7 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
     share of the held-out set `train.eval_every` evaluates; by default the pretraining
     held-out set (`train.eval_dir`, else synthetic rows training never reaches).
     """
-    run = RunDir(Path(workdir))
+    run = RunDir(workdir)
     validate(cfg, jax.device_count())
     distributed.check_same_config(cfg)
     lead = jax.process_index() == 0
@@ -218,6 +220,7 @@ def train(cfg: Config, workdir: str | Path, data: Callable[[], Iterator[dict]] |
                 if bad_run == 0:  # never overwrite the last good checkpoint mid-run
                     checkpoint.save(mngr, step, state, batches, cfg)
                     last_saved = step
+                    writer.flush()
 
             hooks = (*hooks, Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
                                   at_end=True))

@@ -6,7 +6,9 @@ Only the parameters are read, laid out over a mesh of the current devices (which
 be the mesh that trained them): a run's optimizer state and data iterator stay on disk, so
 a checkpoint whose optimizer state is damaged still generates. Every device reads only its
 own shard. Everything that can be refused is refused from the saved config before any
-array is read.
+array is read. Both may be local or on cloud storage (`gs://`, storage.py): orbax reads
+checkpoints there itself; an export's `model.safetensors` on cloud storage is copied to
+this machine first (safetensors reads local files only).
 
 The export format lives here too (read here, written by export/safetensors.py): our
 parameters as flat named tensors in `model.safetensors`, names the parameter paths joined
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,12 @@ import numpy as np
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from cm3leon_jax import layout
+from cm3leon_jax import layout, storage
 from cm3leon_jax.config import Config, ConfigError, MeshConfig, from_dict, validate
 from cm3leon_jax.config.loader import apply_overrides
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint
+from cm3leon_jax.storage import Path, PathLike
 from cm3leon_jax.train.state import ModelDef, model_def
 
 FORMAT = "cm3leon_jax"  # config.json "format" of our exports
@@ -148,11 +150,11 @@ def _reader(path: Path):
     return contextlib.nullcontext()
 
 
-def saved_config(path: str | Path, step: int | None = None,
+def saved_config(path: PathLike, step: int | None = None,
                  overrides: list[str] = ()) -> tuple[Config, int, str]:
     """(config, step, origin) of a run directory's checkpoint (`step`, or the latest) or of
     an export directory, with `overrides` applied and validated."""
-    path = Path(path)
+    path = storage.path(path)
     with _reader(path) as mngr:
         raw, step, origin = _saved(path, step, mngr)
     return _resolve(raw, overrides, origin), step, origin
@@ -174,14 +176,14 @@ NO_TOKENIZERS = ("no tokenizers: set sft.tokenizers (or data.dir) to a prepared 
                  "directory or an export's tokenizers/")
 
 
-def tokenizer_dir(cfg: Config, path: str | Path | None = None) -> tuple[Path, str] | None:
+def tokenizer_dir(cfg: Config, path: PathLike | None = None) -> tuple[Path, str] | None:
     """Where the tokenizers of a model are, and what says so (None: nowhere, as for the
     synthetic source): `sft.tokenizers`; for weights at an export `path`, its own
     tokenizers/; the init's (`train.init_from`, the same way); else `data.dir`."""
     if cfg.sft.tokenizers:
-        return Path(cfg.sft.tokenizers), "sft.tokenizers"
+        return storage.path(cfg.sft.tokenizers), "sft.tokenizers"
     if path is not None and not layout.is_run(path):
-        own = layout.ExportDir(Path(path)).tokenizers.root
+        own = layout.ExportDir(path).tokenizers.root
         if own.is_dir():
             return own, f"the tokenizers of {path}"
     init = cfg.train.init_from
@@ -190,20 +192,20 @@ def tokenizer_dir(cfg: Config, path: str | Path | None = None) -> tuple[Path, st
         if found is not None:
             return found[0], f"train.init_from={init}"
     if cfg.data.dir:
-        return Path(cfg.data.dir), "data.dir"
+        return storage.path(cfg.data.dir), "data.dir"
     return None
 
 
 # --- parameters ----------------------------------------------------------------------------
 
-def load(path: str | Path, step: int | None = None, *, overrides: list[str] = (),
+def load(path: PathLike, step: int | None = None, *, overrides: list[str] = (),
          mesh: Mesh | None = None, dtype: str | None = None) -> Weights:
     """The weights of a run directory (checkpoint `step`, or the latest) or an export.
 
     `overrides` may change any section but the model's tensors (the SAME_MODEL keys and
     the vocabulary); `dtype` sets model.dtype (the compute dtype).
     """
-    path = Path(path)
+    path = storage.path(path)
     kind = "run" if layout.is_run(path) else "export"
     with _reader(path) as mngr:
         raw, step, origin = _saved(path, step, mngr)
@@ -244,13 +246,14 @@ def non_finite(params: dict) -> list[str]:
 
 def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:
     """The exported parameters as global arrays laid out by `shardings`; each device's
-    shard is read straight from the file. Names, shapes and dtypes must match `mdef`."""
+    shard is read straight from the file (a local copy of a remote one). Names, shapes and
+    dtypes must match `mdef`."""
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     want = flatten(mdef.abstract_params)
     where = flatten(shardings)
     out = {}
-    with safe_open(str(path), framework="numpy") as f:
+    with storage.local_copy(path) as local, safe_open(str(local), framework="numpy") as f:
         have = set(f.keys())
         if have != set(want):
             raise ConfigError(f"{path}: tensors {sorted(have ^ set(want))} are in only one of "
@@ -270,7 +273,7 @@ def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:
 def check_init(cfg: Config) -> None:
     """Refuse `train.init_from` unless it exists and holds this model and vocabulary
     (cheap: configs only, before anything compiles)."""
-    path, where = Path(cfg.train.init_from), f"train.init_from={cfg.train.init_from}"
+    path, where = storage.path(cfg.train.init_from), f"train.init_from={cfg.train.init_from}"
     if not path.exists():
         raise ConfigError(f"{where}: does not exist (expected a run directory with "
                           "checkpoints/ or a safetensors export)")
