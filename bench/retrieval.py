@@ -1,7 +1,7 @@
 """Retrieval speed: ScaNN against exact numpy search, and the neighbor precompute rate.
 
     python bench/retrieval.py [--n 100000] [--dim 512] [--centres 1000] [--queries 1000]
-                              [--precompute] [retrieval.key=value ...]
+                              [--index-shards N] [--precompute] [retrieval.key=value ...]
 
 Data: `--centres` random unit centres; each document's text and image vectors are its
 centre plus Gaussian noise (`--noise` x the centre's norm), its document vector the unit
@@ -10,7 +10,11 @@ mean of the two (the CM3Leon rule). Queries are fresh documents drawn the same w
 1. Exact search (`index.exact_search`: numpy matmul + argpartition, the whole bank) and
    the ScaNN searcher that `cm3leon index` builds for this size (tree + AH + reorder, from
    the retrieval config): queries/s of each, ScaNN's recall@10 against exact.
-2. `--precompute`: writes a prepared directory of N small documents with the vectors as
+2. `--index-shards N`: the sharded index `cm3leon index` builds with
+   `retrieval.index_shards=N` (built, serialized and loaded back through `index.py`):
+   its queries/s, its recall@10 against exact search and against the single searcher's
+   results (the share of the single index's top 10 the sharded index also finds).
+3. `--precompute`: writes a prepared directory of N small documents with the vectors as
    npy embeddings, then runs the real `cm3leon index` and `cm3leon neighbors` code
    (encoder npy, all heuristics) and reports documents/s of the neighbor precompute.
 """
@@ -49,6 +53,8 @@ def main() -> None:
     p.add_argument("--centres", type=int, default=1000)
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--index-shards", type=int, default=0, metavar="N",
+                   help="also measure the index split into N document ranges")
     p.add_argument("--precompute", action="store_true")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -76,6 +82,24 @@ def main() -> None:
               "exact_qps": round(exact_qps), "scann_qps": round(scann_qps),
               "speedup": round(scann_qps / exact_qps, 1)}
     print(json.dumps(result))
+
+    if args.index_shards:
+        sharded = load_config(CONFIG, [*args.overrides,
+                                       f"retrieval.index_shards={args.index_shards}"]).retrieval
+        with tempfile.TemporaryDirectory() as tmp:
+            built = index.build_index(bank, tmp, sharded)
+            searcher = index.load_searcher(tmp)
+        index.search(searcher, queries[:100], 10)  # warm up the thread pool
+        t0 = time.perf_counter()
+        shard_found, _ = index.search(searcher, queries, 10)
+        shard_qps = args.queries / (time.perf_counter() - t0)
+        print(json.dumps({"index_shards": args.index_shards,
+                          "shard_plans": [{k: v for k, v in s.items() if k != "range"}
+                                          for s in built["shards"]],
+                          "build_s": round(built["build_seconds"], 1),
+                          "recall_at_10": round(index.recall_at(shard_found, truth), 4),
+                          "recall_at_10_of_single": round(index.recall_at(shard_found, found), 4),
+                          "sharded_qps": round(shard_qps)}))
 
     if args.precompute:
         from cm3leon_jax.data import records

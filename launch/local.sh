@@ -5,13 +5,14 @@
 #   launch/local.sh N CONFIG [section.key=value ...]
 #
 # Environment:
-#   WORKDIR   run directory (default runs/local)
+#   WORKDIR   run directory, local or a bucket (gs://...; default runs/local)
+#   LOGDIR    where processes i>0 log (default $WORKDIR/logs; runs/local-logs for a bucket)
 #   DEVICES   devices in total, split evenly over the N processes (default 8)
 #   PLATFORM  cpu (default: DEVICES host CPU devices) or gpu (process i gets GPUs
 #             i*DEVICES/N .. (i+1)*DEVICES/N-1 through JAX_LOCAL_DEVICE_IDS)
 #   PORT      coordinator port on localhost (default: a free one)
 #   PYTHON    interpreter (default: python)
-# Process 0 prints to the terminal; process i>0 logs to $WORKDIR/logs/process_i.log.
+# Process 0 prints to the terminal; process i>0 logs to $LOGDIR/process_i.log.
 # SIGTERM/SIGINT are forwarded to every process (preemption: checkpoint and exit 0);
 # if one process fails the others are stopped, and the first non-zero status is returned.
 set -u
@@ -29,7 +30,11 @@ if [ $((DEVICES % N)) -ne 0 ]; then
 fi
 PER=$((DEVICES / N))
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
-mkdir -p "$WORKDIR/logs"
+case "$WORKDIR" in
+  *://*) LOGDIR=${LOGDIR:-runs/local-logs} ;;
+  *) LOGDIR=${LOGDIR:-$WORKDIR/logs} ;;
+esac
+mkdir -p "$LOGDIR"
 
 pids=()
 forward() { [ ${#pids[@]} -gt 0 ] && kill -s "$1" "${pids[@]}" 2>/dev/null; }
@@ -47,7 +52,7 @@ for ((i = 0; i < N; i++)); do
       --workdir "$WORKDIR" "$@" &
   else
     env "${env_args[@]}" "$PYTHON" -m cm3leon_jax.cli train --config "$CONFIG" \
-      --workdir "$WORKDIR" "$@" > "$WORKDIR/logs/process_$i.log" 2>&1 &
+      --workdir "$WORKDIR" "$@" > "$LOGDIR/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done

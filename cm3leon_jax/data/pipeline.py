@@ -32,6 +32,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
+import threading
+import time
 from typing import Callable, NamedTuple, Optional
 
 import grain
@@ -213,6 +216,20 @@ def _allow_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _die_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker init: exit when the process that started this worker is gone. grain's
+    workers outlive a trainer killed with SIGKILL (nothing tells them), each holding its
+    share of memory; a daemon thread polls the parent pid once a second."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqdm.write):
     """The grain iterator of this process's [batch_size / process_count, seq_len] batches."""
     if cfg.train.batch_size % process_count:
@@ -231,7 +248,8 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqd
         grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
     if cfg.data.workers:
         _allow_workers()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers),
+                            worker_init_fn=_die_with_parent)
     if process_index == 0 and k:
         it = it.map(RetrievedLog(k, cfg.data.retrieved_dropout, log))
     length = {key: cfg.data.seq_len for key in SEQUENCE}

@@ -40,7 +40,8 @@ from tqdm import tqdm
 from cm3leon_jax import storage
 from cm3leon_jax.config import Config
 from cm3leon_jax.data import readers
-from cm3leon_jax.data.records import shard_name, write_manifest, write_shard
+from cm3leon_jax.data.records import shard_name, write_manifest
+from cm3leon_jax.data.shards import ShardPlan, write_one_shard
 from cm3leon_jax.data.sources import BadRecord, open_source
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.storage import Path, PathLike
@@ -225,20 +226,10 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
 
     shard_size = cfg.prepare.shard_size
     n_shards = max(1, math.ceil(total / shard_size))
-    shard_path = lambda i: out.documents / shard_name(i, n_shards)
+    plan = ShardPlan(str(out.root), n_shards, shard_size, total, cfg.prepare.batch_size)
     todo = [i for i in range(n_shards)
-            if not shard_path(i).exists() or not shard_path(i).with_suffix(".json").exists()]
-    batch = cfg.prepare.batch_size
-    chunks = [(s, min(s + batch, (i + 1) * shard_size, total))
-              for i in todo for s in range(i * shard_size, min((i + 1) * shard_size, total), batch)]
-    workers = cfg.prepare.workers
-    pool = (multiprocessing.get_context("spawn").Pool(
-        workers, readers.init, (source, text.model_proto, image.resolution))
-        if workers and chunks else None)
-    if pool is None:
-        readers.init(source, text.model_proto, image.resolution)
-    done = set(range(n_shards)) - set(todo)
-    stats = {i: _shard_stats(shard_path(i)) for i in sorted(done)}
+            if not plan.path(i).exists() or not plan.path(i).with_suffix(".json").exists()]
+    stats = {i: _shard_stats(plan.path(i)) for i in range(n_shards) if i not in todo}
 
     def check_bad():  # once more are bad than allowed, no later shard can bring it back
         bad = sum(sum(s["skipped"].values()) for s in stats.values())
@@ -248,22 +239,16 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
                 f"{bad} of {total} records are bad, more than prepare.max_bad_fraction="
                 f"{cfg.prepare.max_bad_fraction} allows; see {out.skipped}")
 
-    bar = tqdm(total=total, initial=total - sum(hi - lo for lo, hi in chunks), unit="pair",
-               desc=f"prepare {out.root.name}", disable=not progress)
-    try:
-        results = readers.ordered_chunks(pool, chunks, window=4 * max(1, workers))
-        for i in todo:
-            lo, hi = i * shard_size, min((i + 1) * shard_size, total)
-            shard = {"documents": 0, "skipped": collections.Counter(), "skipped_records": []}
-            docs = _shard_documents(results, hi - lo, image, vocab, shard, seconds, bar)
-            write_shard(shard_path(i), docs)
-            shard_path(i).with_suffix(".json").write_text(json.dumps(shard) + "\n")
-            stats[i] = shard
-            check_bad()
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
+    if cfg.prepare.runner == "beam" and todo:
+        from cm3leon_jax.data import beam_shards  # optional: apache-beam only for this runner
+
+        t0 = time.perf_counter()
+        beam_shards.run(plan, todo, source, text.model_proto, cfg, progress)
+        seconds["beam_shards"] += time.perf_counter() - t0
+        stats.update({i: _shard_stats(plan.path(i)) for i in todo})
+    elif todo:
+        _write_shards_here(plan, todo, source, text, image, vocab, cfg, stats, seconds,
+                           check_bad, progress)
     check_bad()
     skipped = _write_skipped(out, stats)
     documents = sum(s["documents"] for s in stats.values())
@@ -275,6 +260,30 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
         tokens_per_image=image.tokens_per_image, source=dataclasses.asdict(cfg.source),
         inputs=inputs, seconds={k: round(v, 3) for k, v in sorted(seconds.items())},
         wall_seconds=round(time.perf_counter() - started, 3))
+
+
+def _write_shards_here(plan: ShardPlan, todo, source, text, image, vocab, cfg, stats, seconds,
+                       check_bad, progress) -> None:
+    """The local runner: reader processes feed this process, which encodes and writes the
+    shards in order."""
+    chunks = [c for i in todo for c in plan.chunks(i)]
+    workers = cfg.prepare.workers
+    pool = (multiprocessing.get_context("spawn").Pool(
+        workers, readers.init, (source, text.model_proto, image.resolution))
+        if workers else None)
+    if pool is None:
+        readers.init(source, text.model_proto, image.resolution)
+    bar = tqdm(total=plan.total, initial=plan.total - sum(hi - lo for lo, hi in chunks),
+               unit="pair", desc=f"prepare {DataDir(plan.root).root.name}", disable=not progress)
+    try:
+        results = readers.ordered_chunks(pool, chunks, window=4 * max(1, workers))
+        for i in todo:
+            stats[i] = write_one_shard(plan, i, results, image, vocab, seconds, bar)
+            check_bad()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
 
 
 def _write_skipped(out: DataDir, stats: dict) -> collections.Counter:
@@ -293,33 +302,6 @@ def _shard_stats(path: Path) -> dict:
     s = json.loads(path.with_suffix(".json").read_text())
     s["skipped"] = collections.Counter(s["skipped"])
     return s
-
-
-def _shard_documents(results, count: int, image, vocab: Vocab, shard: dict, seconds, bar):
-    """The next `count` records from the readers as documents, images encoded per chunk."""
-    done = 0
-    while done < count:
-        t0 = time.perf_counter()
-        items, chunk_seconds = next(results)
-        seconds["wait"] += time.perf_counter() - t0
-        done += len(items)
-        seconds.update(chunk_seconds)
-        good = [d for d in items if isinstance(d, dict)]
-        for record_id, reason, detail in (d for d in items if not isinstance(d, dict)):
-            log.warning("skipped %s: %s %s", record_id, reason, detail)
-            shard["skipped"][reason] += 1
-            shard["skipped_records"].append([record_id, reason, detail])
-        if good:
-            t0 = time.perf_counter()
-            codes = image.encode(np.stack([d["pixels"] for d in good]))
-            seconds["image"] += time.perf_counter() - t0
-            for d, c in zip(good, codes):
-                shard["documents"] += 1
-                t0 = time.perf_counter()
-                yield {"id": d["id"], "caption": d["caption"], "text": vocab.text_ids(d["pieces"]),
-                       "image": vocab.image_ids(c), "pixels": d["pixels"], "meta": d["meta"]}
-                seconds["write"] += time.perf_counter() - t0  # the writer's time on it
-        bar.update(len(items))
 
 
 # --- reading a prepared directory ----------------------------------------------------------

@@ -32,6 +32,9 @@ def export(workdir: storage.PathLike, out: storage.PathLike, fmt: str, step: int
     out = storage.path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+    if storage.is_remote(out) and "/" not in str(out).split("://", 1)[1].strip("/"):
+        raise ConfigError(f"--out {out} is a bucket: export into a folder of it "
+                          f"({str(out).rstrip('/')}/export)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory")
     cfg, step, _ = weights_lib.saved_config(workdir, step)

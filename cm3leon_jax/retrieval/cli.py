@@ -51,7 +51,9 @@ def build_index(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     m = build_bank_index(cfg)
-    print(f"index: {m['kind']} over {m['size']:,} documents x {m['dim']} "
+    kind = m["kind"] if "shards" not in m else \
+        f"{len(m['shards'])} shards of {m['shards'][0]['kind']}"
+    print(f"index: {kind} over {m['size']:,} documents x {m['dim']} "
           f"({m['pairs']:,} pairs, {m['unembedded']} unembedded), embedded in "
           f"{m['embed_seconds']} s, built in {m['build_seconds']} s, recall@10 "
           f"{m['recall_at_10']} on {m['recall_queries']} queries; saved to "

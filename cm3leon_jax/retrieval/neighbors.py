@@ -158,7 +158,8 @@ def _same(a: storage.PathLike, b: storage.PathLike) -> bool:
 # --- cm3leon index -------------------------------------------------------------------
 
 def build_bank_index(cfg: Config) -> dict:
-    """Embed the memory bank (resumable), save its vectors, build and serialize ScaNN."""
+    """Embed the memory bank (resumable), save its vectors, build and serialize ScaNN (in
+    `retrieval.index_shards` document ranges, index.py)."""
     r, out = cfg.retrieval, retrieval_dir(cfg)
     source_dir = bank_dir(cfg)
     n = len(records.open_documents(source_dir))
@@ -242,6 +243,10 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     if index_manifest["encoder"] != r.encoder:
         raise ValueError(f"{out.index}: built with encoder {index_manifest['encoder']!r}, "
                          f"config has retrieval.encoder={r.encoder!r}; rebuild the index")
+    if index.shard_count(index_manifest) != r.index_shards:
+        raise ValueError(f"{out.index}: built in {index.shard_count(index_manifest)} shards, "
+                         f"config has retrieval.index_shards={r.index_shards}; rerun "
+                         "`cm3leon index`")
     if not _same(index_manifest["bank"], bank_dir(cfg)):
         raise ValueError(f"{out.index}: indexes the bank {index_manifest['bank']}, the config's "
                          f"bank is {bank_dir(cfg)} (retrieval.bank); rerun `cm3leon index`")
