@@ -10,6 +10,19 @@ from conftest import CONFIGS, run_cli
 TINY = str(CONFIGS / "tiny.yaml")
 
 
+def _truncated_export(tmp_path):
+    """A real export of a 1-step run whose model.safetensors lost its second half."""
+    from cm3leon_jax.config import load_config
+    from cm3leon_jax.export.write import export
+    from cm3leon_jax.train.trainer import train
+
+    train(load_config(TINY, ["train.steps=1", "optimizer.warmup_steps=1"]), tmp_path / "run")
+    export(tmp_path / "run", tmp_path / "exp", "safetensors")
+    weights = tmp_path / "exp" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return tmp_path / "exp"
+
+
 def _bad_inputs(tmp_path):
     (tmp_path / "dup.yaml").write_text("train:\n  steps: 3\n  steps: 4\n")
     (tmp_path / "broken.yaml").write_text("train: [1,\n")
@@ -19,6 +32,8 @@ def _bad_inputs(tmp_path):
     (half / "documents" / "shard-00001-of-00002.array_record").unlink()
     np.save(tmp_path / "tokens.npy", np.zeros((2, 4), np.int32))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "not.npy").write_bytes(b"not an array")
+    exp = _truncated_export(tmp_path)
     return {
         "missing config": (["params", "--config", str(tmp_path / "nope.yaml")],
                            "nope.yaml does not exist"),
@@ -42,6 +57,22 @@ def _bad_inputs(tmp_path):
                                    str(tmp_path / "empty"), "--inception-weights",
                                    str(tmp_path / "tokens.npy")],
                                   "tokens.npy: cannot read the Inception weights"),
+        "unsupported url": (["train", "--config", TINY, "--workdir", "ftp://host/run"],
+                            "ftp://host/run: unsupported storage scheme"),
+        "export into a bucket root": (["export", "--workdir", str(tmp_path / "run"), "--out",
+                                       "gs://bucket", "--format", "safetensors"],
+                                      "--out gs://bucket is a bucket"),
+        "truncated export": (["score", "--workdir", str(exp), "--tokens",
+                              str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "o.npy")],
+                             "model.safetensors is not a readable safetensors file"),
+        "tokens not npy": (["score", "--workdir", str(exp), "--tokens",
+                            str(tmp_path / "not.npy"), "--out", str(tmp_path / "o.npy")],
+                           "not.npy: not a .npy array"),
+        "beam flag": (["prepare", "--config", TINY, f"data.dir={tmp_path / 'p'}",
+                       "prepare.runner=beam", "prepare.beam_options=[DirectRunner]"],
+                      "'DirectRunner' is not a pipeline flag"),
+        "index shards": (["index", "--config", TINY, f"data.dir={tmp_path / 'p'}",
+                          "retrieval.index_shards=0"], "retrieval.index_shards=0 must be"),
     }
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from cm3leon_jax import layout, storage
 from cm3leon_jax.config import Config, ConfigError, MeshConfig, from_dict, validate
@@ -244,6 +244,18 @@ def non_finite(params: dict) -> list[str]:
             if not v]
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: Path, local):
+    """safe_open, with a damaged file (truncated, not safetensors) named as bad input."""
+    try:
+        f = safe_open(str(local), framework="numpy")
+    except SafetensorError as e:
+        raise ConfigError(f"{path} is not a readable safetensors file ({e}); export it "
+                          "again") from None
+    with f:
+        yield f
+
+
 def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:
     """The exported parameters as global arrays laid out by `shardings`; each device's
     shard is read straight from the file (a local copy of a remote one). Names, shapes and
@@ -253,7 +265,7 @@ def _read_export(path: Path, mdef: ModelDef, shardings: dict) -> dict:
     want = flatten(mdef.abstract_params)
     where = flatten(shardings)
     out = {}
-    with storage.local_copy(path) as local, safe_open(str(local), framework="numpy") as f:
+    with storage.local_copy(path) as local, _open_safetensors(path, local) as f:
         have = set(f.keys())
         if have != set(want):
             raise ConfigError(f"{path}: tensors {sorted(have ^ set(want))} are in only one of "
