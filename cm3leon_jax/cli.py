@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 
@@ -56,12 +57,32 @@ def parser() -> argparse.ArgumentParser:
 
 BAD_INPUT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
              ValueError)  # what a user's files or arguments cause (besides ConfigError)
+# A full disk as the libraries report it: OSError's errno, or TensorStore's status text
+# (orbax raises it as a ValueError from its save threads).
+DISK_FULL = ("No space left on device", "os_error_code='28'")
+
+
+def _disk_full(e: BaseException) -> bool:
+    return ((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+            or any(s in str(e) for s in DISK_FULL))
+
+
+class _NoTracebacks(logging.Filter):
+    """Library log records keep their message and lose their traceback (orbax logs one per
+    failing save thread before the failure reaches the CLI's one line); --debug keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CM3LEON_DEBUG") == "1"
     args = parser().parse_args([a for a in argv if a != "--debug"])
+    absl_log = logging.getLogger("absl")
+    if not debug and not any(isinstance(f, _NoTracebacks) for f in absl_log.filters):
+        absl_log.addFilter(_NoTracebacks())
     try:
         args.fn(args)
     except ConfigError as e:
@@ -72,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on demand
         if debug:
             raise
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        full = _disk_full(e)
         what = "disk full" if full else type(e).__name__
         print(f"cm3leon {args.command}: {what}: {e} (--debug for the traceback)",
               file=sys.stderr)

@@ -92,3 +92,29 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CM3LEON_DEBUG", "1")
     with pytest.raises(Exception, match="nope.yaml does not exist"):
         run_cli(capsys, *argv)
+
+
+def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    """A checkpoint save that fills the disk (a 3.5 MB tmpfs holds one tiny checkpoint):
+    one line saying so, exit 1 (not bad input), no traceback, the previous checkpoint
+    intact and loadable."""
+    import subprocess
+
+    from cm3leon_jax.train import weights
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        code, _, err = run_cli(capsys, "train", "--config", TINY, "--workdir",
+                               str(small / "run"), "train.steps=8", "train.checkpoint_every=2",
+                               "optimizer.warmup_steps=1")
+        assert code == 1, err
+        assert "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("cm3leon train: disk full: "), err
+        saved = weights.load(small / "run")
+        assert saved.step == 2 and saved.origin.endswith("checkpoints/2")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
