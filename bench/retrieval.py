@@ -84,6 +84,8 @@ def main() -> None:
     print(json.dumps(result))
 
     if args.index_shards:
+        if args.index_shards < 2:
+            p.error("--index-shards N compares N >= 2 shards with the single index")
         sharded = load_config(CONFIG, [*args.overrides,
                                        f"retrieval.index_shards={args.index_shards}"]).retrieval
         with tempfile.TemporaryDirectory() as tmp:

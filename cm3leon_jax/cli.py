@@ -4,6 +4,7 @@ its stage (`<stage>/cli.py`), in the order of the flow.
     cm3leon config show|keys       the resolved config; every key          (config/cli.py)
     cm3leon prepare                source -> tokenizers -> document shards (data/cli.py)
     cm3leon tokenizer train-image  the VQ-GAN image tokenizer              (tokenizers/cli.py)
+    cm3leon tokenizer eval-image   its reconstructions of held-out images  (eval/cli.py)
     cm3leon retrieval train-encoder | index | neighbors                    (retrieval/cli.py)
     cm3leon train | params         training; model size and state bytes   (train/cli.py)
     cm3leon compile                the train/generate step for a TPU pod   (aot/cli.py)
@@ -50,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        stage.add_commands(sub)
+    commands = {stage: stage.add_commands(sub) for stage in STAGES}
+    # reads the source and computes FID: imports the tokenizers layer may not make
+    eval_cli.add_tokenizer_commands(commands[tokenizers_cli])
     return p
 
 

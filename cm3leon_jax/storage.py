@@ -7,8 +7,10 @@ and TensorStore take the same strings; grain's ArrayRecord reader reads `gs://` 
 
 What a path cannot do on object storage is handled here, once:
 - libraries that only write local files (the ArrayRecord writer, ScaNN, sentencepiece's
-  trainer) write into `staged_file` / `staged_dir`, which uploads on success (locally it is
-  an atomic rename, so a reader never sees half a file);
+  trainer) write into `staged_file` (a temp file renamed into place locally, so a reader
+  never sees half a file; uploaded whole on success remotely) or `staged_dir` (the
+  directory itself locally; a temp folder uploaded on success remotely: callers mark a
+  directory complete with a file written last);
 - libraries that only read local files get `local_copy`;
 - objects cannot be appended to: `append_text` rewrites a remote object (callers batch);
 - what epath leaves out: `copy` between any two places, `files` (a sorted recursive
@@ -82,7 +84,7 @@ def staged_file(dest: PathLike):
     dest = path(dest)
     if not is_remote(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp = dest.with_name(f".{dest.name}.tmp")  # one writer per file: a rerun reuses it
         try:
             yield LocalPath(os.fspath(tmp))
             os.replace(tmp, dest)
@@ -117,9 +119,12 @@ def copy(src: PathLike, dest: PathLike) -> list[epath.Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not (is_remote(src) or is_remote(dest)):
         shutil.copy2(src, dest)
-        return [dest]
-    with src.open("rb") as r, dest.open("wb") as w:
-        shutil.copyfileobj(r, w, 8 << 20)
+    elif not is_remote(src):  # one upload, committed only when complete
+        fs, key = fsspec.core.url_to_fs(os.fspath(dest))
+        fs.put_file(os.fspath(src), key)
+    else:
+        with src.open("rb") as r, dest.open("wb") as w:
+            shutil.copyfileobj(r, w, 8 << 20)
     return [dest]
 
 
@@ -180,8 +185,8 @@ def move_aside(src: PathLike, dest: PathLike) -> None:
 
 
 def absolute(p: PathLike) -> str:
-    """The path independent of the working directory and links (a URL is one already)."""
-    return os.fspath(p) if is_remote(p) else str(LocalPath(os.fspath(p)).resolve())
+    """The path independent of the working directory and links (a URL: normalised)."""
+    return str(path(p)) if is_remote(p) else str(LocalPath(os.fspath(p)).resolve())
 
 
 def files(p: PathLike) -> list[epath.Path]:

@@ -13,7 +13,10 @@
 #   PORT      coordinator port on localhost (default: a free one)
 #   PYTHON    interpreter (default: python)
 # Process 0 prints to the terminal; process i>0 logs to $LOGDIR/process_i.log.
-# SIGTERM/SIGINT are forwarded to every process (preemption: checkpoint and exit 0);
+# SIGTERM is forwarded to every process (preemption: checkpoint and exit 0). The processes
+# run in their own sessions, so a terminal's Ctrl-C reaches only this script: the first is
+# forwarded as SIGTERM (JAX's preemption sync handles SIGTERM, not SIGINT: save and stop
+# at a step every process agrees on), a second kills them (stop now, as for one process);
 # if one process fails the others are stopped, and the first non-zero status is returned.
 set -u
 if [ $# -lt 2 ]; then
@@ -38,8 +41,10 @@ mkdir -p "$LOGDIR"
 
 pids=()
 forward() { [ ${#pids[@]} -gt 0 ] && kill -s "$1" "${pids[@]}" 2>/dev/null; }
+interrupts=0
+on_int() { interrupts=$((interrupts + 1)); forward "$([ $interrupts -eq 1 ] && echo TERM || echo KILL)"; }
 trap 'forward TERM' TERM
-trap 'forward INT' INT
+trap on_int INT
 for ((i = 0; i < N; i++)); do
   env_args=(JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES="$N" JAX_PROCESS_ID="$i")
   if [ "$PLATFORM" = cpu ]; then
@@ -48,10 +53,10 @@ for ((i = 0; i < N; i++)); do
     env_args+=(JAX_LOCAL_DEVICE_IDS="$(seq -s, $((i * PER)) $(((i + 1) * PER - 1)))")
   fi
   if [ "$i" -eq 0 ]; then
-    env "${env_args[@]}" "$PYTHON" -m cm3leon_jax.cli train --config "$CONFIG" \
+    setsid env "${env_args[@]}" "$PYTHON" -m cm3leon_jax.cli train --config "$CONFIG" \
       --workdir "$WORKDIR" "$@" &
   else
-    env "${env_args[@]}" "$PYTHON" -m cm3leon_jax.cli train --config "$CONFIG" \
+    setsid env "${env_args[@]}" "$PYTHON" -m cm3leon_jax.cli train --config "$CONFIG" \
       --workdir "$WORKDIR" "$@" > "$LOGDIR/process_$i.log" 2>&1 &
   fi
   pids+=($!)

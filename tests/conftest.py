@@ -66,11 +66,13 @@ def gcs_emulator():
 @pytest.fixture
 def bucket(gcs_emulator, request):
     """A fresh, empty bucket for one test: its `gs://` root."""
+    import hashlib
     import json
     import re
     import urllib.request
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]  # unique per test
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + digest
     req = urllib.request.Request(
         f"{gcs_emulator}/storage/v1/b?project=test", method="POST",
         data=json.dumps({"name": name}).encode(), headers={"Content-Type": "application/json"})

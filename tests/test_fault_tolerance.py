@@ -494,3 +494,20 @@ def test_ctrl_c_saves_like_sigterm_and_resumes(reference, tiny, tmp_path):
     assert f"preempted (SIGINT) at step {saved[0]}" in out, out
     train(small(tiny, "train.checkpoint_every=100"), work)
     np.testing.assert_allclose([m["loss"] for m in read_metrics(work)], ref_losses, rtol=2e-5)
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_in_a_terminal_stops_launch_local_once(tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground group: launch/local.sh's processes
+    run in their own sessions and the script forwards it as SIGTERM, which JAX's
+    preemption sync turns into a checkpoint at a step both processes agree on (a SIGINT
+    reaching them would be ignored: bash starts background jobs with SIGINT ignored)."""
+    work = tmp_path / "run"
+    proc = start(2, work, "train.checkpoint_every=100", "train.steps=200")
+    wait_for_step(proc, work, 4)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] < 200, (saved, out)
+    assert f"preempted (SIGTERM) at step {saved[0]}" in out, out

@@ -4,8 +4,8 @@ checked when the config loads."""
 
 import pytest
 from test_prepare import config, random_vq  # noqa: F401  (a fixture)
+from test_storage_data import tree
 
-from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
 from cm3leon_jax.data.prepare import prepare
 
@@ -17,11 +17,6 @@ BEAM = ["prepare.runner=beam",
 TIMINGS = ("seconds", "wall_seconds")
 
 
-def files(root) -> dict:
-    root = storage.path(root)
-    return {str(f.relative_to(root)): f.read_bytes() for f in storage.files(root)}
-
-
 @pytest.mark.multiprocess
 def test_beam_runner_writes_the_local_runners_bytes(tiny, tmp_path, random_vq):  # noqa: F811
     settings = ["source.size=70", "prepare.shard_size=16", "prepare.batch_size=8",
@@ -31,7 +26,7 @@ def test_beam_runner_writes_the_local_runners_bytes(tiny, tmp_path, random_vq): 
     assert {k: v for k, v in beam.items() if k not in TIMINGS} == {
         k: v for k, v in local.items() if k not in TIMINGS}
     assert "beam_shards" in beam["seconds"]
-    a, b = files(tmp_path / "local"), files(tmp_path / "beam")
+    a, b = tree(tmp_path / "local"), tree(tmp_path / "beam")
     assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".array_record")]) == 5
     for name in a:
         if name != "manifest.json":

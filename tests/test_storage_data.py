@@ -39,13 +39,7 @@ def make_bucket(emulator: str, name: str) -> str:
 def tree(root) -> dict[str, bytes]:
     """{path below root: bytes} of every file under `root`, local or remote."""
     root = storage.path(root)
-    out = {}
-    for child in root.iterdir():
-        if child.is_dir():
-            out.update({f"{child.name}/{k}": v for k, v in tree(child).items()})
-        else:
-            out[child.name] = child.read_bytes()
-    return out
+    return {str(f.relative_to(root)): f.read_bytes() for f in storage.files(root)}
 
 
 def without_paths_and_times(manifest: dict) -> dict:
@@ -180,10 +174,12 @@ def test_sources_read_files_in_a_bucket(bucket, tmp_path):
             else:
                 assert b[0] == a[0] and b[1] == a[1].replace(str(tmp_path / "wds"), bucket)
     assert src.caption(1) == "ünïcode jpeg"
+    listed = WebDatasetSource(remote)
+    assert len(listed) == len(src)  # listed now, not read yet
     shard = storage.path(f"{bucket}/shards/00000.tar")  # rewritten after listing: refused
     shard.write_bytes(shard.read_bytes())
     with pytest.raises(SourceError, match="changed after prepare listed it"):
-        src[0]
+        listed[0]
     with pytest.raises(SourceError, match="matches no file"):
         WebDatasetSource(f"{bucket}/none/*.tar")[0]
 

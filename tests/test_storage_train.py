@@ -82,6 +82,11 @@ def test_sigkill_resumes_bitwise_from_the_bucket(tiny, bucket, tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=f"killed after step {kill_after}")
 
 
+def _holder(**fields) -> str:
+    return json.dumps({"host": "elsewhere", "boot": "other", "pid": 1, "started": "then",
+                       "heartbeat": time.time(), **fields})
+
+
 def test_run_lock_is_an_object_in_the_bucket(bucket, monkeypatch):
     path = storage.path(f"{bucket}/run/.lock")
     first = lock_lib.RunLock(path).acquire()
@@ -91,25 +96,43 @@ def test_run_lock_is_an_object_in_the_bucket(bucket, monkeypatch):
         lock_lib.RunLock(path).acquire()
     first.release()
     assert not path.exists()
-    # a holder on another host that stopped beating: refused until its heartbeat is
+
+    # a holder on another machine that stopped beating: refused until its heartbeat is
     # STALE_S old, then taken over
-    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then",
-                                "heartbeat": time.time() - 60}))
+    path.write_text(_holder(heartbeat=time.time() - 60))
     with pytest.raises(lock_lib.RunLocked, match="host elsewhere"):
         lock_lib.RunLock(path).acquire()
     monkeypatch.setattr(lock_lib, "STALE_S", 30.0)
     taken = lock_lib.RunLock(path).acquire()
     assert json.loads(path.read_text())["pid"] == os.getpid()
     taken.release()
-    # a holder of this host whose process is gone (kill -9): taken over at once; a live
-    # one of this host is not
+
+    # a holder of this machine whose process is gone (kill -9): taken over at once; a live
+    # one is not, nor a dead pid of another machine with the same host name
     gone = subprocess.Popen(["true"])
     gone.wait()
-    for pid, free in ((gone.pid, True), (os.getppid(), False)):
-        path.write_text(json.dumps({"host": socket.gethostname(), "pid": pid,
-                                    "started": "now", "heartbeat": time.time()}))
+    here = {"host": socket.gethostname(), "boot": lock_lib._boot_id()}
+    for fields, free in (({**here, "pid": gone.pid}, True), ({**here, "pid": os.getppid()}, False),
+                         ({**here, "boot": "another", "pid": gone.pid}, False)):
+        path.write_text(_holder(**fields))
         if free:
             lock_lib.RunLock(path).acquire().release()
         else:
-            with pytest.raises(lock_lib.RunLocked, match=f"pid {pid}"):
+            with pytest.raises(lock_lib.RunLocked, match=f"pid {fields['pid']}"):
                 lock_lib.RunLock(path).acquire()
+
+
+def test_a_lock_taken_over_is_lost_by_its_old_holder(bucket, monkeypatch):
+    """Every write of the holder is conditioned on its own last generation: when another job
+    took the lock over (the holder looked stale), the holder's next heartbeat fails, it
+    marks the lock lost, and its release leaves the new holder's lock alone."""
+    monkeypatch.setattr(lock_lib, "HEARTBEAT_S", 0.2)
+    path = storage.path(f"{bucket}/run/.lock")
+    old = lock_lib.RunLock(path).acquire()
+    path.write_text(_holder(pid=4242))  # another job's takeover (a new generation)
+    deadline = time.monotonic() + 20
+    while not old.lost and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert old.lost
+    old.release()
+    assert json.loads(path.read_text())["pid"] == 4242  # not deleted by the old holder

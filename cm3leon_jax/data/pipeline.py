@@ -216,12 +216,11 @@ def _allow_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _die_with_parent(worker_index: int, worker_count: int) -> None:
-    """grain worker init: exit when the process that started this worker is gone. grain's
-    workers outlive a trainer killed with SIGKILL (nothing tells them), each holding its
-    share of memory; a daemon thread polls the parent pid once a second."""
-    parent = os.getppid()
-
+def _die_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """grain worker init: exit when `parent` (the process that built the pipeline) is gone.
+    grain's workers outlive a trainer killed with SIGKILL (nothing tells them), each
+    holding its share of memory; a daemon thread polls once a second whether the worker
+    was re-parented."""
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
@@ -249,7 +248,7 @@ def batches(cfg: Config, process_index: int = 0, process_count: int = 1, log=tqd
     if cfg.data.workers:
         _allow_workers()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.workers),
-                            worker_init_fn=_die_with_parent)
+                            worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
     if process_index == 0 and k:
         it = it.map(RetrievedLog(k, cfg.data.retrieved_dropout, log))
     length = {key: cfg.data.seq_len for key in SEQUENCE}

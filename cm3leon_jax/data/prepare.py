@@ -227,9 +227,10 @@ def prepare(cfg: Config, progress: bool = True) -> dict:
     shard_size = cfg.prepare.shard_size
     n_shards = max(1, math.ceil(total / shard_size))
     plan = ShardPlan(str(out.root), n_shards, shard_size, total, cfg.prepare.batch_size)
-    todo = [i for i in range(n_shards)
-            if not plan.path(i).exists() or not plan.path(i).with_suffix(".json").exists()]
-    stats = {i: _shard_stats(plan.path(i)) for i in range(n_shards) if i not in todo}
+    have = ({p.name for p in out.documents.iterdir()} if out.documents.exists() else set())
+    todo = [i for i in range(n_shards)  # one listing, not two requests per shard
+            if not {plan.path(i).name, plan.path(i).with_suffix(".json").name} <= have]
+    stats = {i: _shard_stats(plan.path(i)) for i in sorted(set(range(n_shards)) - set(todo))}
 
     def check_bad():  # once more are bad than allowed, no later shard can bring it back
         bad = sum(sum(s["skipped"].values()) for s in stats.values())

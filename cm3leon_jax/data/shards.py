@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from cm3leon_jax import storage
 from cm3leon_jax.data.records import shard_name, write_shard
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.storage import Path
@@ -50,7 +51,7 @@ def write_one_shard(plan: ShardPlan, i: int, results, image, vocab: Vocab, secon
     shard = {"documents": 0, "skipped": collections.Counter(), "skipped_records": []}
     write_shard(plan.path(i), shard_documents(results, hi - lo, image, vocab, shard, seconds,
                                                bar))
-    plan.path(i).with_suffix(".json").write_text(json.dumps(shard) + "\n")
+    storage.write_text_atomic(plan.path(i).with_suffix(".json"), json.dumps(shard) + "\n")
     return shard
 
 

@@ -502,10 +502,18 @@ class _Sharded:
         """Listing can stop: the first `size` records are known."""
         return self.size is not None and total >= self.size
 
-
-def _check_stamp(file: _File) -> None:
-    if storage.version(file.path) != file.stamp:
-        raise SourceError(f"{file.path} changed after prepare listed it; run prepare again")
+    def _check_stamp(self, file: _File) -> None:
+        """A file changed since it was listed stops prepare. Locally checked at every read
+        (a stat); on cloud storage once per file by this instance in this process (a
+        metadata request per record would double the requests)."""
+        remote = storage.is_remote(file.path)
+        checked = self.__dict__.setdefault("_checked", set())
+        if remote and file.path in checked:
+            return
+        if storage.version(file.path) != file.stamp:
+            raise SourceError(f"{file.path} changed after prepare listed it; run prepare again")
+        if remote:
+            checked.add(file.path)
 
 
 # --- webdataset ----------------------------------------------------------------------
@@ -653,7 +661,7 @@ class WebDatasetSource(_Sharded):
         """(record id, key, shard path, {kind: TarInfo, "names": [...]}, the sample's bytes
         the TarInfo offsets are in) of record `index`."""
         file, local = self._locate(index)
-        _check_stamp(file)
+        self._check_stamp(file)
         shard, starts = self._name(file), file.extra.starts
         if local == len(starts) - 1:  # the damage record
             raise BadRecord("truncated_tar", f"{shard}.tar", f"{file.path}: {file.extra.damage}; "
@@ -794,7 +802,7 @@ class ParquetSource(_Sharded):
         import pyarrow as pa  # the parquet source only: reader processes start without it
 
         file, row = self._locate(index)
-        _check_stamp(file)
+        self._check_stamp(file)
         record_id = f"{self._name(file)}/{row}"
         starts = np.cumsum((0,) + file.extra)
         group = int(np.searchsorted(starts, row, side="right")) - 1

@@ -1,4 +1,5 @@
-"""`cm3leon score` and `cm3leon eval fid|clip-score|t2i`: their parsers and what they run.
+"""`cm3leon score`, `cm3leon eval fid|clip-score|t2i` and `cm3leon tokenizer eval-image`:
+their parsers and what they run.
 
     cm3leon score (--workdir RUN [--step N] | --export DIR) --tokens IN.npy --out OUT.npy
     cm3leon eval fid --real DIR_OR_NPZ --fake DIR --inception-weights FILE [--json]
@@ -6,6 +7,9 @@
     cm3leon eval t2i --workdir RUN --captions FILE --real DIR_OR_NPZ --inception-weights F
                      --out DIR [--num N --seed S --cfg A --retrieve K --samples M
                      --rerank clip --clip DIR]
+    cm3leon tokenizer eval-image --tokenizer DIR [--config FILE] [--source KIND] [--num N]
+                     [--inception-weights F --fid-dims D] [--lpips-vgg F --lpips-heads F]
+                     [--batch-size B] [--out FILE.json] [section.key=value ...]
 
 Every file and folder may be on cloud storage (storage.py). Stage modules are imported
 when the command runs, so `cm3leon --help` does not load jax.
@@ -16,7 +20,8 @@ from __future__ import annotations
 import json
 
 from cm3leon_jax import storage
-from cm3leon_jax.config import ConfigError
+from cm3leon_jax.config import ConfigError, load_config
+from cm3leon_jax.config.cli import with_config
 
 
 def add_commands(sub) -> None:
@@ -86,6 +91,30 @@ def add_commands(sub) -> None:
     t.set_defaults(fn=run_t2i)
 
 
+def add_tokenizer_commands(tok) -> None:
+    """`eval-image` among the `tokenizer` commands (cm3leon_jax/cli.py joins them)."""
+    p = with_config(tok.add_parser(
+        "eval-image", help="PSNR, SSIM, LPIPS, codebook usage, rFID (and the shapes "
+                           "detector) of an image tokenizer on held-out images"),
+        required=False)
+    p.add_argument("--tokenizer", required=True, help="saved image tokenizer directory")
+    p.add_argument("--source", metavar="KIND",
+                   help="source.kind (default: the config's); its other settings as "
+                        "source.key=value")
+    p.add_argument("--num", type=int,
+                   help="held-out images measured (default: vqgan_train.eval_images)")
+    p.add_argument("--inception-weights",
+                   help="the FID Inception weights file: the standard rFID; without it the "
+                        "features come from a random-init Inception, named so in the output")
+    p.add_argument("--fid-dims", type=int, default=2048, choices=[64, 192, 768, 2048],
+                   help="Inception feature layer (2048: every published FID)")
+    p.add_argument("--lpips-vgg", help="torchvision's vgg16-397923af.pth (or its .npz)")
+    p.add_argument("--lpips-heads", help="lpips' weights/v0.1/vgg.pth (or its .npz)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encode/decode step")
+    p.add_argument("--out", help="write every number as JSON to this file")
+    p.set_defaults(fn=run_eval_image)
+
+
 def _line(result: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                      for k, v in result.items())
@@ -149,6 +178,18 @@ def run_t2i(args) -> None:
     report = t2i.run_t2i(req)
     scores = {k: v for k, v in report.items() if k != "settings"}
     print(f"{_line(scores)} -> {storage.path(args.out) / 'report.json'}")
+
+
+def run_eval_image(args) -> None:
+    from cm3leon_jax.eval import image_tokenizer  # heavy: deferred so cm3leon --help stays fast
+
+    overrides = ([f"source.kind={args.source}"] if args.source else []) + args.overrides
+    result = image_tokenizer.run(
+        load_config(args.config, overrides), args.tokenizer, args.num,
+        args.inception_weights, args.fid_dims, args.lpips_vgg, args.lpips_heads,
+        args.batch_size, args.out)
+    print(image_tokenizer.summary_line(result)
+          + (f" -> {args.out}" if args.out is not None else ""))
 
 
 def run_score(args) -> None:

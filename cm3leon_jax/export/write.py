@@ -3,7 +3,9 @@
 Everything that can be refused is refused from the saved config alone (format options,
 missing tokenizers, an occupied output directory) before any array is read. The directory
 is written as `OUT.partial` and renamed at the end, so an interrupted export never looks
-complete. OUT may be on cloud storage (storage.py), where the rename is a copy and a delete.
+complete. OUT may be on cloud storage (storage.py), where the rename is a copy and a delete
+per file, `config.json` last: an interrupted move leaves an OUT without it, which nothing
+reads as an export (remove OUT and export again).
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ def export(workdir: storage.PathLike, out: storage.PathLike, fmt: str, step: int
         cfg.vocab.build().save(partial.vocab)
         if out.exists() and not storage.is_remote(out):  # an empty folder (checked above)
             out.rmdir()
-        storage.move_aside(partial.root, out)
+        if storage.is_remote(out):  # file by file, config.json (what marks an export) last
+            for child in sorted(partial.root.iterdir(), key=lambda p: p.name == "config.json"):
+                storage.move_aside(child, out / child.name)
+            partial.root.rmtree(missing_ok=True)
+        else:
+            storage.move_aside(partial.root, out)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         tok = (f"{len(summary['tokenizers'])} tokenizer files from {data_dir}" if data_dir
                else "no tokenizers (none known: the built-in synthetic source)"

@@ -28,11 +28,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from jax import lax
 from PIL import Image
 
 from cm3leon_jax import storage
+from cm3leon_jax.perception import weights
 
 SIZE = 299
 BN_EPS = 1e-3
@@ -296,31 +296,10 @@ def from_state_dict(state: dict, source: str = "<state dict>") -> Inception:
 
     A `module.` prefix (a DataParallel save) and BatchNorm `num_batches_tracked`
     counters are tolerated; anything else unknown, missing or misshapen is refused."""
-    arrays = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if not key.endswith(".num_batches_tracked"):
-            arrays[key] = value
-    known = {**EXPECTED, **OPTIONAL}
-    missing = sorted(set(EXPECTED) - set(arrays))
-    unknown = sorted(set(arrays) - set(known))
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}"
-                         + (", ..." if len(missing) > 5 else ""))
-        if unknown:
-            parts.append(f"unknown {len(unknown)} key(s): {', '.join(unknown[:5])}"
-                         + (", ..." if len(unknown) > 5 else ""))
-        raise ValueError(f"{source}: not the FID InceptionV3 weights "
-                         f"(inception-2015-12-05): {'; '.join(parts)}")
-    params = {}
-    for key, value in arrays.items():
-        value = np.asarray(value, np.float32)
-        if value.shape != known[key]:
-            raise ValueError(f"{source}: {key} has shape {value.shape}, expected "
-                             f"{known[key]}")
-        params[key] = jnp.asarray(value)
+    arrays = {key.removeprefix("module."): value for key, value in state.items()
+              if not key.endswith(".num_batches_tracked")}
+    params = weights.checked(arrays, EXPECTED, str(source),
+                             "the FID InceptionV3 weights (inception-2015-12-05)", OPTIONAL)
     return Inception(params=params, source=str(source))
 
 
@@ -343,40 +322,13 @@ def load_inception(path: storage.PathLike) -> Inception:
     """The FID Inception from a `.pth` (torch-fidelity's or pytorch-fid's state dict,
     same key names in both), an `.npz` or a `.safetensors` file with those names; local or
     on cloud storage (storage.py)."""
-    path = storage.path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weight file (torch-fidelity's "
-                                f"weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
-                                f"pt_inception-2015-12-05-6726825d.pth, or an .npz from "
-                                f"save_npz)")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".pth", ".pt"):
-            try:
-                import torch  # optional: only .pth files need torch
-            except ImportError as e:
-                raise ValueError("reading a .pth needs torch; convert it once where torch "
-                                 "is installed (save_npz) and load the .npz") from e
-            with path.open("rb") as f:
-                state = torch.load(f, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(f"holds a {type(state).__name__}, not a state dict")
-            state = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v
-                     for k, v in state.items()}
-        elif suffix == ".npz":
-            with path.open("rb") as f, np.load(f) as npz:
-                state = {k: npz[k] for k in npz.files}
-        elif suffix == ".safetensors":
-            state = safetensors.numpy.load(path.read_bytes())
-        else:
-            raise ValueError("unsupported weight file type (expected .pth, .pt, .npz or "
-                             ".safetensors)")
-    except Exception as e:  # any reader failure: say which file
-        raise ValueError(f"{path}: cannot read the Inception weights: {e}") from e
-    return from_state_dict(state, source=str(path))
+    state = weights.read_state_dict(
+        path, "the Inception weights",
+        "torch-fidelity's weights-inception-2015-12-05-6726825d.pth or pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth, or an .npz from save_npz")
+    return from_state_dict(state, source=str(storage.path(path)))
 
 
 def save_npz(inception: Inception, path: storage.PathLike) -> None:
     """Write the weights with their torch names, loadable without torch."""
-    with storage.path(path).open("wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in inception.params.items()})
+    weights.save_npz(inception.params, path)

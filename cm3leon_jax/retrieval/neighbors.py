@@ -223,10 +223,6 @@ def _queries(cfg: Config, lo: int, hi: int, same_bank: bool,
     return {name: made[name]() for name in r.lists()}, own
 
 
-def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
-    return n * shard // num_shards, n * (shard + 1) // num_shards
-
-
 def shard_path(out: RetrievalDir, shard: int, num_shards: int) -> storage.Path:
     return out.shards / f"neighbors-{shard:05d}-of-{num_shards:05d}.npz"
 
@@ -253,7 +249,7 @@ def compute_neighbors(cfg: Config, shard: int = 0, num_shards: int = 1) -> dict:
     data_dir = train_dir(cfg)
     same_bank = _same(data_dir, bank_dir(cfg))
     n = len(records.open_documents(data_dir))
-    lo, hi = shard_range(n, shard, num_shards)
+    lo, hi = index.shard_ranges(n, num_shards)[shard]
     t0 = time.perf_counter()
     queries, own = _queries(cfg, lo, hi, same_bank,
                             out.queries / f"shard-{shard:05d}-of-{num_shards:05d}")
@@ -307,9 +303,9 @@ def merge_shards(cfg: Config, num_shards: int) -> dict:
             raise FileNotFoundError(f"{path}: shard {s} of {num_shards} has not been computed")
         z = storage.load_npz(path)
         summary = json.loads(str(z["summary"]))
-        if summary["range"] != list(shard_range(n, s, num_shards)):
+        if summary["range"] != list(index.shard_ranges(n, num_shards)[s]):
             raise ValueError(f"{path}: covers documents {summary['range']}, expected "
-                             f"{list(shard_range(n, s, num_shards))} of {n}")
+                             f"{list(index.shard_ranges(n, num_shards)[s])} of {n}")
         made = (summary.get("lists"), summary.get("pool"))
         if made != (list(cfg.retrieval.lists()), cfg.retrieval.pool):
             raise ValueError(f"{path}: computed with lists {made[0]} of {made[1]}, the "

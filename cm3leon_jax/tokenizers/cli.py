@@ -2,6 +2,8 @@
 
     cm3leon tokenizer train-image --config FILE --workdir DIR [section.key=value ...]
 
+`cm3leon tokenizer eval-image` joins these commands from eval/cli.py: it reads the source
+(data/) and computes FID (eval/), which this layer may not import (tests/test_imports.py).
 Stage modules are imported when the command runs, so `cm3leon --help` does not load jax.
 """
 
@@ -11,13 +13,15 @@ from cm3leon_jax.config import load_config
 from cm3leon_jax.config.cli import with_config
 
 
-def add_commands(sub) -> None:
-    tok = sub.add_parser("tokenizer", help="train tokenizers").add_subparsers(
+def add_commands(sub):
+    """The `tokenizer` command; returns its subcommands, for eval/cli.py's `eval-image`."""
+    tok = sub.add_parser("tokenizer", help="train and evaluate tokenizers").add_subparsers(
         dest="tokenizer_command", required=True)
     p = with_config(tok.add_parser("train-image", help="train the VQ-GAN image tokenizer "
                                    "on shapes images"))
     p.add_argument("--workdir", required=True, help="output: image_tokenizer/, PNG, metrics")
     p.set_defaults(fn=train_image)
+    return tok
 
 
 def train_image(args) -> None:

@@ -31,20 +31,15 @@ from cm3leon_jax.parallel import distributed
 MUST_MATCH = ("vocab", "model")
 
 
-def _absolute(directory: storage.PathLike) -> storage.Path:
-    d = storage.path(directory)
-    return d if storage.is_remote(d) else d.absolute()
-
-
 def manager(directory: storage.PathLike, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        _absolute(directory),
+        storage.path(storage.absolute(directory)),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
 
 
 def reader(directory: storage.PathLike) -> ocp.CheckpointManager:
     """A manager for reading a run's steps (export, scoring); it creates nothing."""
-    directory = _absolute(directory)
+    directory = storage.path(storage.absolute(directory))
     if not directory.is_dir():
         raise ConfigError(f"{directory} does not exist: expected a run's checkpoint directory")
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))

@@ -7,12 +7,15 @@ and stops naming the holder.
 
 - Local and shared POSIX file systems: an exclusive `flock`. The kernel drops it when its
   process dies (kill -9 included), so a relaunch needs no clean-up.
-- Cloud storage (`gs://`, `s3://`): an object created only if absent (GCS
-  `ifGenerationMatch=0` through fsspec's `mode="create"`), refreshed by a heartbeat
-  thread every `HEARTBEAT_S`. Nothing drops it when the holder dies, so it is taken over
-  (deleted, then created only if absent again: of two jobs taking over at once, one
-  wins) when its heartbeat is older than `STALE_S`, or at once when its holder was a
-  process of this host that no longer exists (a relaunch after kill -9).
+- Google Cloud Storage (`gs://`): an object created only if absent
+  (`ifGenerationMatch=0`). Every later write is conditioned on the generation this job
+  wrote last, so two jobs can never both believe they hold it: a heartbeat thread
+  rewrites it every `HEARTBEAT_S`; when a write finds another generation the lock is
+  *lost* (`RunLock.lost`, the trainer stops at its next checkpoint). Nothing drops the
+  object when its holder dies, so a lock is taken over — overwritten conditioned on the
+  generation read — when its heartbeat is older than `STALE_S`, or at once when its
+  holder was a process of this machine (same host and boot id) that no longer exists (a
+  relaunch after kill -9). Of two jobs taking over at once, one write wins.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ import os
 import socket
 import threading
 import time
-
-import fsspec  # epath's backend for URLs; it offers create-only writes
 
 from cm3leon_jax import storage
 from cm3leon_jax.config import ConfigError
@@ -37,6 +38,13 @@ class RunLocked(ConfigError):
     """Another trainer holds the run directory."""
 
 
+def _boot_id() -> str:
+    try:
+        return open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        return ""
+
+
 def _holder(text: str) -> tuple[str, dict]:
     try:
         h = json.loads(text)
@@ -46,8 +54,9 @@ def _holder(text: str) -> tuple[str, dict]:
 
 
 def _dead_here(held: dict) -> bool:
-    """The holder was a process of this host, and it is gone."""
-    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+    """The holder was a process of this machine (host and boot), and it is gone."""
+    if (held.get("host"), held.get("boot")) != (socket.gethostname(), _boot_id()) \
+            or not isinstance(held.get("pid"), int):
         return False
     try:
         os.kill(held["pid"], 0)
@@ -59,21 +68,27 @@ def _dead_here(held: dict) -> bool:
 
 
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "heartbeat": time.time()}
 
 
 class RunLock:
     def __init__(self, path: storage.PathLike):
         self.path = storage.path(path)
-        self.fd, self._stop, self._beat = None, None, None
+        self.fd, self.blob, self.lost = None, None, False
+        self._stop, self._beat = None, None
 
     def _refuse(self, who: str) -> RunLocked:
         return RunLocked(f"{self.path.parent} is being trained by another job ({who}); "
                          "one writer per run directory")
 
     def acquire(self) -> "RunLock":
-        return self._acquire_object() if storage.is_remote(self.path) else self._acquire_flock()
+        if str(self.path).startswith("gs://"):
+            return self._acquire_object()
+        if storage.is_remote(self.path):
+            raise ConfigError(f"{self.path.parent}: the run lock needs a local file system or "
+                              "gs://; this store has no conditional writes here")
+        return self._acquire_flock()
 
     def _acquire_flock(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -89,36 +104,58 @@ class RunLock:
         return self
 
     def _acquire_object(self) -> "RunLock":
-        fs, key = fsspec.core.url_to_fs(os.fspath(self.path))
+        from google.api_core.exceptions import PreconditionFailed  # gs:// only (gcsfs's dependency)
+        from google.cloud import storage as gcs  # generation preconditions, which fsspec lacks
+
+        bucket, name = str(self.path)[len("gs://"):].split("/", 1)
+        blob = gcs.Client().bucket(bucket).blob(name)
         me = _me()
-        for attempt in range(2):
+        for _ in range(2):
             try:
-                fs.pipe_file(key, json.dumps(me).encode(), mode="create")
+                blob.upload_from_string(json.dumps(me), if_generation_match=0)
                 break
-            except FileExistsError:
-                try:
-                    who, held = _holder(fs.cat_file(key).decode(errors="replace"))
-                except FileNotFoundError:  # released between the two calls
-                    continue
-                age = time.time() - float(held.get("heartbeat", 0))
-                dead = _dead_here(held)
-                if attempt or (age < STALE_S and not dead):
-                    raise self._refuse(who) from None
-                why = "its process is gone" if dead else f"no heartbeat for {age:.0f}s"
-                print(f"{self.path}: taking over a stale lock ({who}; {why})", flush=True)
-                fs.rm_file(key)
+            except PreconditionFailed:
+                held = blob.bucket.get_blob(name)
+            if held is None:  # released between the two calls: try again
+                continue
+            who, h = _holder(held.download_as_text())
+            age = time.time() - float(h.get("heartbeat", 0))
+            dead = _dead_here(h)
+            if age < STALE_S and not dead:
+                raise self._refuse(who)
+            why = "its process is gone" if dead else f"no heartbeat for {age:.0f}s"
+            try:  # the write succeeds only if nobody changed the lock since it was read
+                blob.upload_from_string(json.dumps(me), if_generation_match=held.generation)
+            except PreconditionFailed:
+                raise self._refuse("taken while this job was taking it over") from None
+            print(f"{self.path}: took over a stale lock ({who}; {why})", flush=True)
+            break
         else:
-            raise self._refuse("it was taken while this job was taking it over")
+            raise self._refuse("taken and released while this job was acquiring it")
+        self.blob = blob
+        self._start_heartbeat(me, PreconditionFailed)
+        return self
+
+    def _start_heartbeat(self, me: dict, precondition_failed) -> None:
         self._stop = threading.Event()
 
         def beat():
+            last_ok = time.time()
             while not self._stop.wait(HEARTBEAT_S):
-                fs.pipe_file(key, json.dumps({**me, "heartbeat": time.time()}).encode())
+                try:
+                    self.blob.upload_from_string(json.dumps({**me, "heartbeat": time.time()}),
+                                                 if_generation_match=self.blob.generation)
+                    last_ok = time.time()
+                except precondition_failed:  # another job took it over
+                    self.lost = True
+                    return
+                except Exception:  # noqa: BLE001 - a transient error: retry at the next beat
+                    if time.time() - last_ok > STALE_S / 2:
+                        self.lost = True  # others may already see it stale
+                        return
 
         self._beat = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
         self._beat.start()
-        self._fs, self._key = fs, key
-        return self
 
     def release(self) -> None:
         if self.fd is not None:
@@ -128,5 +165,11 @@ class RunLock:
         if self._stop is not None:
             self._stop.set()
             self._beat.join()
-            self._fs.rm_file(self._key)
             self._stop = None
+            if not self.lost:
+                from google.api_core.exceptions import GoogleAPICallError  # gs:// only
+
+                try:  # only the generation this job wrote: never another job's lock
+                    self.blob.delete(if_generation_match=self.blob.generation)
+                except GoogleAPICallError:
+                    pass  # taken over meanwhile, or already gone

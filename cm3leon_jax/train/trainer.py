@@ -33,7 +33,7 @@ from cm3leon_jax.layout import RunDir
 from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint, heldout, weights
-from cm3leon_jax.train.lock import RunLock, RunLocked
+from cm3leon_jax.train.lock import STALE_S, RunLock, RunLocked
 from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
 from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
                                      state_layout)
@@ -217,6 +217,11 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
 
             def save(step, state):
                 nonlocal last_saved
+                if not distributed.everyone(lock is None or not lock.lost):
+                    raise RunLocked(f"{run.lock}: this job lost the run lock (another job took "
+                                    f"it over, or the bucket was unreachable for "
+                                    f"{STALE_S / 2:.0f}s); stopped before checkpoint "
+                                    f"{step}, the last one is {last_saved}")
                 if bad_run == 0:  # never overwrite the last good checkpoint mid-run
                     checkpoint.save(mngr, step, state, batches, cfg)
                     last_saved = step
