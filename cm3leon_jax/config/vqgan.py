@@ -19,8 +19,15 @@ class VQGANConfig:
     mid_attn: bool = True  # attention in the middle block (Chameleon attn_type "vanilla")
     norm_groups: int = 32  # GroupNorm groups (eps 1e-6, as taming)
     z_channels: int = 256  # encoder output channels (Chameleon latent_channels)
-    embed_dim: int = 256  # codebook vector size (after quant_conv)
+    embed_dim: int = 256  # quant_conv output size (the code size unless codebook_dim)
     codebook_size: int = 8192  # codes (= vocab.image_size)
+    codebook_l2_norm: bool = False  # l2-normalise vectors and codes before the lookup (LlamaGen)
+    codebook_dim: int | None = None  # lookup size (embed_dim -> this -> embed_dim); null: embed_dim
+
+    @property
+    def code_dim(self) -> int:
+        """Size of the codebook's vectors (the space the nearest-code lookup runs in)."""
+        return self.embed_dim if self.codebook_dim is None else self.codebook_dim
 
     @property
     def downsample(self) -> int:
@@ -37,7 +44,7 @@ class VQGANConfig:
     def check(self) -> None:
         """Also run when a saved tokenizer is loaded."""
         positive("vqgan", self, "resolution", "base_channels", "num_res_blocks", "norm_groups",
-                 "z_channels", "embed_dim", "codebook_size")
+                 "z_channels", "embed_dim", "codebook_size", "codebook_dim")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ConfigError(f"vqgan.channel_mult={list(self.channel_mult)} must be a non-empty "
                               "list of positive multipliers")
@@ -64,6 +71,9 @@ class VQGANTrainConfig:
     codebook_weight: float = 1.0  # weight of codebook + beta x commitment
     restart_every: int = 100  # re-seed codes unused for this many steps from encoder outputs; 0: never
     disc_weight: float = 0.0  # patch-GAN generator loss weight; 0: no discriminator
+    disc_loss: Literal["hinge", "non_saturating"] = "hinge"  # GAN loss of both players
+    adaptive_weight: bool = False  # times taming's gradient-norm ratio (rec / GAN, last layer)
+    lecam_weight: float = 0.0  # LeCam regulariser of the discriminator (LlamaGen); 0: off
     disc_start: int = 0  # step at which the GAN losses switch on
     disc_channels: int = 64  # patch-GAN base channels
     disc_layers: int = 3  # patch-GAN stride-2 layers
@@ -78,7 +88,14 @@ class VQGANTrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"vqgan_train.{key}={getattr(self, key)} must be > 0")
         nonnegative("vqgan_train", self, "beta", "codebook_weight", "restart_every",
-                    "disc_weight", "disc_start")
+                    "disc_weight", "disc_start", "lecam_weight")
         if not (self.b1 < 1 and self.b2 < 1):
             raise ConfigError(f"vqgan_train.b1={self.b1}, vqgan_train.b2={self.b2} must be in "
                               "(0, 1)")
+        if self.disc_weight == 0:
+            for key, off in (("adaptive_weight", False), ("lecam_weight", 0.0),
+                             ("disc_loss", "hinge")):
+                if getattr(self, key) != off:
+                    raise ConfigError(f"vqgan_train.{key}={getattr(self, key)} shapes the GAN, "
+                                      "which is off (vqgan_train.disc_weight=0); set "
+                                      "disc_weight > 0 or drop it")

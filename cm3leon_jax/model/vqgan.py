@@ -9,6 +9,12 @@ by squared distance (z^2 + e^2 - 2ze, as Chameleon), straight-through gradients.
 the mirror image (taming): `num_res_blocks + 1` blocks per level, nearest x2 + 3x3 conv
 upsampling. Module names follow taming/Chameleon so their weights map one to one
 (tokenizers/chameleon.py).
+
+Two options of the lookup (LlamaGen / ViT-VQGAN), both off by default, where the model is
+exactly the one above: `codebook_dim` adds a linear `quant_proj` embed_dim -> codebook_dim
+before the lookup and `post_quant_proj` back after it, so the codes are codebook_dim-sized;
+`codebook_l2_norm` l2-normalises the vectors and the codes before the lookup (nearest code
+= highest cosine), and the decoder gets the normalised code.
 """
 
 from __future__ import annotations
@@ -160,11 +166,15 @@ class Decoder(nnx.Module):
         self.norm_out = _norm(cin, g, rngs)
         self.conv_out = _conv(cin, 3, 3, rngs)
 
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def features(self, z: jax.Array) -> jax.Array:
+        """The input of `conv_out`, the last layer (the GAN's adaptive weight is taken there)."""
         x = self.mid(self.conv_in(z))
         for level in self.up:
             x = level(x)
-        return self.conv_out(swish(self.norm_out(x)))
+        return swish(self.norm_out(x))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.conv_out(self.features(z))
 
 
 def quantize(z: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -175,6 +185,11 @@ def quantize(z: jax.Array, codebook: jax.Array) -> jax.Array:
     return jnp.argmin(d, axis=1).astype(jnp.int32).reshape(z.shape[:-1])
 
 
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(||x||, 1e-12) over the last axis (torch's F.normalize), finite gradient at 0."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
 class VQGAN(nnx.Module):
     """encode: images in [-1, 1] -> codes; decode: codes -> images; __call__ for training."""
 
@@ -182,36 +197,60 @@ class VQGAN(nnx.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg, rngs)
         self.quant_conv = _conv(cfg.z_channels, cfg.embed_dim, 1, rngs)
-        k = cfg.codebook_size  # taming: uniform(-1/K, 1/K)
-        self.codebook = nnx.Param(jax.random.uniform(rngs.params(), (k, cfg.embed_dim),
-                                                     jnp.float32, -1.0 / k, 1.0 / k))
+        d, k = cfg.code_dim, cfg.codebook_size
+        low = cfg.codebook_dim is not None
+        self.quant_proj = nnx.Linear(cfg.embed_dim, d, rngs=rngs) if low else None
+        # taming: uniform(-1/K, 1/K)
+        self.codebook = nnx.Param(jax.random.uniform(rngs.params(), (k, d), jnp.float32,
+                                                     -1.0 / k, 1.0 / k))
+        self.post_quant_proj = nnx.Linear(d, cfg.embed_dim, rngs=rngs) if low else None
         self.post_quant_conv = _conv(cfg.embed_dim, cfg.z_channels, 1, rngs)
         self.decoder = Decoder(cfg, rngs)
 
     def embed(self, x: jax.Array) -> jax.Array:
-        """Pre-quantisation vectors [B, h, w, embed_dim] of images [B, H, W, 3] in [-1, 1]."""
-        return self.quant_conv(self.encoder(x))
+        """Vectors [B, h, w, code_dim] that are looked up, of images [B, H, W, 3] in [-1, 1]."""
+        z = self.quant_conv(self.encoder(x))
+        if self.quant_proj is not None:
+            z = self.quant_proj(z)
+        return l2_normalize(z) if self.cfg.codebook_l2_norm else z
+
+    def codes_table(self) -> jax.Array:
+        """The codes as the lookup and the decoder see them [codebook_size, code_dim]."""
+        book = self.codebook[...]
+        return l2_normalize(book) if self.cfg.codebook_l2_norm else book
 
     def encode(self, x: jax.Array) -> jax.Array:
         """Codes [B, h, w] (int32, 0..codebook_size-1)."""
-        return quantize(self.embed(x), self.codebook[...])
+        return quantize(self.embed(x), self.codes_table())
+
+    def decoder_input(self, zq: jax.Array) -> jax.Array:
+        """Looked-up vectors [B, h, w, code_dim] -> the decoder's input [B, h, w, z_channels]."""
+        if self.post_quant_proj is not None:
+            zq = self.post_quant_proj(zq)
+        return self.post_quant_conv(zq)
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """Images [B, H, W, 3] in about [-1, 1] from codes [B, h, w]."""
-        return self.decoder(self.post_quant_conv(jnp.take(self.codebook[...], codes, axis=0)))
+        return self.decoder(self.decoder_input(jnp.take(self.codes_table(), codes, axis=0)))
 
-    def __call__(self, x: jax.Array):
-        """(reconstruction, codes, z, codebook loss, commitment loss).
+    def quantized(self, x: jax.Array):
+        """(straight-through code vectors, codes, z, codebook loss, commitment loss).
 
         Codebook loss ||sg(z) - e||^2 trains the codes; commitment ||z - sg(e)||^2 (weighted
         by beta by the caller) keeps the encoder near them. (taming's default `legacy` mode
-        and Chameleon put beta on the codebook term instead.)
+        and Chameleon put beta on the codebook term instead.) z and e are the vectors the
+        lookup compares (`embed`, `codes_table`).
         """
         z = self.embed(x)
-        codes = quantize(z, self.codebook[...])
-        zq = jnp.take(self.codebook[...], codes, axis=0)
+        book = self.codes_table()
+        codes = quantize(z, book)
+        zq = jnp.take(book, codes, axis=0)
         codebook_loss = jnp.mean((jax.lax.stop_gradient(z) - zq) ** 2)
         commit_loss = jnp.mean((z - jax.lax.stop_gradient(zq)) ** 2)
-        zq = z + jax.lax.stop_gradient(zq - z)  # straight-through
-        recon = self.decoder(self.post_quant_conv(zq))
+        return z + jax.lax.stop_gradient(zq - z), codes, z, codebook_loss, commit_loss
+
+    def __call__(self, x: jax.Array):
+        """(reconstruction, codes, z, codebook loss, commitment loss); see `quantized`."""
+        zq, codes, z, codebook_loss, commit_loss = self.quantized(x)
+        recon = self.decoder(self.decoder_input(zq))
         return recon, codes, z, codebook_loss, commit_loss

@@ -3,7 +3,10 @@
 Encode and decode run a jitted function of one fixed batch shape; inputs are split into
 batches of `batch_size` and the last one is zero-padded, so any number of images compiles
 once. A saved tokenizer is a directory with `vqgan.json` (config) and `vqgan.npz` (weights),
-local or on cloud storage (storage.py); each file is written whole.
+local or on cloud storage (storage.py); each file is written whole. Keys missing from a
+`vqgan.json` take their defaults, and every option added to `vqgan` since the first saved
+tokenizers (`codebook_l2_norm`, `codebook_dim`) defaults to the model as it was, so older
+tokenizers load unchanged.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """Training of the image tokenizer (`cm3leon tokenizer train-image`).
 
 Loss: L1 or L2 reconstruction + codebook_weight x (codebook + beta x commitment), plus an
-optional hinge patch-GAN (generator term weighted by `disc_weight`, on from `disc_start`).
-Dead-code restarts keep the codebook in use: every `restart_every` steps (not after the last
-step, so the evaluated codebook is the trained one), codes no batch
-picked in that window are re-seeded from encoder outputs of the current batch. The core,
+optional patch-GAN as taming/LlamaGen (on from `disc_start`): hinge or non-saturating
+losses, the generator term weighted by `disc_weight`, times taming's adaptive weight when
+`adaptive_weight` is set, and LlamaGen's LeCam regulariser on the discriminator when
+`lecam_weight` > 0. Dead-code restarts keep the codebook in use: every `restart_every`
+steps (not after the last step, so the evaluated codebook is the trained one), codes no
+batch picked in that window are re-seeded from encoder outputs of the current batch.
+metrics.jsonl rows carry codebook usage and perplexity of the codes picked since the
+previous row; the summary those of the eval images' codes. The core,
 `train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
 where they come from. Its work directory may be on cloud storage: the run writes into a
 local one that is uploaded when it is done (storage.staged_dir).
@@ -57,47 +61,128 @@ def _discriminator(t: VQGANTrainConfig, rngs: nnx.Rngs) -> PatchGAN:
     return PatchGAN(t.disc_channels, t.disc_layers, rngs=rngs)
 
 
+LECAM_DECAY = 0.999  # LlamaGen's lecam_ema_decay for the EMAs of the logits
+
+
+def gen_loss(kind: str, fake: jax.Array) -> jax.Array:
+    """The generator's GAN loss of discriminator logits on reconstructions: hinge -E[D(G)],
+    non_saturating E[softplus(-D(G))] = -E[log sigmoid(D(G))]."""
+    return -jnp.mean(fake) if kind == "hinge" else jnp.mean(jax.nn.softplus(-fake))
+
+
+def disc_loss(kind: str, real: jax.Array, fake: jax.Array) -> jax.Array:
+    """The discriminator's loss: hinge E[relu(1 - D(x))] + E[relu(1 + D(G))], non_saturating
+    E[softplus(-D(x))] + E[softplus(D(G))] (logistic). Not halved as in taming/LlamaGen:
+    Adam's steps do not depend on the loss scale."""
+    if kind == "hinge":
+        return jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))
+    return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
+
+
+def lecam_loss(real: jax.Array, fake: jax.Array, ema_real: jax.Array,
+               ema_fake: jax.Array) -> jax.Array:
+    """LeCam regulariser (Tseng et al. 2021; LlamaGen's `lecam_reg`): E[relu(D(x) - ema_fake)^2]
+    + E[relu(ema_real - D(G))^2], with EMAs of the mean logits; keeps D's outputs from
+    drifting apart when it wins easily (small data)."""
+    return (jnp.mean(jax.nn.relu(real - ema_fake) ** 2)
+            + jnp.mean(jax.nn.relu(ema_real - fake) ** 2))
+
+
+def adaptive_weight(rec_of_last, gen_of_last, last: jax.Array) -> jax.Array:
+    """taming's `calculate_adaptive_weight` before its disc_weight factor: ||grad rec|| /
+    (||grad gen|| + 1e-4), both gradients with respect to the decoder's last-layer weight
+    `last` (losses given as functions of it), clipped to [0, 1e4], without gradient. It
+    balances the GAN term against reconstruction whatever their scales."""
+    rec = jnp.sqrt(jnp.sum(jax.grad(rec_of_last)(last) ** 2))
+    gen = jnp.sqrt(jnp.sum(jax.grad(gen_of_last)(last) ** 2))
+    return jax.lax.stop_gradient(jnp.clip(rec / (gen + 1e-4), 0.0, 1e4))
+
+
+def loss_functions(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
+    """(generator_loss(params, dparams, x) -> (loss, (metrics, codes, z, recon)),
+    discriminator_loss(dparams, real, fake, ema) -> (loss, (metrics, new ema))).
+
+    x, real, fake: float images in [-1, 1]; ema: [2] EMAs of the mean real and fake logits
+    (LeCam's, carried between steps). metrics["d_weight"] is the GAN term's weight
+    (disc_weight x the adaptive weight) when `t.adaptive_weight` is set.
+    """
+    gdef = graphdef(cfg)
+    dgdef = nnx.graphdef(nnx.eval_shape(lambda: _discriminator(t, nnx.Rngs(0)))) if gan else None
+
+    def rec_loss(recon, x):
+        err = recon - x
+        return jnp.mean(jnp.abs(err)) if t.recon_loss == "l1" else jnp.mean(err ** 2)
+
+    def generator_loss(params, dparams, x):
+        model = nnx.merge(gdef, params)
+        zq, codes, z, cb, commit = model.quantized(x)
+        h = model.decoder.features(model.decoder_input(zq))
+        recon = model.decoder.conv_out(h)
+        rec = rec_loss(recon, x)
+        loss = rec + t.codebook_weight * (cb + t.beta * commit)
+        mse = jnp.mean((jnp.clip(recon, -1, 1) - x) ** 2) / 4  # on the [0, 1] scale
+        metrics = {"rec": rec, "codebook": cb, "commit": commit,
+                   "psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
+        if gan:
+            disc = nnx.merge(dgdef, dparams)
+            g = gen_loss(t.disc_loss, disc(recon))
+            weight = t.disc_weight
+            if t.adaptive_weight:
+                head_def = nnx.graphdef(model.decoder.conv_out)
+                head = jax.lax.stop_gradient(params["decoder"]["conv_out"])
+                hs = jax.lax.stop_gradient(h)
+
+                def out(kernel):  # the reconstruction as a function of the last layer's weight
+                    return nnx.merge(head_def, {**head, "kernel": kernel})(hs)
+
+                weight = weight * adaptive_weight(lambda k: rec_loss(out(k), x),
+                                                  lambda k: gen_loss(t.disc_loss, disc(out(k))),
+                                                  head["kernel"])
+                metrics["d_weight"] = weight
+            loss = loss + weight * g
+            metrics["gen"] = g
+        metrics["loss"] = loss
+        return loss, (metrics, codes, z, recon)
+
+    def discriminator_loss(dparams, real, fake, ema):
+        d = nnx.merge(dgdef, dparams)
+        logits_real, logits_fake = d(real), d(fake)
+        adv = disc_loss(t.disc_loss, logits_real, logits_fake)
+        metrics, loss = {"disc": adv}, adv
+        if t.lecam_weight:
+            lecam = lecam_loss(logits_real, logits_fake, ema[0], ema[1])
+            loss = loss + t.lecam_weight * lecam
+            metrics["lecam"] = lecam
+            means = jax.lax.stop_gradient(jnp.stack([jnp.mean(logits_real),
+                                                     jnp.mean(logits_fake)]))
+            ema = LECAM_DECAY * ema + (1 - LECAM_DECAY) * means
+        return loss, (metrics, ema)
+
+    return generator_loss, discriminator_loss
+
+
 @functools.lru_cache(maxsize=None)
 def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
     """The jitted train step; cached so runs with equal settings compile once.
 
     Call it with `_step_key(t)` so fields that do not enter the step share the cache.
     """
-    gdef, opt = graphdef(cfg), _optimizer(t)
-    dgdef = nnx.graphdef(nnx.eval_shape(lambda: _discriminator(t, nnx.Rngs(0)))) if gan else None
+    opt = _optimizer(t)
+    generator_loss, discriminator_loss = loss_functions(cfg, t, gan)
 
-    def generator_loss(params, dparams, x):
-        recon, codes, z, cb, commit = nnx.merge(gdef, params)(x)
-        err = recon - x
-        rec = jnp.mean(jnp.abs(err)) if t.recon_loss == "l1" else jnp.mean(err ** 2)
-        loss = rec + t.codebook_weight * (cb + t.beta * commit)
-        mse = jnp.mean((jnp.clip(recon, -1, 1) - x) ** 2) / 4  # on the [0, 1] scale
-        metrics = {"rec": rec, "codebook": cb, "commit": commit,
-                   "psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
-        if gan:
-            g = -jnp.mean(nnx.merge(dgdef, dparams)(recon))
-            loss = loss + t.disc_weight * g
-            metrics["gen"] = g
-        metrics["loss"] = loss
-        return loss, (metrics, codes, z, recon)
-
-    def discriminator_loss(dparams, real, fake):
-        d = nnx.merge(dgdef, dparams)
-        return jnp.mean(jax.nn.relu(1 - d(real))) + jnp.mean(jax.nn.relu(1 + d(fake)))
-
-    def step(params, opt_state, dparams, dopt_state, images):
+    def step(params, opt_state, dparams, dopt_state, ema, images):
         x = to_float(images)
         grads, (metrics, codes, z, recon) = jax.grad(generator_loss, has_aux=True)(
             params, dparams, x)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if gan:
-            dl, dgrads = jax.value_and_grad(discriminator_loss)(
-                dparams, x, jax.lax.stop_gradient(recon))
+            dgrads, (dmetrics, ema) = jax.grad(discriminator_loss, has_aux=True)(
+                dparams, x, jax.lax.stop_gradient(recon), ema)
             dupdates, dopt_state = opt.update(dgrads, dopt_state, dparams)
             dparams = optax.apply_updates(dparams, dupdates)
-            metrics["disc"] = dl
-        return params, opt_state, dparams, dopt_state, metrics, codes, z
+            metrics.update(dmetrics)
+        return params, opt_state, dparams, dopt_state, ema, metrics, codes, z
 
     return jax.jit(step, donate_argnums=(0, 1, 2, 3))
 
@@ -106,7 +191,17 @@ def _step_key(t: VQGANTrainConfig) -> VQGANTrainConfig:
     """`t` with the fields the step does not read set to defaults."""
     return VQGANTrainConfig(lr=t.lr, b1=t.b1, b2=t.b2, recon_loss=t.recon_loss, beta=t.beta,
                             codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
-                            disc_channels=t.disc_channels, disc_layers=t.disc_layers)
+                            disc_loss=t.disc_loss, adaptive_weight=t.adaptive_weight,
+                            lecam_weight=t.lecam_weight, disc_channels=t.disc_channels,
+                            disc_layers=t.disc_layers)
+
+
+def usage_and_perplexity(counts: np.ndarray) -> tuple[float, float]:
+    """(fraction of codes used, exp of the entropy of the code frequencies) of code counts:
+    perplexity is the number of equally used codes with the same entropy, so it also sees
+    codes that are used, but rarely."""
+    p = counts[counts > 0] / counts.sum()
+    return float((counts > 0).mean()), float(np.exp(-np.sum(p * np.log(p))))
 
 
 def restart_dead_codes(codebook: np.ndarray, counts: np.ndarray, z: np.ndarray,
@@ -134,8 +229,9 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
                           progress: bool = True) -> tuple[ImageTokenizer, dict]:
     """Train on `images` (uint8 [N, R, R, 3]); save the tokenizer, metrics and a PNG.
 
-    Returns the tokenizer and a summary: PSNR and codebook usage on `eval_images` (default:
-    the first `t.eval_images` training images), time, restarted codes.
+    Returns the tokenizer and a summary: PSNR, codebook usage and perplexity on
+    `eval_images` (default: the first `t.eval_images` training images), time, restarted
+    codes.
     """
     _check_images(images, cfg.resolution, "training images")
     if len(images) < t.batch_size:
@@ -156,16 +252,17 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
     params = init_params(cfg, t.seed)
     opt_state = _optimizer(t).init(params)
     gan = t.disc_weight > 0
-    dparams, dopt_state = {}, {}
+    dparams, dopt_state, ema = {}, {}, jnp.zeros(2, jnp.float32)
     if gan:
         dparams = init_like(abstract_params(lambda rngs: _discriminator(t, rngs)), t.seed + 1)
         dopt_state = _optimizer(t).init(dparams)
     key = _step_key(t)
     steps = {g: _make_step(cfg, key, g) for g in {False, gan}}
 
-    counts = np.zeros(cfg.codebook_size, np.int64)
+    counts = np.zeros(cfg.codebook_size, np.int64)  # since the last restart
+    window = np.zeros(cfg.codebook_size, np.int64)  # since the last metrics row
     order, pos = rng.permutation(len(images)), 0
-    history, restarted, usage = [], 0, 0.0
+    history, restarted = [], 0
     t0 = time.perf_counter()
     bar = tqdm(range(t.steps), desc="train-image", disable=not progress)
     with open(workdir / "metrics.jsonl", "w") as log:
@@ -175,20 +272,23 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
             batch = images[order[pos:pos + t.batch_size]]
             pos += t.batch_size
             use_gan = gan and step >= t.disc_start
-            params, opt_state, dparams, dopt_state, metrics, codes, z = steps[use_gan](
-                params, opt_state, dparams, dopt_state, batch)
-            counts += np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
+            params, opt_state, dparams, dopt_state, ema, metrics, codes, z = steps[use_gan](
+                params, opt_state, dparams, dopt_state, ema, batch)
+            picked = np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
+            counts += picked
+            window += picked
             if t.restart_every and (step + 1) % t.restart_every == 0 and step + 1 < t.steps:
-                usage = float((counts > 0).mean())
                 book, n = restart_dead_codes(np.asarray(params["codebook"]), counts,
-                                             np.asarray(z).reshape(-1, cfg.embed_dim), rng)
+                                             np.asarray(z).reshape(-1, cfg.code_dim), rng)
                 if n:
                     params["codebook"] = jnp.asarray(book, jnp.float32)
                 restarted += n
                 counts[:] = 0
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                usage, perplexity = usage_and_perplexity(window)
+                window[:] = 0
                 row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
-                       "usage": usage or float((counts > 0).mean()), "restarted": restarted}
+                       "usage": usage, "perplexity": perplexity, "restarted": restarted}
                 history.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -203,6 +303,8 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
         "steps": t.steps, "train_images": len(images), "eval_images": len(eval_images),
         "psnr": psnr(eval_images, recon),
         "codebook_usage": len(np.unique(codes)) / cfg.codebook_size,
+        "codebook_perplexity": usage_and_perplexity(
+            np.bincount(codes.ravel(), minlength=cfg.codebook_size))[1],
         "codes_restarted": restarted, "train_seconds": round(train_seconds, 1),
         "final_batch_psnr": history[-1]["psnr"] if history else None,
     }
