@@ -243,7 +243,8 @@ def test_gan_options_train_and_log(tmp_path):
     t = VQGANTrainConfig(steps=3, disc_weight=0.5, disc_loss="non_saturating",
                          adaptive_weight=True, lecam_weight=0.1, disc_channels=8, disc_layers=1,
                          log_every=1, restart_every=2, eval_images=8, batch_size=4, lr=2e-3)
-    _, s = train_image_tokenizer(cfg, t, _blocks(16, seed=0), tmp_path, progress=False)
+    _, s = train_image_tokenizer(cfg, t, _blocks(16, seed=0), tmp_path, _blocks(8, seed=1),
+                                 progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert {"d_weight", "lecam", "disc", "gen", "usage", "perplexity"} <= set(r)

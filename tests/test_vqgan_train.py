@@ -71,7 +71,8 @@ def test_training_learns_is_deterministic_and_saves(tmp_path):
 def test_gan_step_trains_the_discriminator(tmp_path):
     t = VQGANTrainConfig(steps=2, disc_weight=0.1, disc_channels=8, disc_layers=2,
                          log_every=1, eval_images=8, **STEP)
-    _, s = train_image_tokenizer(TINY, t, _blocks(8), tmp_path, progress=False)
+    _, s = train_image_tokenizer(TINY, t, _blocks(8), tmp_path, _blocks(8, seed=1),
+                                 progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("disc" in r and "gen" in r for r in rows)
     assert np.isfinite(s["psnr"])
@@ -80,9 +81,9 @@ def test_gan_step_trains_the_discriminator(tmp_path):
 def test_bad_training_images_are_rejected(tmp_path):
     t = VQGANTrainConfig(steps=1, batch_size=4)
     with pytest.raises(ValueError, match=r"uint8 \[N, 24, 24, 3\]"):
-        train_image_tokenizer(TINY, t, np.zeros((8, 24, 24, 3), np.float32), tmp_path)
+        train_image_tokenizer(TINY, t, np.zeros((8, 24, 24, 3), np.float32), tmp_path, _blocks(2))
     with pytest.raises(ValueError, match="fewer than vqgan_train.batch_size=4"):
-        train_image_tokenizer(TINY, t, _blocks(2), tmp_path)
+        train_image_tokenizer(TINY, t, _blocks(2), tmp_path, _blocks(2))
 
 
 @pytest.mark.slow

@@ -141,23 +141,39 @@ def _copy_dir(src: Path, dest: Path) -> None:
         tmp.rename(dest)
 
 
-def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, progress):
-    """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the source."""
-    t = cfg.vqgan_train
-    n = min(len(source), t.images)
-    readers.init(source, text.model_proto, cfg.vqgan.resolution)
+def _tokenizer_images(source, indices) -> list:
+    """The readable images among source records `indices` (bad ones are skipped here;
+    the shard stage counts them)."""
     images = []
-    for i in np.unique(np.linspace(0, len(source) - 1, n).round().astype(int)):
+    for i in indices:
         items, _ = readers.read_chunk(int(i), int(i) + 1)
         images += [d["pixels"] for d in items if isinstance(d, dict)]
+    return images
+
+
+def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, progress):
+    """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the
+    source, and measure it on held-out ones: the last `vqgan_train.eval_images` records
+    (at most a fifth of the source), which training never draws."""
+    t = cfg.vqgan_train
+    held = min(t.eval_images, len(source) // 5)
+    pool = len(source) - held
+    n = min(pool, t.images)
+    readers.init(source, text.model_proto, cfg.vqgan.resolution)
+    images = _tokenizer_images(source, np.unique(np.linspace(0, pool - 1, n).round().astype(int)))
     if len(images) < t.batch_size:
         raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
                            f"than vqgan_train.batch_size={t.batch_size}")
-    images = np.stack(images)
+    heldout = _tokenizer_images(source, range(pool, len(source)))
+    if not heldout:
+        raise PrepareError(f"no readable held-out image among the last {held} of "
+                           f"{len(source)} records to measure the image tokenizer on")
     workdir = out.image_tokenizer_training  # metrics.jsonl, summary.json, reconstructions.png
-    _, summary = train_image_tokenizer(cfg.vqgan, t, images, workdir, progress=progress)
-    log.info("image tokenizer: PSNR %.2f dB, codebook usage %.2f", summary["psnr"],
-             summary["codebook_usage"])
+    _, summary = train_image_tokenizer(cfg.vqgan, t, np.stack(images), workdir,
+                                       np.stack(heldout), progress=progress)
+    log.info("image tokenizer, on %d held-out images (source records %d..%d, never trained "
+             "on): PSNR %.2f dB, codebook usage %.2f", summary["eval_images"], pool,
+             len(source) - 1, summary["psnr"], summary["codebook_usage"])
     storage.move_aside(workdir / image_train.TOKENIZER_DIR, out.image_tokenizer)
 
 

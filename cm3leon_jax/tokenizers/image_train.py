@@ -225,21 +225,19 @@ def _check_images(images: np.ndarray, resolution: int, what: str) -> None:
 
 
 def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray,
-                          workdir: storage.PathLike, eval_images: np.ndarray | None = None,
+                          workdir: storage.PathLike, eval_images: np.ndarray,
                           progress: bool = True) -> tuple[ImageTokenizer, dict]:
     """Train on `images` (uint8 [N, R, R, 3]); save the tokenizer, metrics and a PNG.
 
     Returns the tokenizer and a summary: PSNR, codebook usage and perplexity on
-    `eval_images` (default: the first `t.eval_images` training images), time, restarted
-    codes.
+    `eval_images` — held-out images, never trained on: numbers on training images would
+    flatter a tokenizer that memorises —, time, restarted codes.
     """
     _check_images(images, cfg.resolution, "training images")
     if len(images) < t.batch_size:
         raise ValueError(f"{len(images)} training images are fewer than "
                          f"vqgan_train.batch_size={t.batch_size}")
-    if eval_images is None:
-        eval_images = images[:t.eval_images]
-    _check_images(eval_images, cfg.resolution, "eval images")
+    _check_images(eval_images, cfg.resolution, "held-out eval images")
     with storage.staged_dir(workdir) as local:
         return _train(cfg, t, images, local, eval_images, progress)
 
