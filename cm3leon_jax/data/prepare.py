@@ -131,14 +131,13 @@ def _image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, giv
 def _copy_dir(src: Path, dest: Path) -> None:
     """Copy a directory tree to `dest`: locally a temp copy renamed, so a reader sees it whole
     or not at all; on cloud storage file by file, each an object uploaded whole."""
-    with storage.local_copy(src) as local_src:
-        if storage.is_remote(dest):
-            storage.copy(local_src, dest)
-            return
-        tmp = storage.local(dest.with_name(dest.name + ".tmp"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(local_src, tmp)
-        tmp.rename(dest)
+    if storage.is_remote(dest):
+        storage.copy(src, dest)
+        return
+    tmp = storage.local(dest.with_name(dest.name + ".tmp"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage.copy(src, tmp)
+    tmp.rename(dest)
 
 
 def _tokenizer_images(source, indices) -> list:
