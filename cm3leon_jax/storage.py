@@ -128,7 +128,6 @@ def copy(src: PathLike, dest: PathLike) -> list[epath.Path]:
     return [dest]
 
 
-
 @contextlib.contextmanager
 def local_copy(src: PathLike):
     """A local path with the contents of `src` (a file or a directory), for readers that
@@ -149,10 +148,6 @@ def local_copy(src: PathLike):
 
 def write_text_atomic(dest: PathLike, text: str) -> None:
     """Whole-file write a reader never sees half of (local rename; objects are atomic)."""
-    dest = path(dest)
-    if is_remote(dest):
-        dest.write_text(text)
-        return
     with staged_file(dest) as tmp:
         tmp.write_text(text)
 
