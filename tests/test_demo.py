@@ -54,6 +54,8 @@ def test_demo_end_to_end_and_rerun_reuses_stages(micro_demo, tmp_path):
     assert saved["detector_on_truth"] == 1.0  # the detector reads every true scene
     assert saved["stages"] == {s: "ran" for s in ("prepare", "heldout", "encoder", "index",
                                                   "neighbors", "train", "evaluate")}
+    assert set(saved["stage_minutes"]) == set(saved["stages"])  # where the wall time went
+    assert 0 < sum(saved["stage_minutes"].values()) <= saved["minutes"] + 0.01
     for mode in demo.MODES:  # the distribution-level score of every mode, and its floor
         assert saved[demo.fd_key(mode)] >= 0
     assert saved["fd_reconstructions"] >= 0

@@ -1,5 +1,6 @@
 """VQ-GAN options of issue 21: l2-normalised and low-dimensional code lookup, GAN losses
-(hinge / non-saturating), taming's adaptive weight, LeCam, usage and perplexity."""
+(hinge / non-saturating), taming's adaptive weight, LeCam, the LPIPS term, usage and
+perplexity."""
 
 import dataclasses
 import json
@@ -14,11 +15,12 @@ from flax import nnx
 from cm3leon_jax.config import ConfigError, VQGANConfig, VQGANTrainConfig, load_config
 from cm3leon_jax.model.patchgan import PatchGAN
 from cm3leon_jax.model.vqgan import VQGAN
+from cm3leon_jax.perception import lpips as lpips_lib
 from cm3leon_jax.tokenizers.image import (ImageTokenizer, abstract_params, graphdef, init_like,
                                           init_params, to_float)
 from cm3leon_jax.tokenizers.image_train import (LECAM_DECAY, adaptive_weight, disc_loss, gen_loss,
-                                                lecam_loss, loss_functions, train_image_tokenizer,
-                                                usage_and_perplexity)
+                                                learning_rate, lecam_loss, loss_functions,
+                                                train_image_tokenizer, usage_and_perplexity)
 
 # One level, no attention: the smallest VQ-GAN, so the programs below compile quickly.
 SMALL = VQGANConfig(resolution=8, base_channels=8, channel_mult=(1,), num_res_blocks=1,
@@ -93,7 +95,7 @@ def test_trainer_adaptive_weight_equals_a_hand_computation():
         last = [jax.grad(f)(p)["decoder"]["conv_out"]["kernel"] for f in (rec, gan)]
         norms = [jnp.sqrt(jnp.sum(g ** 2)) for g in last]
         generator_loss = loss_functions(SMALL, t, gan=True)[0]
-        loss, (metrics, *_) = generator_loss(p, dp, x)
+        loss, (metrics, *_) = generator_loss(p, dp, x, {})
         return norms, rec(p), gan(p), loss, metrics
 
     (rec_norm, gan_norm), rec_value, gan_value, loss, m = hand_and_trainer(params, dparams)
@@ -203,6 +205,17 @@ def test_option_keys_are_checked():
                            "vqgan_train.adaptive_weight=True shapes the GAN, which is off")]:
         with pytest.raises(ConfigError, match=msg):
             load_config("configs/tiny.yaml", override.split())
+    for override, msg in [("vqgan_train.perceptual_weight=1", "needs the published LPIPS weights"),
+                          ("vqgan_train.perceptual_weight=1 vqgan_train.lpips_vgg=v.pth",
+                           "needs the published LPIPS weights"),
+                          ("vqgan_train.lpips_heads=h.pth", "perceptual_weight=0 does not use "
+                                                            "them"),
+                          ("vqgan_train.perceptual_weight=-1", "perceptual_weight=-1.0 must be "
+                                                               ">= 0"),
+                          ("vqgan_train.schedule=linear", "vqgan_train.schedule='linear' is not "
+                                                          "one of")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config("configs/tiny.yaml", override.split())
     cfg = load_config("configs/tiny.yaml", ["vqgan.codebook_dim=8", "vqgan_train.disc_weight=0.1",
                                              "vqgan_train.lecam_weight=0.001"])
     assert cfg.vqgan.code_dim == 8 and cfg.vqgan_train.lecam_weight == 0.001
@@ -251,3 +264,87 @@ def test_gan_options_train_and_log(tmp_path):
         assert np.isfinite(r["loss"]) and 0 < r["d_weight"] <= 0.5e4 and r["perplexity"] >= 1
     assert rows[0]["lecam"] > 0
     assert np.isfinite(s["psnr"]) and s["codebook_perplexity"] >= 1
+
+
+def _lpips_files(tmp_path, seed=3):
+    """A random-weight LPIPS (the real shapes) saved as the two files the trainer reads."""
+    net = lpips_lib.random_init(seed)
+    vgg, heads = tmp_path / "vgg16.npz", tmp_path / "lpips_vgg_heads.npz"
+    lpips_lib.save_npz(net, vgg, heads)
+    return net, str(vgg), str(heads)
+
+
+@pytest.mark.slow
+def test_perceptual_term_is_lpips_and_enters_the_adaptive_weight(tmp_path):
+    """rec = L1 + 0.7 x mean LPIPS(recon, x), and taming's ratio takes its gradient too."""
+    cfg = dataclasses.replace(SMALL, resolution=16)
+    net, vgg, heads = _lpips_files(tmp_path)
+    t = VQGANTrainConfig(perceptual_weight=0.7, lpips_vgg=vgg, lpips_heads=heads,
+                         disc_weight=0.5, adaptive_weight=True, disc_channels=8, disc_layers=1,
+                         recon_loss="l1")
+    params = init_params(cfg, 0)
+    dparams = init_like(abstract_params(lambda rngs: PatchGAN(8, 1, rngs=rngs)), 1)
+    dgdef = nnx.graphdef(nnx.eval_shape(lambda: PatchGAN(8, 1, rngs=nnx.Rngs(0))))
+    x = to_float(jnp.asarray(_blocks(4, seed=0, r=16, block=4)))
+
+    def recon(p):
+        return nnx.merge(graphdef(cfg), p)(x)[0]
+
+    def rec(p):
+        return jnp.mean(jnp.abs(recon(p) - x)) + 0.7 * jnp.mean(net(recon(p), x))
+
+    def gan(p):
+        return -jnp.mean(nnx.merge(dgdef, dparams)(recon(p)))
+
+    @jax.jit
+    def hand_and_trainer(p, dp, lp):
+        last = [jax.grad(f)(p)["decoder"]["conv_out"]["kernel"] for f in (rec, gan)]
+        norms = [jnp.sqrt(jnp.sum(g ** 2)) for g in last]
+        loss, (metrics, *_) = loss_functions(cfg, t, gan=True)[0](p, dp, x, lp)
+        return norms, jnp.mean(net(recon(p), x)), rec(p), gan(p), loss, metrics
+
+    (rec_norm, gan_norm), perceptual, rec_value, gan_value, loss, m = hand_and_trainer(
+        params, dparams, net.params)
+    assert float(perceptual) > 0.01  # the term is there to see
+    np.testing.assert_allclose(m["perceptual"], perceptual, rtol=1e-5)
+    np.testing.assert_allclose(m["rec"], rec_value, rtol=1e-5)
+    np.testing.assert_allclose(m["pixel"], rec_value - 0.7 * perceptual, rtol=1e-5)
+    want = 0.5 * np.clip(float(rec_norm) / (float(gan_norm) + 1e-4), 0, 1e4)
+    np.testing.assert_allclose(m["d_weight"], want, rtol=1e-4)
+    np.testing.assert_allclose(
+        loss, rec_value + m["codebook"] + t.beta * m["commit"] + want * gan_value, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_with_lpips_weights_logs_the_terms_and_names_missing_files(tmp_path):
+    cfg = dataclasses.replace(SMALL, resolution=16)
+    _, vgg, heads = _lpips_files(tmp_path)
+    t = VQGANTrainConfig(steps=2, perceptual_weight=1.0, lpips_vgg=vgg, lpips_heads=heads,
+                         log_every=1, eval_images=4, batch_size=4, lr=2e-3)
+    images = _blocks(8, seed=0, r=16, block=4)
+    train_image_tokenizer(cfg, t, images, tmp_path / "run", images[:4], progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["perceptual"] > 0
+        np.testing.assert_allclose(r["rec"], r["pixel"] + r["perceptual"], rtol=1e-5)
+    missing = dataclasses.replace(t, lpips_heads=str(tmp_path / "absent.pth"))
+    with pytest.raises(FileNotFoundError, match="vqgan_train.lpips_heads=.*absent.pth: no such"):
+        train_image_tokenizer(cfg, missing, images, tmp_path / "x", images[:4], progress=False)
+    assert not (tmp_path / "x").exists()  # refused before any work
+    with pytest.raises(ValueError, match="LPIPS needs images of at least 16x16"):
+        train_image_tokenizer(SMALL, t, _blocks(8, seed=0), tmp_path / "y", _blocks(4, seed=1),
+                              progress=False)
+
+
+def test_cosine_schedule_decays_from_lr_to_zero_and_is_logged(tmp_path):
+    t = VQGANTrainConfig(lr=2e-3, steps=4, schedule="cosine", log_every=1, batch_size=4,
+                         eval_images=4, restart_every=0)
+    lr = learning_rate(t)
+    want = [2e-3 * (1 + np.cos(np.pi * k / 4)) / 2 for k in range(5)]  # 2e-3 ... 0
+    np.testing.assert_allclose([float(lr(k)) for k in range(5)], want, rtol=1e-6, atol=1e-12)
+    assert learning_rate(dataclasses.replace(t, schedule="constant")) == 2e-3
+    train_image_tokenizer(SMALL, t, _blocks(8, seed=0), tmp_path, _blocks(4, seed=1),
+                          progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["lr"] for r in rows], want[:4], rtol=1e-6)

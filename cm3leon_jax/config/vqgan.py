@@ -60,10 +60,11 @@ class VQGANConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VQGANTrainConfig:
-    """`cm3leon tokenizer train-image`: images from the shapes source, Adam, fixed LR."""
+    """`cm3leon tokenizer train-image`: images from the shapes source, Adam."""
     steps: int = 5000  # Adam updates
     batch_size: int = 32  # images per update
-    lr: float = 1e-4  # fixed learning rate
+    lr: float = 1e-4  # learning rate (peak, with schedule cosine)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr decays to 0 at `steps`
     b1: float = 0.5  # Adam beta 1 (taming's GAN setting)
     b2: float = 0.9  # Adam beta 2
     recon_loss: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss
@@ -77,6 +78,9 @@ class VQGANTrainConfig:
     disc_start: int = 0  # step at which the GAN losses switch on
     disc_channels: int = 64  # patch-GAN base channels
     disc_layers: int = 3  # patch-GAN stride-2 layers
+    perceptual_weight: float = 0.0  # LPIPS term in the reconstruction loss; 0: none
+    lpips_vgg: str | None = None  # torchvision's vgg16-397923af.pth (or .npz/.safetensors)
+    lpips_heads: str | None = None  # lpips' weights/v0.1/vgg.pth (or .npz/.safetensors)
     images: int = 20000  # training images drawn from the shapes source
     eval_images: int = 512  # held-out images for the final PSNR and codebook usage
     seed: int = 0  # init, image draw and batch order
@@ -88,7 +92,7 @@ class VQGANTrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"vqgan_train.{key}={getattr(self, key)} must be > 0")
         nonnegative("vqgan_train", self, "beta", "codebook_weight", "restart_every",
-                    "disc_weight", "disc_start", "lecam_weight")
+                    "disc_weight", "disc_start", "lecam_weight", "perceptual_weight")
         if not (self.b1 < 1 and self.b2 < 1):
             raise ConfigError(f"vqgan_train.b1={self.b1}, vqgan_train.b2={self.b2} must be in "
                               "(0, 1)")
@@ -99,3 +103,13 @@ class VQGANTrainConfig:
                     raise ConfigError(f"vqgan_train.{key}={getattr(self, key)} shapes the GAN, "
                                       "which is off (vqgan_train.disc_weight=0); set "
                                       "disc_weight > 0 or drop it")
+        given = self.lpips_vgg is not None and self.lpips_heads is not None
+        if self.perceptual_weight > 0 and not given:
+            raise ConfigError(f"vqgan_train.perceptual_weight={self.perceptual_weight} needs the "
+                              "published LPIPS weights: set vqgan_train.lpips_vgg (torchvision's "
+                              "vgg16-397923af.pth) and vqgan_train.lpips_heads (lpips' "
+                              "v0.1/vgg.pth); a random VGG is no perceptual loss")
+        if self.perceptual_weight == 0 and (self.lpips_vgg or self.lpips_heads):
+            raise ConfigError("vqgan_train.lpips_vgg / lpips_heads are given but "
+                              "vqgan_train.perceptual_weight=0 does not use them; set "
+                              "perceptual_weight > 0 or drop them")

@@ -103,9 +103,10 @@ def _neighbors(cfg: Config, log) -> None:
         log(warning)
 
 
-def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
-    """Prepare, retrieval encoder, index, neighbors, train; returns {stage: "ran"|"reused"}."""
-    done = {}
+def run_stages(cfg: Config, out: DemoDir, log=print) -> tuple[dict, dict]:
+    """Prepare, retrieval encoder, index, neighbors, train; returns ({stage: "ran"|"reused"},
+    {stage: wall minutes})."""
+    done, minutes = {}, {}
     rdir = retrieval_dir(cfg)
     checks = {
         "prepare": DataDir(cfg.data.dir).manifest.exists,
@@ -121,21 +122,25 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> dict:
         "index": lambda: neighbors.build_bank_index(cfg),
         "neighbors": lambda: _neighbors(cfg, log),
     }
+    run = out.run
+
+    def trained():
+        mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
+        step = mngr.latest_step()
+        mngr.close()
+        return step == cfg.train.steps
+
+    checks["train"] = trained
+    actions["train"] = lambda: train(cfg, run.root)
     for stage, action in actions.items():
+        t0 = time.perf_counter()
         reuse = checks[stage]()
         log(f"demo: {stage} {'reused' if reuse else 'running'}")
         if not reuse:
             action()
         done[stage] = "reused" if reuse else "ran"
-    run = out.run
-    mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
-    reuse = mngr.latest_step() == cfg.train.steps
-    mngr.close()
-    log(f"demo: train {'reused' if reuse else 'running'}")
-    if not reuse:
-        train(cfg, run.root)
-    done["train"] = "reused" if reuse else "ran"
-    return done
+        minutes[stage] = round((time.perf_counter() - t0) / 60, 2)
+    return done, minutes
 
 
 def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
@@ -207,13 +212,13 @@ def plot_loss(run: storage.Path, out: storage.Path) -> list[dict]:
     return rows
 
 
-def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, minutes: float,
-                 losses: list[dict]) -> dict:
+def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, stage_minutes: dict,
+                 minutes: float, losses: list[dict]) -> dict:
     s = result["scores"]
     report = {**{k: round(v, 4) for k, v in s.items()}, "chance": round(chance(), 4),
               "minutes": round(minutes, 2), "eval_scenes": result["eval_scenes"],
               "train_steps": result["step"], "cfg_scale": cfg.generate.cfg_scale,
-              "retrieved_k": cfg.data.k, "stages": stages,
+              "retrieved_k": cfg.data.k, "stages": stages, "stage_minutes": stage_minutes,
               "final_loss": losses[-1]["loss"] if losses else None,
               "final_eval_loss": next((r["eval_loss"] for r in reversed(losses)
                                        if r.get("eval_loss") is not None), None)}
@@ -223,7 +228,8 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, minutes:
         f"Shapes data ({cfg.source.size} scenes, up to {cfg.source.max_objects} object(s)); "
         f"{result['step']} training steps; evaluated on {result['eval_scenes']} held-out "
         f"scenes; {minutes:.1f} minutes wall (stages: "
-        + ", ".join(f"{k} {v}" for k, v in stages.items()) + ").", "",
+        + ", ".join(f"{k} {v} {stage_minutes[k]:.1f} min" for k, v in stages.items()) + ").",
+        "",
         "| score | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in report.items() if isinstance(v, float)], "",
         f"Chance = 1 / (colours x shapes). CFG scale {cfg.generate.cfg_scale}; retrieval puts "
@@ -253,9 +259,10 @@ def demo(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
     cfg = demo_config(config_path, out.root, overrides)
     if cfg.source.kind != "shapes":
         raise ValueError(f"source.kind={cfg.source.kind!r}: the demo scores shapes scenes only")
-    stages = run_stages(cfg, out, log)
+    stages, minutes = run_stages(cfg, out, log)
     losses = plot_loss(out.run.root, out.loss_png)
     saved = out.evaluation
+    t_eval = time.perf_counter()
     result = json.loads(saved.read_text()) if saved.exists() else None
     reuse = result is not None and result["digest"] == cfg.digest()
     log(f"demo: evaluate {'reused' if reuse else 'running'}")
@@ -263,7 +270,9 @@ def demo(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
         result = {"digest": cfg.digest(), **evaluate(cfg, out, log)}
         saved.write_text(json.dumps(result, indent=1) + "\n")
     stages["evaluate"] = "reused" if reuse else "ran"
-    report = write_report(out, cfg, result, stages, (time.perf_counter() - t0) / 60, losses)
+    minutes["evaluate"] = round((time.perf_counter() - t_eval) / 60, 2)
+    report = write_report(out, cfg, result, stages, minutes, (time.perf_counter() - t0) / 60,
+                          losses)
     log(f"demo: {json.dumps({k: v for k, v in report.items() if k != 'stages'})}")
     log(f"demo: wrote {out.report_md}")
     return report

@@ -1,10 +1,13 @@
 """Training of the image tokenizer (`cm3leon tokenizer train-image`).
 
-Loss: L1 or L2 reconstruction + codebook_weight x (codebook + beta x commitment), plus an
+Loss: L1 or L2 reconstruction (+ `perceptual_weight` x LPIPS when the published VGG16 and
+lpips weights are given) + codebook_weight x (codebook + beta x commitment), plus an
 optional patch-GAN as taming/LlamaGen (on from `disc_start`): hinge or non-saturating
 losses, the generator term weighted by `disc_weight`, times taming's adaptive weight when
-`adaptive_weight` is set, and LlamaGen's LeCam regulariser on the discriminator when
-`lecam_weight` > 0. Dead-code restarts keep the codebook in use: every `restart_every`
+`adaptive_weight` is set (its reconstruction gradient includes the LPIPS term, as taming's
+`nll_loss`), and LlamaGen's LeCam regulariser on the discriminator when `lecam_weight` > 0.
+Without LPIPS weights there is no perceptual term: a random VGG's feature distance is not
+perceptual, and VGG16 would make the demo's step about five times as expensive. Dead-code restarts keep the codebook in use: every `restart_every`
 steps (not after the last step, so the evaluated codebook is the trained one), codes no
 batch picked in that window are re-seeded from encoder outputs of the current batch.
 metrics.jsonl rows carry codebook usage and perplexity of the codes picked since the
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from cm3leon_jax import storage
 from cm3leon_jax.config import Config, VQGANConfig, VQGANTrainConfig
 from cm3leon_jax.model.patchgan import PatchGAN
+from cm3leon_jax.perception import lpips as lpips_lib
 from cm3leon_jax.shapes.world import check_world, render_shapes, shapes_scene
 from cm3leon_jax.tokenizers.image import (ImageTokenizer, abstract_params, graphdef, init_like,
                                           init_params, to_float)
@@ -53,8 +57,16 @@ def save_comparison(originals: np.ndarray, reconstructions: np.ndarray, path: Pa
     Image.fromarray(grid).save(path)
 
 
+def learning_rate(t: VQGANTrainConfig):
+    """`lr` throughout, or cosine-decayed from `lr` at step 0 to 0 at `steps`: the decay
+    settles the last steps' noise, which a constant rate leaves in the saved tokenizer."""
+    if t.schedule == "cosine":
+        return optax.cosine_decay_schedule(t.lr, t.steps)
+    return t.lr
+
+
 def _optimizer(t: VQGANTrainConfig):
-    return optax.adam(t.lr, t.b1, t.b2)
+    return optax.adam(learning_rate(t), t.b1, t.b2)
 
 
 def _discriminator(t: VQGANTrainConfig, rngs: nnx.Rngs) -> PatchGAN:
@@ -99,29 +111,37 @@ def adaptive_weight(rec_of_last, gen_of_last, last: jax.Array) -> jax.Array:
 
 
 def loss_functions(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
-    """(generator_loss(params, dparams, x) -> (loss, (metrics, codes, z, recon)),
+    """(generator_loss(params, dparams, x, lpips_params) -> (loss, (metrics, codes, z, recon)),
     discriminator_loss(dparams, real, fake, ema) -> (loss, (metrics, new ema))).
 
     x, real, fake: float images in [-1, 1]; ema: [2] EMAs of the mean real and fake logits
-    (LeCam's, carried between steps). metrics["d_weight"] is the GAN term's weight
-    (disc_weight x the adaptive weight) when `t.adaptive_weight` is set.
+    (LeCam's, carried between steps); lpips_params: `LPIPS.params` when
+    `t.perceptual_weight` > 0 (an argument, so its weights are not compiled in), else
+    ignored. metrics["d_weight"] is the GAN term's weight (disc_weight x the adaptive weight)
+    when `t.adaptive_weight` is set; metrics["perceptual"] the mean LPIPS.
     """
     gdef = graphdef(cfg)
     dgdef = nnx.graphdef(nnx.eval_shape(lambda: _discriminator(t, nnx.Rngs(0)))) if gan else None
 
-    def rec_loss(recon, x):
+    def rec_loss(recon, x, lpips_params):
+        """(pixel + perceptual_weight x mean LPIPS, {its two terms} when LPIPS is on)."""
         err = recon - x
-        return jnp.mean(jnp.abs(err)) if t.recon_loss == "l1" else jnp.mean(err ** 2)
+        pixel = jnp.mean(jnp.abs(err)) if t.recon_loss == "l1" else jnp.mean(err ** 2)
+        if not t.perceptual_weight:
+            return pixel, {}
+        perceptual = jnp.mean(lpips_lib.distance(lpips_params, recon, x))
+        return (pixel + t.perceptual_weight * perceptual,
+                {"pixel": pixel, "perceptual": perceptual})
 
-    def generator_loss(params, dparams, x):
+    def generator_loss(params, dparams, x, lpips_params):
         model = nnx.merge(gdef, params)
         zq, codes, z, cb, commit = model.quantized(x)
         h = model.decoder.features(model.decoder_input(zq))
         recon = model.decoder.conv_out(h)
-        rec = rec_loss(recon, x)
+        rec, terms = rec_loss(recon, x, lpips_params)
         loss = rec + t.codebook_weight * (cb + t.beta * commit)
         mse = jnp.mean((jnp.clip(recon, -1, 1) - x) ** 2) / 4  # on the [0, 1] scale
-        metrics = {"rec": rec, "codebook": cb, "commit": commit,
+        metrics = {"rec": rec, "codebook": cb, "commit": commit, **terms,
                    "psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
         if gan:
             disc = nnx.merge(dgdef, dparams)
@@ -135,7 +155,7 @@ def loss_functions(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
                 def out(kernel):  # the reconstruction as a function of the last layer's weight
                     return nnx.merge(head_def, {**head, "kernel": kernel})(hs)
 
-                weight = weight * adaptive_weight(lambda k: rec_loss(out(k), x),
+                weight = weight * adaptive_weight(lambda k: rec_loss(out(k), x, lpips_params)[0],
                                                   lambda k: gen_loss(t.disc_loss, disc(out(k))),
                                                   head["kernel"])
                 metrics["d_weight"] = weight
@@ -170,10 +190,10 @@ def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
     opt = _optimizer(t)
     generator_loss, discriminator_loss = loss_functions(cfg, t, gan)
 
-    def step(params, opt_state, dparams, dopt_state, ema, images):
+    def step(params, opt_state, dparams, dopt_state, ema, images, lpips_params):
         x = to_float(images)
         grads, (metrics, codes, z, recon) = jax.grad(generator_loss, has_aux=True)(
-            params, dparams, x)
+            params, dparams, x, lpips_params)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if gan:
@@ -189,11 +209,15 @@ def _make_step(cfg: VQGANConfig, t: VQGANTrainConfig, gan: bool):
 
 def _step_key(t: VQGANTrainConfig) -> VQGANTrainConfig:
     """`t` with the fields the step does not read set to defaults."""
-    return VQGANTrainConfig(lr=t.lr, b1=t.b1, b2=t.b2, recon_loss=t.recon_loss, beta=t.beta,
+    return VQGANTrainConfig(lr=t.lr, schedule=t.schedule,
+                            steps=t.steps if t.schedule == "cosine" else VQGANTrainConfig.steps,
+                            b1=t.b1, b2=t.b2, recon_loss=t.recon_loss, beta=t.beta,
                             codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
                             disc_loss=t.disc_loss, adaptive_weight=t.adaptive_weight,
                             lecam_weight=t.lecam_weight, disc_channels=t.disc_channels,
-                            disc_layers=t.disc_layers)
+                            disc_layers=t.disc_layers, perceptual_weight=t.perceptual_weight,
+                            lpips_vgg="given" if t.perceptual_weight else None,
+                            lpips_heads="given" if t.perceptual_weight else None)
 
 
 def usage_and_perplexity(counts: np.ndarray) -> tuple[float, float]:
@@ -238,12 +262,23 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
         raise ValueError(f"{len(images)} training images are fewer than "
                          f"vqgan_train.batch_size={t.batch_size}")
     _check_images(eval_images, cfg.resolution, "held-out eval images")
+    lpips_params = {}
+    if t.perceptual_weight:
+        if cfg.resolution < lpips_lib.MIN_SIZE:
+            raise ValueError(f"vqgan_train.perceptual_weight: LPIPS needs images of at least "
+                             f"{lpips_lib.MIN_SIZE}x{lpips_lib.MIN_SIZE}, vqgan.resolution is "
+                             f"{cfg.resolution}")
+        for key in ("lpips_vgg", "lpips_heads"):
+            if not storage.path(getattr(t, key)).is_file():
+                raise FileNotFoundError(f"vqgan_train.{key}={getattr(t, key)}: no such file")
+        lpips_params = lpips_lib.load_lpips(t.lpips_vgg, t.lpips_heads).params
     with storage.staged_dir(workdir) as local:
-        return _train(cfg, t, images, local, eval_images, progress)
+        return _train(cfg, t, images, local, eval_images, lpips_params, progress)
 
 
 def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: Path,
-           eval_images: np.ndarray, progress: bool) -> tuple[ImageTokenizer, dict]:
+           eval_images: np.ndarray, lpips_params: dict,
+           progress: bool) -> tuple[ImageTokenizer, dict]:
     """`train_image_tokenizer` into the local directory `workdir`."""
     rng = np.random.default_rng(t.seed)
 
@@ -254,7 +289,7 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
     if gan:
         dparams = init_like(abstract_params(lambda rngs: _discriminator(t, rngs)), t.seed + 1)
         dopt_state = _optimizer(t).init(dparams)
-    key = _step_key(t)
+    key, lr = _step_key(t), learning_rate(t)
     steps = {g: _make_step(cfg, key, g) for g in {False, gan}}
 
     counts = np.zeros(cfg.codebook_size, np.int64)  # since the last restart
@@ -271,7 +306,7 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
             pos += t.batch_size
             use_gan = gan and step >= t.disc_start
             params, opt_state, dparams, dopt_state, ema, metrics, codes, z = steps[use_gan](
-                params, opt_state, dparams, dopt_state, ema, batch)
+                params, opt_state, dparams, dopt_state, ema, batch, lpips_params)
             picked = np.bincount(np.asarray(codes).ravel(), minlength=cfg.codebook_size)
             counts += picked
             window += picked
@@ -286,6 +321,7 @@ def _train(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray, workdir: P
                 usage, perplexity = usage_and_perplexity(window)
                 window[:] = 0
                 row = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
+                       "lr": float(lr(step)) if callable(lr) else lr,
                        "usage": usage, "perplexity": perplexity, "restarted": restarted}
                 history.append(row)
                 log.write(json.dumps(row) + "\n")

@@ -1,0 +1,96 @@
+"""The demo's image tokenizer on the demo's data: train, then score reconstructions.
+
+    python bench/vq_demo.py --workdir /tmp/vq [section.key=value ...]
+    python bench/vq_demo.py --workdir /tmp/vq --tokenizer /tmp/vq/image_tokenizer  # re-score
+
+Trains on the images `prepare` would draw from `configs/demo.yaml`'s source (scenes below
+source.size minus the held-out tail) and reports, on the demo's 512 reported scenes
+(source.size onwards), what report.json calls `detector_on_reconstructions`, with PSNR,
+codebook usage, the entropy of the codes (of pure-background patches and of all: what the
+language model must predict) and the training time: one JSON line for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from cm3leon_jax.config import load_config  # noqa: E402
+from cm3leon_jax.shapes import detector  # noqa: E402
+from cm3leon_jax.shapes.world import (BACKGROUND, render_shapes, shapes_caption,  # noqa: E402
+                                      shapes_scene)
+from cm3leon_jax.tokenizers.image import ImageTokenizer  # noqa: E402
+from cm3leon_jax.tokenizers.image_train import psnr, train_image_tokenizer  # noqa: E402
+
+
+def scenes(first: int, count: int, seed: int, resolution: int, max_objects: int):
+    objects = [shapes_scene(i, seed, resolution, max_objects) for i in range(first, first + count)]
+    return (np.stack([render_shapes(o, resolution)[0] for o in objects]),
+            [shapes_caption(o) for o in objects], objects)
+
+
+def bits(codes: np.ndarray) -> float:
+    """Entropy (bits) of the code histogram."""
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--scenes", type=int, default=512, help="reported scenes scored")
+    p.add_argument("--tokenizer", help="score this saved tokenizer instead of training one")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    s, v, t = cfg.source, cfg.vqgan, cfg.vqgan_train
+    held = min(t.eval_images, s.size // 5)
+    pool = s.size - held
+    picks = np.unique(np.linspace(0, pool - 1, min(pool, t.images)).round().astype(int))
+    if args.tokenizer:
+        tok = ImageTokenizer.load(args.tokenizer)
+        v = tok.config
+        summary = json.loads((Path(args.tokenizer).parent / "summary.json").read_text())
+    else:
+        images, _, _ = scenes(0, s.size, s.seed, v.resolution, s.max_objects)
+        tok, summary = train_image_tokenizer(v, t, images[picks], args.workdir, images[pool:])
+    truth, captions, objects = scenes(s.size, args.scenes, s.seed, v.resolution, s.max_objects)
+    codes = tok.encode(truth)
+    recon = tok.decode(codes)
+    # What the language model has to predict: the entropy of the codes of patches that are
+    # pure background (the same pixels everywhere: ideally one code, 0 bits) and of all.
+    f = v.downsample
+    n = v.latent_size
+    patches = truth.reshape(len(truth), n, f, n, f, 3).transpose(0, 1, 3, 2, 4, 5)
+    background = (patches == np.asarray(BACKGROUND, np.uint8)).all(axis=(3, 4, 5))
+    hits = [detector.image_matches(im, c) for im, c in zip(recon, captions)]
+    groups: dict = {}
+    for hit, objs in zip(hits, objects):
+        for o in objs:
+            groups.setdefault(f"{o['size']} {o['shape']}", []).append(hit)
+    row = {"overrides": args.overrides, "steps": summary["steps"],
+           "train_seconds": summary["train_seconds"],
+           "detector_on_reconstructions": float(np.mean(hits)),
+           "psnr_reported_scenes": round(psnr(truth, recon), 2),
+           "heldout_psnr": round(summary["psnr"], 2),
+           "codebook_usage": summary["codebook_usage"],
+           "perplexity": round(summary["codebook_perplexity"], 1),
+           "background_patches": round(float(background.mean()), 3),
+           "background_code_bits": round(bits(codes.reshape(background.shape)[background]), 2),
+           "code_bits": round(bits(codes), 2),
+           "by_object": {k: round(float(np.mean(g)), 2) for k, g in sorted(groups.items())},
+           "load_avg_1m": round(os.getloadavg()[0], 1)}
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
