@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from cm3leon_jax.config import load_config  # noqa: E402
+from cm3leon_jax.data.prepare import tokenizer_split  # noqa: E402
 from cm3leon_jax.shapes import detector  # noqa: E402
 from cm3leon_jax.shapes.world import (BACKGROUND, render_shapes, shapes_caption,  # noqa: E402
                                       shapes_scene)
@@ -53,16 +54,14 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     s, v, t = cfg.source, cfg.vqgan, cfg.vqgan_train
-    held = min(t.eval_images, s.size // 5)
-    pool = s.size - held
-    picks = np.unique(np.linspace(0, pool - 1, min(pool, t.images)).round().astype(int))
+    picks, held = tokenizer_split(s.size, t)
     if args.tokenizer:
         tok = ImageTokenizer.load(args.tokenizer)
         v = tok.config
         summary = json.loads((Path(args.tokenizer).parent / "summary.json").read_text())
     else:
         images, _, _ = scenes(0, s.size, s.seed, v.resolution, s.max_objects)
-        tok, summary = train_image_tokenizer(v, t, images[picks], args.workdir, images[pool:])
+        tok, summary = train_image_tokenizer(v, t, images[picks], args.workdir, images[held.start:])
     truth, captions, objects = scenes(s.size, args.scenes, s.seed, v.resolution, s.max_objects)
     codes = tok.encode(truth)
     recon = tok.decode(codes)

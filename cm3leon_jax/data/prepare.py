@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cm3leon_jax import storage
-from cm3leon_jax.config import Config
+from cm3leon_jax.config import Config, VQGANTrainConfig
 from cm3leon_jax.data import readers
 from cm3leon_jax.data.records import shard_name, write_manifest
 from cm3leon_jax.data.shards import ShardPlan, write_one_shard
@@ -150,28 +150,35 @@ def _tokenizer_images(source, indices) -> list:
     return images
 
 
+def tokenizer_split(records: int, t: VQGANTrainConfig) -> tuple[np.ndarray, range]:
+    """(record indices the image tokenizer trains on, the held-out ones): the last
+    `t.eval_images` records (at most a fifth) are held out; up to `t.images` training
+    records are spread evenly over the rest."""
+    pool = records - min(t.eval_images, records // 5)
+    train = np.unique(np.linspace(0, pool - 1, min(pool, t.images)).round().astype(int))
+    return train, range(pool, records)
+
+
 def _train_image_tokenizer(cfg: Config, source, out: DataDir, text: TextTokenizer, progress):
     """Train the VQ-GAN (cfg.vqgan, cfg.vqgan_train) on images spread evenly over the
     source, and measure it on held-out ones: the last `vqgan_train.eval_images` records
     (at most a fifth of the source), which training never draws."""
     t = cfg.vqgan_train
-    held = min(t.eval_images, len(source) // 5)
-    pool = len(source) - held
-    n = min(pool, t.images)
+    train, held = tokenizer_split(len(source), t)
     readers.init(source, text.model_proto, cfg.vqgan.resolution)
-    images = _tokenizer_images(source, np.unique(np.linspace(0, pool - 1, n).round().astype(int)))
+    images = _tokenizer_images(source, train)
     if len(images) < t.batch_size:
         raise PrepareError(f"{len(images)} readable images to train the image tokenizer, fewer "
                            f"than vqgan_train.batch_size={t.batch_size}")
-    heldout = _tokenizer_images(source, range(pool, len(source)))
+    heldout = _tokenizer_images(source, held)
     if not heldout:
-        raise PrepareError(f"no readable held-out image among the last {held} of "
+        raise PrepareError(f"no readable held-out image among the last {len(held)} of "
                            f"{len(source)} records to measure the image tokenizer on")
     workdir = out.image_tokenizer_training  # metrics.jsonl, summary.json, reconstructions.png
     _, summary = train_image_tokenizer(cfg.vqgan, t, np.stack(images), workdir,
                                        np.stack(heldout), progress=progress)
     log.info("image tokenizer, on %d held-out images (source records %d..%d, never trained "
-             "on): PSNR %.2f dB, codebook usage %.2f", summary["eval_images"], pool,
+             "on): PSNR %.2f dB, codebook usage %.2f", summary["eval_images"], held.start,
              len(source) - 1, summary["psnr"], summary["codebook_usage"])
     storage.move_aside(workdir / image_train.TOKENIZER_DIR, out.image_tokenizer)
 

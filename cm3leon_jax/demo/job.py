@@ -259,7 +259,7 @@ def demo(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
     cfg = demo_config(config_path, out.root, overrides)
     if cfg.source.kind != "shapes":
         raise ValueError(f"source.kind={cfg.source.kind!r}: the demo scores shapes scenes only")
-    stages, minutes = run_stages(cfg, out, log)
+    stages, stage_minutes = run_stages(cfg, out, log)
     losses = plot_loss(out.run.root, out.loss_png)
     saved = out.evaluation
     t_eval = time.perf_counter()
@@ -270,9 +270,9 @@ def demo(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
         result = {"digest": cfg.digest(), **evaluate(cfg, out, log)}
         saved.write_text(json.dumps(result, indent=1) + "\n")
     stages["evaluate"] = "reused" if reuse else "ran"
-    minutes["evaluate"] = round((time.perf_counter() - t_eval) / 60, 2)
-    report = write_report(out, cfg, result, stages, minutes, (time.perf_counter() - t0) / 60,
-                          losses)
+    stage_minutes["evaluate"] = round((time.perf_counter() - t_eval) / 60, 2)
+    report = write_report(out, cfg, result, stages, stage_minutes,
+                          (time.perf_counter() - t0) / 60, losses)
     log(f"demo: {json.dumps({k: v for k, v in report.items() if k != 'stages'})}")
     log(f"demo: wrote {out.report_md}")
     return report

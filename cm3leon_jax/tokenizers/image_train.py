@@ -7,9 +7,10 @@ losses, the generator term weighted by `disc_weight`, times taming's adaptive we
 `adaptive_weight` is set (its reconstruction gradient includes the LPIPS term, as taming's
 `nll_loss`), and LlamaGen's LeCam regulariser on the discriminator when `lecam_weight` > 0.
 Without LPIPS weights there is no perceptual term: a random VGG's feature distance is not
-perceptual, and VGG16 would make the demo's step about five times as expensive. Dead-code restarts keep the codebook in use: every `restart_every`
-steps (not after the last step, so the evaluated codebook is the trained one), codes no
-batch picked in that window are re-seeded from encoder outputs of the current batch.
+perceptual, and VGG16 would make the demo's step about five times as expensive.
+Dead-code restarts keep the codebook in use: every `restart_every` steps (not after the
+last step, so the evaluated codebook is the trained one), codes no batch picked in that
+window are re-seeded from encoder outputs of the current batch.
 metrics.jsonl rows carry codebook usage and perplexity of the codes picked since the
 previous row; the summary those of the eval images' codes. The core,
 `train_image_tokenizer`, takes uint8 images as a numpy array, so it does not depend on
@@ -58,8 +59,8 @@ def save_comparison(originals: np.ndarray, reconstructions: np.ndarray, path: Pa
 
 
 def learning_rate(t: VQGANTrainConfig):
-    """`lr` throughout, or cosine-decayed from `lr` at step 0 to 0 at `steps`: the decay
-    settles the last steps' noise, which a constant rate leaves in the saved tokenizer."""
+    """`lr` throughout, or cosine-decayed from `lr` at step 0 to 0 at `steps` (for runs long
+    enough to plateau; the demo's is not, and decays worse: bench/RESULTS.md)."""
     if t.schedule == "cosine":
         return optax.cosine_decay_schedule(t.lr, t.steps)
     return t.lr
@@ -215,9 +216,7 @@ def _step_key(t: VQGANTrainConfig) -> VQGANTrainConfig:
                             codebook_weight=t.codebook_weight, disc_weight=t.disc_weight,
                             disc_loss=t.disc_loss, adaptive_weight=t.adaptive_weight,
                             lecam_weight=t.lecam_weight, disc_channels=t.disc_channels,
-                            disc_layers=t.disc_layers, perceptual_weight=t.perceptual_weight,
-                            lpips_vgg="given" if t.perceptual_weight else None,
-                            lpips_heads="given" if t.perceptual_weight else None)
+                            disc_layers=t.disc_layers, perceptual_weight=t.perceptual_weight)
 
 
 def usage_and_perplexity(counts: np.ndarray) -> tuple[float, float]:
