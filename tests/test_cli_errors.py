@@ -73,6 +73,13 @@ def _bad_inputs(tmp_path):
                       "'DirectRunner' is not a pipeline flag"),
         "index shards": (["index", "--config", TINY, f"data.dir={tmp_path / 'p'}",
                           "retrieval.index_shards=0"], "retrieval.index_shards=0 must be"),
+        **{f"lpips files, {cmd}": ([cmd, *where, "--config", TINY, f"data.dir={tmp_path / 'l'}",
+                                    "vqgan_train.perceptual_weight=1",
+                                    f"vqgan_train.lpips_vgg={tmp_path / 'vgg.pth'}",
+                                    f"vqgan_train.lpips_heads={tmp_path / 'not.npy'}"],
+                                   "vqgan_train.lpips_vgg=")  # before any rendering or reading
+           for cmd, where in (("tokenizer", ["train-image", "--workdir", str(tmp_path / "v")]),
+                              ("prepare", []))},
     }
 
 

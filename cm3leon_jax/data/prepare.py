@@ -80,6 +80,8 @@ def _inputs(cfg: Config) -> dict:
             if not path.exists():
                 raise PrepareError(f"prepare.{key}={path} does not exist")
             given[key] = {"path": storage.absolute(path), "digest": _file_digest(path)}
+    if p.image_tokenizer is None:  # trained here: its LPIPS files before any reading
+        image_train.check_perceptual(cfg.vqgan, cfg.vqgan_train)
     # the resolved image key: a directory prepared before the key could be null compares equal
     source = {**dataclasses.asdict(cfg.source), "image_key": cfg.source.image_field()}
     inputs = {"source": source, "vocab": dataclasses.asdict(cfg.vocab),

@@ -247,6 +247,20 @@ def _check_images(images: np.ndarray, resolution: int, what: str) -> None:
                          f"{images.dtype} {images.shape}")
 
 
+def check_perceptual(cfg: VQGANConfig, t: VQGANTrainConfig) -> None:
+    """With `perceptual_weight`: images LPIPS can take and both weight files present —
+    checked by every caller before its expensive work (rendering, reading, fitting)."""
+    if not t.perceptual_weight:
+        return
+    if cfg.resolution < lpips_lib.MIN_SIZE:
+        raise ValueError(f"vqgan_train.perceptual_weight: LPIPS needs images of at least "
+                         f"{lpips_lib.MIN_SIZE}x{lpips_lib.MIN_SIZE}, vqgan.resolution is "
+                         f"{cfg.resolution}")
+    for key in ("lpips_vgg", "lpips_heads"):
+        if not storage.path(getattr(t, key)).is_file():
+            raise FileNotFoundError(f"vqgan_train.{key}={getattr(t, key)}: no such file")
+
+
 def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndarray,
                           workdir: storage.PathLike, eval_images: np.ndarray,
                           progress: bool = True) -> tuple[ImageTokenizer, dict]:
@@ -261,16 +275,9 @@ def train_image_tokenizer(cfg: VQGANConfig, t: VQGANTrainConfig, images: np.ndar
         raise ValueError(f"{len(images)} training images are fewer than "
                          f"vqgan_train.batch_size={t.batch_size}")
     _check_images(eval_images, cfg.resolution, "held-out eval images")
-    lpips_params = {}
-    if t.perceptual_weight:
-        if cfg.resolution < lpips_lib.MIN_SIZE:
-            raise ValueError(f"vqgan_train.perceptual_weight: LPIPS needs images of at least "
-                             f"{lpips_lib.MIN_SIZE}x{lpips_lib.MIN_SIZE}, vqgan.resolution is "
-                             f"{cfg.resolution}")
-        for key in ("lpips_vgg", "lpips_heads"):
-            if not storage.path(getattr(t, key)).is_file():
-                raise FileNotFoundError(f"vqgan_train.{key}={getattr(t, key)}: no such file")
-        lpips_params = lpips_lib.load_lpips(t.lpips_vgg, t.lpips_heads).params
+    check_perceptual(cfg, t)
+    lpips_params = ({} if not t.perceptual_weight
+                    else lpips_lib.load_lpips(t.lpips_vgg, t.lpips_heads).params)
     with storage.staged_dir(workdir) as local:
         return _train(cfg, t, images, local, eval_images, lpips_params, progress)
 
@@ -359,6 +366,7 @@ def train_from_config(cfg: Config, workdir: storage.PathLike,
     """`cm3leon tokenizer train-image`: `vqgan_train.images` shapes scenes (seed
     `vqgan_train.seed`), evaluated on `vqgan_train.eval_images` others (seed + 1)."""
     v, t = cfg.vqgan, cfg.vqgan_train
+    check_perceptual(v, t)
     train = shapes_images(t.images, v.resolution, t.seed, cfg.source.max_objects)
     held_out = shapes_images(t.eval_images, v.resolution, t.seed + 1, cfg.source.max_objects)
     return train_image_tokenizer(v, t, train, workdir, held_out, progress)
