@@ -18,7 +18,9 @@ its stage (`<stage>/cli.py`), in the order of the flow.
 `cm3leon COMMAND --help` lists a command's arguments; `cm3leon config keys` every config key.
 Failures are one line: bad input (a config error naming the key, a missing, unreadable or
 invalid file) exits 2, a full disk or another failure exits 1; `--debug` (or
-CM3LEON_DEBUG=1) shows the traceback instead.
+CM3LEON_DEBUG=1) shows the traceback instead. `--log-level LEVEL` (anywhere on the line,
+like `--debug`) sets Python logging's level: INFO shows the libraries' progress messages,
+DEBUG everything.
 """
 
 from __future__ import annotations
@@ -47,9 +49,18 @@ STAGES = (config_cli, data_cli, tokenizers_cli, retrieval_cli, train_cli, aot_cl
           export_cli, eval_cli, scaling_cli, sft_cli, demo_cli)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                   help="Python logging level (default: WARNING, INFO for prepare)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cm3leon", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _log_level_option(p)  # for --help; main() takes it from anywhere on the line
     sub = p.add_subparsers(dest="command", required=True)
     commands = {stage: stage.add_commands(sub) for stage in STAGES}
     # reads the source and computes FID: imports the tokenizers layer may not make
@@ -78,9 +89,22 @@ class _NoTracebacks(logging.Filter):
         return True
 
 
+def _set_log_level(argv: list[str]) -> list[str]:
+    """Apply `--log-level` wherever it is on the line (before or after the command, as
+    `--debug`); returns the line without it."""
+    pre = argparse.ArgumentParser(prog="cm3leon", add_help=False, allow_abbrev=False)
+    _log_level_option(pre)
+    known, rest = pre.parse_known_args(argv)
+    if known.log_level is not None:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(known.log_level)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CM3LEON_DEBUG") == "1"
+    argv = _set_log_level(argv)
     args = parser().parse_args([a for a in argv if a != "--debug"])
     absl_log = logging.getLogger("absl")
     if not debug and not any(isinstance(f, _NoTracebacks) for f in absl_log.filters):

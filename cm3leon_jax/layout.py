@@ -40,6 +40,7 @@ class RunDir(_Dir):
     metrics = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
     samples = property(lambda self: self.root / "samples")
+    profile = property(lambda self: self.root / "profile")  # train.profile_steps traces
     lock = property(lambda self: self.root / ".lock")  # one trainer at a time (train/lock.py)
 
     def metrics_before_restart(self, n: int) -> Path:

@@ -57,8 +57,18 @@ def start(processes: int, workdir: Path, *overrides: str) -> subprocess.Popen:
         cmd = ["launch/local.sh", str(processes), *args]
     env = launch_env(processes)
     env["WORKDIR"] = str(workdir)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # A terminal starts commands with SIGINT at its default. A library used by an earlier
+    # test can leave it ignored in this process; children inherit an ignored signal, and
+    # bash can never trap one ignored at its start, so launch/local.sh would not see Ctrl-C.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -501,13 +511,14 @@ def test_ctrl_c_in_a_terminal_stops_launch_local_once(tmp_path):
     """A terminal's Ctrl-C goes to the whole foreground group: launch/local.sh's processes
     run in their own sessions and the script forwards it as SIGTERM, which JAX's
     preemption sync turns into a checkpoint at a step both processes agree on (a SIGINT
-    reaching them would be ignored: bash starts background jobs with SIGINT ignored)."""
+    reaching them would be ignored: bash starts background jobs with SIGINT ignored).
+    If the signal were lost, 2000 steps outlast `finish`'s timeout: the test fails."""
     work = tmp_path / "run"
-    proc = start(2, work, "train.checkpoint_every=100", "train.steps=200")
+    proc = start(2, work, "train.checkpoint_every=1000", "train.steps=2000")
     wait_for_step(proc, work, 4)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
     out = finish(proc)
     assert proc.returncode == 0, out
     saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] < 200, (saved, out)
+    assert len(saved) == 1 and saved[0] < 1000, (saved, out)
     assert f"preempted (SIGTERM) at step {saved[0]}" in out, out

@@ -138,10 +138,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     for f in dataclasses.fields(cfg):
         getattr(cfg, f.name).check()
     m, o, t, d = cfg.model, cfg.optimizer, cfg.train, cfg.data
-    decay = o.decay_steps or t.steps
-    if o.warmup_steps > decay:
-        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} exceeds the schedule "
-                          f"length {decay} (optimizer.decay_steps or train.steps)")
+    o.check_length(o.decay_steps or t.steps)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if m.logits_chunk and d.seq_len % m.logits_chunk:

@@ -4,7 +4,7 @@ what the loop does about bad steps."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
 from cm3leon_jax.config.loader import ConfigError, nonnegative, positive
 
@@ -14,7 +14,9 @@ class OptimizerConfig:
     lr: float = 6e-4  # peak learning rate
     warmup_steps: int = 100  # linear from 0; the paper uses 1500 of a much longer run
     decay_steps: Optional[int] = None  # schedule length; null: train.steps
-    final_lr_ratio: float = 0.1  # linear decay to this fraction of the peak
+    final_lr_ratio: float = 0.1  # the schedule ends at this fraction of the peak
+    schedule: Literal["linear", "cosine", "wsd"] = "linear"  # decay after warm-up; wsd: flat, then linear
+    decay_fraction: Optional[float] = None  # wsd: share of the schedule spent decaying, (0, 1]
     b1: float = 0.9  # AdamW beta 1
     b2: float = 0.95  # AdamW beta 2
     eps: float = 1e-8  # AdamW epsilon
@@ -28,6 +30,39 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
         if not (0 < self.b1 < 1 and 0 < self.b2 < 1):
             raise ConfigError(f"optimizer.b1={self.b1}, optimizer.b2={self.b2} must be in (0, 1)")
+        if self.schedule != "wsd" and self.decay_fraction is not None:
+            raise ConfigError(f"optimizer.decay_fraction={self.decay_fraction} is for "
+                              f"optimizer.schedule=wsd only (it is {self.schedule}); delete it "
+                              "or set optimizer.schedule=wsd")
+        if self.schedule == "wsd" and self.decay_fraction is None:
+            raise ConfigError("optimizer.schedule=wsd needs optimizer.decay_fraction, the share "
+                              "of the schedule spent decaying, in (0, 1], e.g. 0.2")
+        if self.decay_fraction is not None and not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"optimizer.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.decay_steps is not None:
+            self.check_length(self.decay_steps)
+
+    def wsd_decay_steps(self, length: int) -> int:
+        """Updates the wsd schedule spends decaying: the last decay_fraction of `length`."""
+        return round(self.decay_fraction * length)
+
+    def check_length(self, length: int) -> None:
+        """The checks against the schedule length (decay_steps, else train.steps, a key of
+        another section: `validate` and the schedule itself call this with it)."""
+        if self.warmup_steps > length:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} exceeds the schedule "
+                              f"length {length} (optimizer.decay_steps or train.steps)")
+        if self.schedule != "wsd":
+            return
+        decay = self.wsd_decay_steps(length)
+        if decay < 1:
+            raise ConfigError(f"optimizer.decay_fraction={self.decay_fraction} of the schedule "
+                              f"length {length} (optimizer.decay_steps or train.steps) is no "
+                              "decay step; raise it")
+        if self.warmup_steps > length - decay:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} runs into the wsd "
+                              f"decay, the last {decay} of {length} steps (optimizer."
+                              f"decay_fraction={self.decay_fraction}); lower one of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +73,7 @@ class TrainConfig:
     seed: int = 0  # parameter init
     log_every: int = 1  # steps between metrics.jsonl / TensorBoard lines
     checkpoint_every: int = 1000  # steps between checkpoints (the last step always saves)
+    checkpoint_minutes: Optional[float] = None  # also save this long after the last save; null: off
     keep_checkpoints: int = 3  # newest checkpoints kept
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known devices only
     init_from: Optional[str] = None  # export or run dir: a fresh run starts from its weights
@@ -45,10 +81,18 @@ class TrainConfig:
     eval_batches: int = 4  # held-out batches of train.batch_size rows (fixed by the config)
     eval_dir: Optional[str] = None  # prepared held-out data; required for evals with data.dir
     allow_restart: bool = False  # checkpoints exist but none restores: start over from step 0
+    profile_steps: Optional[tuple[int, ...]] = None  # [start, stop]: their trace in RUN/profile; null: off
+    progress: Literal["bar", "log", "auto"] = "auto"  # bar | log (plain lines) | auto: bar on a terminal
 
     def check(self) -> None:
         positive("train", self, "steps", "batch_size", "grad_accum", "log_every",
-                 "checkpoint_every", "keep_checkpoints", "peak_tflops", "eval_batches")
+                 "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "peak_tflops",
+                 "eval_batches")
+        p = self.profile_steps
+        if p is not None and not (len(p) == 2 and 1 <= p[0] <= p[1] <= self.steps):
+            raise ConfigError(f"train.profile_steps={list(p)} must be [start, stop] with "
+                              f"1 <= start <= stop <= train.steps={self.steps}, e.g. [5, 7] "
+                              "(step 1 includes the compile), or null")
         nonnegative("train", self, "eval_every")
         if self.eval_dir is not None and not self.eval_dir.strip():
             raise ConfigError("train.eval_dir must be a prepared directory, or null")

@@ -1,4 +1,5 @@
-"""Per-step metrics: `metrics.jsonl` (one JSON object per step) and TensorBoard, plus MFU.
+"""Per-step metrics: `metrics.jsonl` (one JSON object per step) and TensorBoard, plus MFU,
+and the progress shown while training (a tqdm bar, or plain lines for logs).
 
 Only process 0 writes. On resume, lines past the restored step (steps that were run but
 not checkpointed before a stop) are dropped, because the run does them again. Objects in
@@ -13,9 +14,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path as LocalPath
+
 import jax
+from tqdm import tqdm
 
 from cm3leon_jax import storage
 from cm3leon_jax.layout import RunDir
@@ -121,6 +125,45 @@ class MetricsWriter:
             if self.remote:
                 shutil.rmtree(self.tb_local)
             self.tb = None
+
+
+def progress_line(record: dict, total: int) -> str:
+    """One plain line for a log: step, loss, throughput, MFU (when known), held-out loss."""
+    loss = record.get("loss")
+    parts = [f"step {record['step']}/{total}",
+             f"loss {loss:.4f}" if loss is not None else "loss non-finite (update skipped)",
+             f"{record['tokens_per_s']:,.0f} tokens/s"]
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if record.get("eval_loss") is not None:
+        parts.append(f"eval_loss {record['eval_loss']:.4f}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """`train.progress`: a tqdm bar (`bar`), or for files and pipes one plain line per
+    logged step on stdout (`log`; no carriage returns to garble a log); `auto` shows the bar
+    when stdout is a terminal. Only where `enabled` (process 0)."""
+
+    def __init__(self, mode: str, total: int, initial: int, enabled: bool, stream=None):
+        stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if stream.isatty() else "log"
+        self.lines = enabled and mode == "log"
+        self.total, self.stream = total, stream
+        self.bar = tqdm(total=total, initial=initial, desc="train",
+                        disable=not enabled or mode != "bar", dynamic_ncols=True)
+
+    def update(self, record: dict, logged: bool) -> None:
+        """After each step; `logged`: the step's line went to metrics.jsonl."""
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
+                             else "non-finite")
+        if self.lines and logged:
+            print(progress_line(record, self.total), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def read_metrics(workdir: storage.PathLike) -> list[dict]:

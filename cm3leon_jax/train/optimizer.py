@@ -1,4 +1,5 @@
-"""AdamW with linear warm-up, linear decay to a fraction of the peak, global-norm clipping."""
+"""AdamW with a learning-rate schedule (linear warm-up, then linear, cosine or
+warmup-stable-decay down to a fraction of the peak), global-norm clipping."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ from cm3leon_jax.config import OptimizerConfig
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    decay_steps = cfg.decay_steps or total_steps
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps),
-         optax.linear_schedule(cfg.lr, cfg.lr * cfg.final_lr_ratio,
-                               max(decay_steps - cfg.warmup_steps, 1))],
-        [cfg.warmup_steps])
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then, to `final_lr_ratio` x `lr`
+    at the schedule length L (`decay_steps`, else `total_steps`): `linear` and `cosine`
+    decay over steps warmup..L; `wsd` holds `lr` and decays linearly over the last
+    `decay_fraction` of L. Past L the rate stays at its end value."""
+    length = cfg.decay_steps or total_steps
+    cfg.check_length(length)  # train.steps is another section's key: refuse here too
+    end = cfg.lr * cfg.final_lr_ratio
+    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    if cfg.schedule == "wsd":
+        decay = cfg.wsd_decay_steps(length)
+        return optax.join_schedules(
+            [warmup, optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, end, decay)],
+            [cfg.warmup_steps, length - decay])
+    span = max(length - cfg.warmup_steps, 1)
+    decay = (optax.cosine_decay_schedule(cfg.lr, span, alpha=cfg.final_lr_ratio)
+             if cfg.schedule == "cosine" else optax.linear_schedule(cfg.lr, end, span))
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
 def _decay_mask(params):

@@ -5,9 +5,10 @@ given, and call hooks after chosen steps.
 
 Each step's metrics are read one step late, after the next step is dispatched, so the host
 never stalls the devices; a step with a hook due is read at once (its hooks see a known
-update). Built in: the metrics log (`metrics.jsonl`, TensorBoard, the progress bar), the
-checkpoint hook (every `train.checkpoint_every` steps, the last step, and on SIGTERM, never
-over the last good checkpoint while steps are being skipped), and the stop on a run of
+update). Built in: the metrics log (`metrics.jsonl`, TensorBoard, the progress bar or
+lines), the checkpoint hook (every `train.checkpoint_every` steps, `train.checkpoint_minutes`
+after the last save, the last step, and on SIGTERM, never over the last good checkpoint
+while steps are being skipped), the `train.profile_steps` trace, and the stop on a run of
 non-finite steps, and the held-out losses every `train.eval_every` steps and at the last
 (train/heldout.py, on the live parameters with the sharded forward pass, merged into that
 step's metrics line as `eval_loss`, `eval_text_loss`, `eval_image_loss`; not at a SIGTERM
@@ -24,7 +25,6 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError, save_config, validate
@@ -34,7 +34,9 @@ from cm3leon_jax.parallel import distributed
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.train import checkpoint, heldout, weights
 from cm3leon_jax.train.lock import STALE_S, RunLock, RunLocked
-from cm3leon_jax.train.metrics import MetricsWriter, device_peak_tflops, host_metrics, mfu
+from cm3leon_jax.train.metrics import (MetricsWriter, Progress, device_peak_tflops,
+                                       host_metrics, mfu)
+from cm3leon_jax.train.profiler import StepProfile
 from cm3leon_jax.train.state import (TrainState, abstract_state, create_state, state_from_params,
                                      state_layout)
 from cm3leon_jax.train.step import jit_train_step
@@ -80,6 +82,37 @@ def _id_gatherer(mesh):
             mesh_lib.batch_sharding(mesh, 1), ids.astype(np.int32)))
 
     return gather
+
+
+class TimedSaves:
+    """`train.checkpoint_minutes`: whether a step saves because that long has passed since
+    the last save. Process 0's clock decides, and every process must save at the same step:
+    after each step process 0's verdict goes into a replicated device array (a small
+    collective queued behind the step), which every process reads at the next step, when it
+    reads the previous step's metrics anyway; so the processes agree, one step late, and
+    the host never waits on the devices for it. The step, not the time, decides the data,
+    so where a timed checkpoint falls does not change a resumed run."""
+
+    def __init__(self, minutes: float, mesh, rows: int):
+        self.interval = 60 * minutes
+        self.last = time.monotonic()
+        self.rows = rows  # this process's batch rows: process 0 holds global row 0
+        self.sharding = mesh_lib.batch_sharding(mesh, 1)
+        self.first_row = jax.jit(lambda x: x[0], out_shardings=NamedSharding(mesh, P()))
+        self.verdict = None  # process 0's verdict for the next step, on the devices
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+    def decide(self) -> None:
+        """After a step's hooks, on every process: whether the next step saves."""
+        due = jax.process_index() == 0 and time.monotonic() - self.last >= self.interval
+        self.verdict = self.first_row(jax.make_array_from_process_local_data(
+            self.sharding, np.full(self.rows, due, np.int32)))
+
+    def due(self) -> bool:
+        """Whether this step saves (the same answer on every process)."""
+        return self.verdict is not None and bool(jax.device_get(self.verdict))
 
 
 def _keep_metrics(run: RunDir) -> storage.Path | None:
@@ -175,8 +208,11 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
             gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
             evaluator = heldout.Evaluator(cfg, heldout_batches) if cfg.train.eval_every else None
             writer = MetricsWriter(run, start, enabled=lead)
-            bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not lead,
-                       dynamic_ncols=True)
+            progress = Progress(cfg.train.progress, cfg.train.steps, start, enabled=lead)
+            profile = StepProfile(cfg.train.profile_steps, run.profile, enabled=lead)
+            timed = (TimedSaves(cfg.train.checkpoint_minutes, mesh,
+                                cfg.train.batch_size // jax.process_count())
+                     if cfg.train.checkpoint_minutes else None)
             t_start = last = time.perf_counter()
             pending = None  # metrics of the previous step: read after the next is dispatched
             bad_run, skipped, last_saved, stopped_at = 0, 0, start, None
@@ -202,12 +238,11 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
                                                                      "image_loss")})
                     last = time.perf_counter()
                 history.append(record)
-                if (step % cfg.train.log_every == 0 or step == cfg.train.steps
-                        or record["skipped"] or evaluate):
+                logged = (step % cfg.train.log_every == 0 or step == cfg.train.steps
+                          or bool(record["skipped"]) or evaluate)
+                if logged:
                     writer.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}" if record["loss"] is not None
-                                else "non-finite")
+                progress.update(record, logged)
                 if bad_run > cfg.fault.max_bad_steps:
                     raise BadStepsError(
                         f"steps {step - bad_run + 1}..{step}: {bad_run} updates in a row skipped "
@@ -226,22 +261,29 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
                     checkpoint.save(mngr, step, state, batches, cfg)
                     last_saved = step
                     writer.flush()
+                    if timed is not None:
+                        timed.saved()
 
-            hooks = (*hooks, Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
-                                  at_end=True))
+            save_hook = Hook(save, every=cfg.train.checkpoint_every, at=checkpoint_at,
+                             at_end=True)
+            hooks = (*hooks, save_hook)
             preempt.install()
             try:
                 for step in range(start + 1, cfg.train.steps + 1):
                     local = next(batches)
                     ids = local.pop("example_id", None)
                     batch = mesh_lib.global_batch(local, mesh)
+                    profile.before(step)
                     state, metrics = step_fn(state, batch)
+                    profile.after(step, metrics)
                     ids = gather_ids(ids) if gather_ids and ids is not None else None
                     if pending is not None:
                         log(*pending)
                     pending = (step, metrics, ids)
                     stop = preempt.reached(step)
-                    due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)]
+                    timed_due = timed is not None and timed.due()
+                    due = [h for h in hooks if h.due(step, stop or step == cfg.train.steps)
+                           or (h is save_hook and timed_due)]
                     # not on SIGTERM: the checkpoint must be written within the grace period
                     evaluate = evaluator is not None and not stop and (
                         step % cfg.train.eval_every == 0 or step == cfg.train.steps)
@@ -253,12 +295,15 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
                     if stop:
                         stopped_at = step
                         break
+                    if timed is not None and step < cfg.train.steps:
+                        timed.decide()
                 if pending is not None:
                     log(*pending)
             finally:
                 preempt.uninstall()
+                profile.close()
                 mngr.wait_until_finished()
-                bar.close()
+                progress.close()
                 writer.close()
 
         if lead and stopped_at is not None:
