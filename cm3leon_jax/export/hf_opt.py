@@ -1,4 +1,8 @@
-"""The HF OPT export: a directory that transformers' `OPTForCausalLM.from_pretrained` loads.
+"""The HF OPT export: a directory that transformers' `OPTForCausalLM.from_pretrained` loads,
+with its `generation_config.json`, its weights in safetensors files of at most `shard_bytes`
+(`model.safetensors`, or `model-00001-of-0000N.safetensors` ... with
+`model.safetensors.index.json`, split by huggingface_hub's own rule) and, when the run has
+tokenizers, a tokenizer `AutoTokenizer` loads (hf_tokenizer.py) and a model card (model_card.py).
 
 OPT with `enable_bias=False` and `layer_norm_elementwise_affine=False` is our decoder
 (metaseq's `disable_bias` / `disable_affine_ln`, prior_art.md §2.7): pre-LN, LayerNorm
@@ -19,12 +23,18 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from huggingface_hub import split_state_dict_into_shards_factory
 from jax.sharding import Mesh
 
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.export import tensor_file
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
+SHARD_BYTES = 5 * 10**9  # largest weights file by default: the Hub's (huggingface_hub)
+WEIGHTS = "model{suffix}.safetensors"  # suffix "" for one file, "-00001-of-00003" for shards
+INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+CARD = "README.md"
 # Our activation -> transformers' ACT2FN name. jax.nn.gelu defaults to the tanh form.
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new"}
 
@@ -66,6 +76,31 @@ def config_json(cfg: Config) -> dict:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+def generation_config(cfg: Config) -> dict:
+    """`generation_config.json`: the run's sampling settings where transformers has them. A
+    generated span ends at `<eos>` (a document) or `<eoss>` (an infill, a caption)."""
+    g, vocab = cfg.generate, cfg.vocab.build()
+    out = {"bos_token_id": vocab.eos, "eos_token_id": [vocab.eos, vocab.eoss],
+           "pad_token_id": vocab.pad, "max_length": cfg.model.max_seq_len,
+           "do_sample": g.temperature > 0}
+    if g.temperature > 0:
+        out.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+    return out
+
+
+def shards(files: list[tensor_file.Tensor], shard_bytes: int) -> tuple[dict, dict | None]:
+    """({file name: its tensors}, the index, None for a single file): tensors in order, a new
+    file whenever the next would pass `shard_bytes` (a larger tensor gets a file of its own)."""
+    split = split_state_dict_into_shards_factory(
+        {t.name: t for t in files}, get_storage_size=lambda t: t.nbytes,
+        filename_pattern=WEIGHTS, max_shard_size=shard_bytes)
+    by_name = {t.name: t for t in files}
+    out = {f: [by_name[n] for n in names] for f, names in split.filename_to_tensors.items()}
+    index = ({"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+             if split.is_sharded else None)
+    return out, index
 
 
 # Per-layer transforms: (stacked parameter, layer index) -> one torch-layout weight.
