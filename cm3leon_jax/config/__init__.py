@@ -24,7 +24,8 @@ from cm3leon_jax.config.demo import DemoConfig
 from cm3leon_jax.config.generate import GenerateConfig
 from cm3leon_jax.config.loader import (ConfigError, apply_overrides, build, dump_yaml, migrate,
                                        read_yaml)
-from cm3leon_jax.config.model import MeshConfig, ModelConfig, VocabConfig
+from cm3leon_jax.config.model import (SPLASH_BLOCK, SPLASH_MIN_BLOCK, MeshConfig, ModelConfig,
+                                      VocabConfig)
 from cm3leon_jax.config.retrieval import RetrievalConfig
 from cm3leon_jax.config.sft import SFTConfig
 from cm3leon_jax.config.sweep import SweepConfig, SweepSize
@@ -144,6 +145,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> None:
     if m.logits_chunk and d.seq_len % m.logits_chunk:
         raise ConfigError(f"model.logits_chunk={m.logits_chunk} does not divide "
                           f"data.seq_len={d.seq_len}")
+    if m.attention == "splash" and (d.seq_len % SPLASH_MIN_BLOCK or (
+            d.seq_len > SPLASH_BLOCK and d.seq_len % SPLASH_BLOCK)):
+        raise ConfigError(f"model.attention=splash needs data.seq_len (got {d.seq_len}) to be a "
+                          f"multiple of {SPLASH_MIN_BLOCK}, and of {SPLASH_BLOCK} above "
+                          f"{SPLASH_BLOCK} (its blocks); pad the rows or use model.attention=xla")
     if d.k > cfg.retrieval.pool:
         raise ConfigError(f"data.k={d.k} exceeds retrieval.pool={cfg.retrieval.pool}: the "
                           "draws come from each document's pool; raise retrieval.pool")

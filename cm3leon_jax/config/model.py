@@ -26,6 +26,10 @@ class VocabConfig:
             raise ConfigError(str(e)) from None
 
 
+SPLASH_BLOCK = 512  # splash attention's largest block along the sequence (MaxText's default)
+SPLASH_MIN_BLOCK = 128  # TPU lanes: splash needs rows of a multiple of this
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     n_layers: int = 24  # decoder blocks
@@ -43,6 +47,7 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params stay float32
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"  # what backward recomputes
     logits_chunk: int = 0  # >0: compute the loss over sequence chunks of this many tokens
+    attention: Literal["auto", "xla", "splash"] = "auto"  # kernel (auto: splash on TPU, else xla)
 
     @property
     def head_dim(self) -> int:

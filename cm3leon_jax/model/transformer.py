@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from cm3leon_jax.config import ModelConfig
+from cm3leon_jax.model import attention
 from cm3leon_jax.parallel.mesh import constrain
 
 REMAT_POLICIES = {
@@ -56,6 +57,7 @@ class Attention(nnx.Module):
             self.q_scale = _param(rngs, jax.nn.initializers.ones, (h, hd), ("heads", "head_dim"))
             self.k_scale = _param(rngs, jax.nn.initializers.ones, (h, hd), ("heads", "head_dim"))
         self.qk_norm = cfg.qk_norm
+        self.kernel = cfg.attention  # model/attention.py
 
     def _project(self, x: jax.Array):
         q, k, v = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(x.dtype))
@@ -64,9 +66,9 @@ class Attention(nnx.Module):
             k = layer_norm(k) * self.k_scale[...].astype(x.dtype)
         return tuple(constrain(a, ACT_HEADS) for a in (q, k, v))
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         q, k, v = self._project(x)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        o = attention.attend(q, k, v, segment_ids, self.kernel)
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype))
 
     def extend(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, start,
@@ -110,8 +112,8 @@ class Block(nnx.Module):
             x = x + self.ffn(layer_norm(x))
         return constrain(x, ACT)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        return self._apply(x, lambda h: self.attn(h, mask))
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        return self._apply(x, lambda h: self.attn(h, segment_ids))
 
     def extend(self, x, cache_k, cache_v, start, mask):
         new = {}
@@ -171,12 +173,9 @@ class Transformer(nnx.Module):
         """
         x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos[...], positions, axis=0)
         x = constrain(x.astype(self.dtype), ACT)
-        mask = None
-        if segment_ids is not None:
-            mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
         def block_fn(x, block):
-            return block(x, mask)
+            return block(x, segment_ids)
 
         if self.cfg.remat != "none":
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.cfg.remat],
