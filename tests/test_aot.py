@@ -144,3 +144,37 @@ def test_compile_rejects_bad_input_before_compiling(capsys):
     code, _, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml",
                             "--topology", "v5e-16", "mesh.tensor=3")
     assert code == 2 and "mesh" in err
+
+
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")
+def test_fit_batch_finds_the_largest_micro_batch_that_fits(tiny, capsys):
+    """Real compiles of every option give the memory curve; with an HBM between the second
+    and third options, the search lands on the second-smallest micro-batch that fits."""
+    pytest.importorskip("libtpu")
+    import dataclasses
+
+    from cm3leon_jax.aot import train_step
+
+    cfg = tiny("train.batch_size=32")
+    topology = parse_topology("v5e-4")
+    options = train_step.micro_batch_options(cfg, 4)
+    assert options == [1, 2, 4, 8]  # 8, 4, 2, 1 sequences per chip
+    totals = [train_step.compile_train_step(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=g)),
+        topology).total_bytes for g in options]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+    small = dataclasses.replace(topology, chip=dataclasses.replace(
+        topology.chip, hbm_bytes=(totals[1] + totals[2]) // 2))
+    best, tried = train_step.largest_fitting_micro_batch(cfg, small, progress=lambda _: None)
+    assert best.train.grad_accum == 4
+    assert [g for g, _, _ in tried] == [2, 4]  # a binary search: two compiles of four
+    assert [(r.total_bytes, r.fits) for _, _, r in tried] == [(totals[1], False),
+                                                            (totals[2], True)]
+
+    code, out, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml", "--topology",
+                             "v5e-4", "--json", "--fit-batch", "train.batch_size=32")
+    assert code == 0, err
+    assert json.loads(out)["grad_accum"] == 1 and "train.grad_accum=1 (8 sequences" in err
+    code, _, err = run_cli(capsys, "compile", "--config", "configs/tiny.yaml", "--topology",
+                           "v5e-4", "--fit-batch", "--step", "generate")
+    assert code == 2 and "--fit-batch searches train.grad_accum" in err

@@ -1,6 +1,7 @@
 """`cm3leon compile`: its parser and what it runs.
 
-    cm3leon compile --config FILE --topology NAME [--step train|generate] [--json] [section.key=value ...]
+    cm3leon compile --config FILE --topology NAME [--step train|generate] [--fit-batch] [--json]
+                    [section.key=value ...]
 
 Stage modules are imported when the command runs, so `cm3leon --help` does not load jax.
 """
@@ -35,6 +36,9 @@ def add_commands(sub) -> None:
     p.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=None,
                    help="generate: with the classifier-free-guidance stream (default: as "
                         "the generate section would)")
+    p.add_argument("--fit-batch", action="store_true",
+                   help="train: compile at several train.grad_accum (a binary search) and "
+                        "report the largest micro-batch per chip that fits")
     p.set_defaults(fn=compile_step)
 
 
@@ -54,14 +58,40 @@ def compile_step(args) -> None:
               "(it works on machines without a TPU)", file=sys.stderr)
         raise SystemExit(2)
     step = generate_step if args.step == "generate" else train_step
+    if args.fit_batch:
+        if args.step != "train":
+            print("cm3leon compile: --fit-batch searches train.grad_accum; it is for --step "
+                  "train (generate: pass --batch)", file=sys.stderr)
+            raise SystemExit(2)
+        cfg = _fit_batch(cfg, topology, args)
     try:
         report = (generate_step.compile_generate_step(cfg, topology, shape_of)
                   if args.step == "generate" else train_step.compile_train_step(cfg, topology))
     except DoesNotFit as e:
         print(f"cm3leon compile: {args.config} {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(json.dumps(report.to_dict()) if args.json else step.format_report(report, args.config))
+    out = report.to_dict()
+    if args.fit_batch:
+        out["grad_accum"] = cfg.train.grad_accum
+    print(json.dumps(out) if args.json else step.format_report(report, args.config))
     if not report.fits:
         print(f"cm3leon compile: {args.config} {step.fit_advice(cfg, topology, report)}",
               file=sys.stderr)
         raise SystemExit(1)
+
+
+def _fit_batch(cfg, topology, args):
+    """The config at the largest fitting micro-batch (its report follows as usual)."""
+    from cm3leon_jax.aot import train_step  # heavy: deferred (cm3leon --help)
+
+    best, tried = train_step.largest_fitting_micro_batch(
+        cfg, topology, progress=lambda line: print(f"fit-batch: {line}", file=sys.stderr))
+    if best is None:
+        g, rows, _ = tried[-1]
+        print(f"cm3leon compile: {args.config} does not fit {topology.name} even at "
+              f"train.grad_accum={g} ({rows} sequence(s) per chip); see the advice of a "
+              "compile without --fit-batch", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"fit-batch: largest micro-batch that fits: train.grad_accum={best.train.grad_accum}",
+          file=sys.stderr)
+    return best

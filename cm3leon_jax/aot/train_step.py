@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from cm3leon_jax.aot.compile import compile_or_explain, human_bytes
+from cm3leon_jax.aot.compile import DoesNotFit, compile_or_explain, human_bytes
 from cm3leon_jax.aot.topology import GiB, Topology
 from cm3leon_jax.config import Config
 from cm3leon_jax.parallel import mesh as mesh_lib
@@ -100,6 +100,46 @@ def compile_train_step(cfg: Config, topology: Topology, devices=None) -> Compile
         step_seconds=model_flops * seconds / flops if seconds else None,
         peak_step_seconds=model_flops / peak,
         tokens_per_step=tokens, compile_seconds=compile_seconds)
+
+
+def micro_batch_options(cfg: Config, data_chips: int) -> list[int]:
+    """The train.grad_accum values that split the batch evenly over the data-parallel chips,
+    largest micro-batch first."""
+    b = cfg.train.batch_size
+    return [g for g in range(1, b + 1) if b % g == 0 and (b // g) % data_chips == 0]
+
+
+def largest_fitting_micro_batch(cfg: Config, topology: Topology, compile_fn=None,
+                                progress=print) -> tuple[Config | None, list[tuple]]:
+    """Binary search over `micro_batch_options` (memory grows with the micro-batch): the
+    config with the smallest grad_accum whose step fits, or None, and every try as
+    (grad_accum, sequences per chip, report or None when the compiler refused it)."""
+    compile_fn = compile_fn or compile_train_step
+    shape = cfg.mesh.shape(topology.num_chips)
+    data_chips = shape[0] * shape[1]
+    options = micro_batch_options(cfg, data_chips)
+    tried, best = [], None
+    lo, hi = 0, len(options) - 1  # options[hi]: the smallest micro-batch
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        g = options[mid]
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=g))
+        rows = cfg.train.batch_size // g // data_chips
+        try:
+            report = compile_fn(c, topology)
+        except DoesNotFit:
+            report = None
+        tried.append((g, rows, report))
+        fits = report is not None and report.fits
+        progress(f"train.grad_accum={g} ({rows} sequences per chip): "
+                 + (f"{human_bytes(report.total_bytes)} per chip, fits" if fits else
+                    "does not fit" if report is None else
+                    f"{human_bytes(report.total_bytes)} per chip, does not fit"))
+        if fits:
+            best, hi = c, mid - 1
+        else:
+            lo = mid + 1
+    return best, tried
 
 
 def _advice(cfg: Config, topology: Topology, mesh: dict, per_chip: dict, what: str,
