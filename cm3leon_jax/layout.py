@@ -10,7 +10,7 @@ retrieval directory and an export, each name spelled once, here.
                  (hf-opt: model[-0000k-of-0000N].safetensors  model.safetensors.index.json
                  generation_config.json  tokenizer.json  tokenizer_config.json  README.md)
     DEMO/        data/ (a DATA)  run/ (a RUN)  evaluation.json  report.json  report.md
-                 loss.png  samples.png
+                 loss.png  samples.png  ablation/ (k{K}/ RUNs, ablation.json|md|png)
 
 `tokenizers/` of an export holds the two tokenizers of DATA under the same names, so a
 `DataDir` of either opens them. Files private to one module (a tokenizer's weights, the
@@ -110,6 +110,11 @@ class DemoDir(_Dir):
     report_md = property(lambda self: self.root / "report.md")
     loss_png = property(lambda self: self.root / "loss.png")
     samples_png = property(lambda self: self.root / "samples.png")
+    ablation = property(lambda self: self.root / "ablation")  # `cm3leon ablate-retrieval`
+
+    def ablation_run(self, k: int) -> RunDir:
+        """The ablation's run trained with data.k = k (the demo's own k is `run`)."""
+        return RunDir(self.root / "ablation" / f"k{k}")
 
 
 def data_dir(cfg: Config) -> DataDir:

@@ -15,6 +15,7 @@ from cm3leon_jax.perception.clip import embed_images, embed_texts, load_clip
 from cm3leon_jax.perception.inception import random_init, save_npz
 from cm3leon_jax.tokenizers.directory import load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
+from cm3leon_jax.train.metrics import read_metrics
 from test_clip import hf  # noqa: F401 (fixture)
 
 VQ = ["vqgan.resolution=32", "vqgan.base_channels=8", "vqgan.channel_mult=[1, 2, 4]",
@@ -180,3 +181,44 @@ def test_retrieved_prompt_is_the_training_layout():
         prompt = prompts.with_retrieved(vocab, cond, docs)
         # the prompt is the training example up to where the query's image starts
         np.testing.assert_array_equal(prompt, tokens[:len(tokens) - image.size - 1])
+
+
+@pytest.mark.slow
+def test_retrieval_ablation_reuses_the_demo_run_and_scores_every_mode(micro_demo):
+    from cm3leon_jax.config import ConfigError
+    from cm3leon_jax.demo import ablate
+
+    work, overrides, _ = micro_demo
+    saved = json.loads((work / "report.json").read_text())
+    run = lambda: ablate.ablate(CONFIGS / "demo.yaml", work, overrides, train_ks=(0, 1),
+                                infer_ks=(0, 1), log=lambda *_: None)
+    result = run()
+    assert set(result["runs"]) == {"k=0", "k=1"}
+    # the demo trains with data.k=1: that run is the demo's own, and the same seeds give the
+    # demo's samples, so the four modes the demo reports come out the same
+    demo_run = result["runs"]["k=1"]
+    for mode, key in (("k0", "t2i_accuracy"), ("k0_cfg", "t2i_accuracy_cfg"),
+                      ("k1", "t2i_accuracy_retrieval"), ("k1_cfg", "t2i_accuracy_retrieval_cfg")):
+        assert round(demo_run[mode]["accuracy"], 4) == saved[key], mode
+    k0 = work / "ablation" / "k0"
+    assert read_metrics(k0)[-1]["step"] == saved["train_steps"]  # the same steps and rows
+    n = saved["eval_scenes"]
+    for scores in result["runs"].values():
+        for mode in ("k0", "k0_cfg", "k1", "k1_cfg"):
+            p = scores[mode]["accuracy"]
+            assert scores[mode]["se"] == pytest.approx(np.sqrt(p * (1 - p) / n), abs=0)
+            assert round(p * n) == pytest.approx(p * n)  # a share of the n scenes
+        for mode in ("k1", "k1_cfg"):
+            assert 0 <= scores[mode]["copied"] <= scores[mode]["copied_share"] + 1e-9 <= 1 + 1e-9
+        assert "copied" not in scores["k0"] and 0.5 < scores["real_token_share"] <= 1
+        assert 0 <= scores["truth_copied_share_k1"] <= 1
+    for name in ("ablation.json", "ablation.md", "ablation.png"):
+        assert (work / "ablation" / name).stat().st_size > 0
+    assert "| k=0 |" in (work / "ablation" / "ablation.md").read_text()
+    before = sorted(p.stat().st_mtime_ns for p in k0.rglob("*") if p.is_file())
+    assert run() == result  # reused: nothing trained or scored again
+    assert sorted(p.stat().st_mtime_ns for p in k0.rglob("*") if p.is_file()) == before
+    for bad, match in (((0, -1), "--train-k"), ((0, 9), "retrieval.pool=4")):
+        with pytest.raises(ConfigError, match=match):
+            ablate.ablate(CONFIGS / "demo.yaml", work, overrides, train_ks=bad, infer_ks=(0,),
+                          log=lambda *_: None)

@@ -37,7 +37,7 @@ from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
 from cm3leon_jax.generate.grid import image_grid, save_image
-from cm3leon_jax.layout import DataDir, DemoDir, retrieval_dir
+from cm3leon_jax.layout import DataDir, DemoDir, RunDir, retrieval_dir
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import neighbors, train_encoder
 from cm3leon_jax.retrieval.query import Retriever
@@ -103,9 +103,20 @@ def _neighbors(cfg: Config, log) -> None:
         log(warning)
 
 
-def run_stages(cfg: Config, out: DemoDir, log=print) -> tuple[dict, dict]:
-    """Prepare, retrieval encoder, index, neighbors, train; returns ({stage: "ran"|"reused"},
-    {stage: wall minutes})."""
+def is_trained(cfg: Config, run: RunDir) -> bool:
+    """Whether `run` holds the checkpoint of `cfg`'s last step."""
+    if not run.checkpoints.exists():
+        return False
+    mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
+    step = mngr.latest_step()
+    mngr.close()
+    return step == cfg.train.steps
+
+
+def run_stages(cfg: Config, out: DemoDir, log=print, with_train: bool = True
+               ) -> tuple[dict, dict]:
+    """Prepare, retrieval encoder, index, neighbors and (`with_train`) train; returns
+    ({stage: "ran"|"reused"}, {stage: wall minutes})."""
     done, minutes = {}, {}
     rdir = retrieval_dir(cfg)
     checks = {
@@ -122,16 +133,9 @@ def run_stages(cfg: Config, out: DemoDir, log=print) -> tuple[dict, dict]:
         "index": lambda: neighbors.build_bank_index(cfg),
         "neighbors": lambda: _neighbors(cfg, log),
     }
-    run = out.run
-
-    def trained():
-        mngr = checkpoint.manager(run.checkpoints, cfg.train.keep_checkpoints)
-        step = mngr.latest_step()
-        mngr.close()
-        return step == cfg.train.steps
-
-    checks["train"] = trained
-    actions["train"] = lambda: train(cfg, run.root)
+    if with_train:
+        checks["train"] = lambda: is_trained(cfg, out.run)
+        actions["train"] = lambda: train(cfg, out.run.root)
     for stage, action in actions.items():
         t0 = time.perf_counter()
         reuse = checks[stage]()
