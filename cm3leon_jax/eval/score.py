@@ -11,7 +11,6 @@ output may be on cloud storage (storage.py).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -47,12 +46,7 @@ def make_score_fn(weights: Weights):
     mdef, mesh = weights.mdef, weights.mesh
 
     def score(params, tokens):
-        model = mdef.bind(params)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        hidden = model(tokens, positions)[:, :-1]
-        logits = model.logits(hidden)
-        target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        return target - jax.nn.logsumexp(logits, axis=-1)
+        return mdef.bind(params).token_logprobs(tokens)
 
     return jax.jit(score, in_shardings=(mdef.param_shardings(mesh),
                                         mesh_lib.batch_sharding(mesh)),

@@ -7,6 +7,8 @@ A training document is `<eos> caption <break> image <eos>`; CM3 masking replaces
   is the same document with the caption masked, `<eos> <mask:0> <break>` (CM3Leon §3.1).
 - image -> text: the caption masked and asked back, `<eos> <mask:0> <break> image <eos>
   <mask:0>`, decoded until `<eoss>` (CM3Leon: "Image of <mask>: [image] <infill>").
+- caption scoring: the image -> text prompt followed by the caption and its closing
+  `<eoss>`, the tokens a decoded caption would be.
 - text infilling: `<eos> before <mask:0> after <eos> <mask:0>`, decoded until `<eoss>`.
 - two-scale guidance (image + text conditioned image): full `<eos> caption <break> source
   <break>`, image-only `<eos> <mask:0> <break> source <break>`, unconditional as above.
@@ -66,6 +68,14 @@ def image_to_text(vocab: Vocab, image) -> np.ndarray:
     image = _check(vocab, image, "image", "image")
     m = vocab.sentinel(0)
     return np.concatenate([[vocab.eos, m, vocab.brk], image, [vocab.eos, m]]).astype(np.int32)
+
+
+def scored_caption(vocab: Vocab, image, caption) -> tuple[np.ndarray, int]:
+    """(tokens, first scored position): `image_to_text` then the caption and `<eoss>`; the
+    caption's log-likelihood is over tokens[first:] (the caption and its closing token)."""
+    prompt = image_to_text(vocab, image)
+    caption = _check(vocab, caption, "text", "candidate caption")
+    return np.concatenate([prompt, caption, [vocab.eoss]]).astype(np.int32), len(prompt)
 
 
 def infill(vocab: Vocab, before, after) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Reranking: keep the candidates an image-text similarity likes best (CM3Leon Table 1:
-8 samples per prompt, best by CLIP: `clip_scorer`; any `score(images, captions)` callable
-works, such as the retrieval dual encoder's similarity)."""
+8 samples per prompt, best by CLIP: `clip_scorer`; or by the run's retrieval dual encoder:
+`dual_scorer`; any `score(images, captions)` callable works)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cm3leon_jax.perception import clip as clip_lib
+from cm3leon_jax.retrieval import embed
 
 Score = Callable[[list, list], Sequence[float]]
 
@@ -16,6 +17,23 @@ Score = Callable[[list, list], Sequence[float]]
 def clip_scorer(clip: clip_lib.Clip) -> Score:
     """CLIP cosine of each (image, caption string) pair."""
     return lambda images, captions: clip_lib.pair_cosines(clip, images, captions)
+
+
+def dual_scorer(encoder) -> Score:
+    """Cosine of the encoder's text-only query vector (as `retrieval/query.py` embeds a
+    prompt) and the candidate's vector as an image-only bank document (its unit image
+    embedding, `embed.document_vectors`): the score retrieval itself would give. Captions
+    are encoder documents, `{"text": ids, "caption": str, "image": []}`."""
+    if encoder is None or not encoder.has_image:
+        raise ValueError("the retrieval encoder has no image tower (retrieval.encoder must "
+                         "be builtin or clip to rerank by it)")
+
+    def score(images, captions):
+        text = embed.unit(encoder.embed_texts([encoder.text_tokens(c) for c in captions]))
+        image = embed.document_vectors(np.zeros_like(text), encoder.embed_images(np.stack(images)))
+        return (text.astype(np.float64) * image).sum(-1)
+
+    return score
 
 
 def rerank(candidates: Sequence[Sequence], captions: Sequence, score: Score,

@@ -1,5 +1,6 @@
 """The generation tasks on a loaded model: text -> image (with CFG, CD-K or the mixed
-candidate pool), image + text -> image (two-scale guidance), image -> text, text infilling.
+candidate pool), image + text -> image (two-scale guidance), image -> text, text infilling,
+and the likelihood of given captions of an image (ranking candidate captions).
 
 Everything here works on token ids of the unified vocabulary; turning text into ids and
 image codes into pixels is the tokenizers' job: `load_model` gives a trained model with
@@ -9,18 +10,23 @@ its tokenizers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from cm3leon_jax.config import Config, ConfigError, GenerateConfig
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
+from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
 from cm3leon_jax.train import weights
 from cm3leon_jax.vocab import Vocab
 
 TEXT_STOP = ("eoss", "eos", "brk")  # a caption or infill ends at the first of these
+MIN_CAPTION_TOKENS = 1  # a caption is never empty, whatever generate.min_text_tokens says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +144,50 @@ def complete_text(model: Model, rows: list, g: GenerateConfig,
 
 def image_to_text(model: Model, images: list, g: GenerateConfig,
                   seed: int | None = None) -> list[np.ndarray]:
-    """Caption text ids for each image (its codes), by infilling a masked caption."""
+    """Caption text ids for each image (its codes), by infilling a masked caption, at least
+    MIN_CAPTION_TOKENS pieces long: a closing token as the first choice is a blank caption,
+    never a useful one (with no minimum, 11% of sampled captions came out empty)."""
     vocab = model.vocab
+    g = dataclasses.replace(g, min_text_tokens=max(g.min_text_tokens, MIN_CAPTION_TOKENS))
     return complete_text(model, [prompts.image_to_text(vocab, vocab.image_ids(c))
                                  for c in images], g, seed)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _token_logprobs(graphdef, params, tokens):
+    """[B, T] right-padded rows -> [B, T-1] log-probs of each next token."""
+    return nnx.merge(graphdef, params).token_logprobs(tokens)
+
+
+def caption_logprobs(model: Model, images: list, captions: list) -> np.ndarray:
+    """[n] float64: log p(caption, <eoss> | image) of each (image codes, caption text ids)
+    pair, in the image -> text prompt format (`prompts.scored_caption`), so a ranking by it
+    is the ranking by how likely the model is to write each caption for the image."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    vocab = model.vocab
+    rows = [prompts.scored_caption(vocab, vocab.image_ids(i), c)
+            for i, c in zip(images, captions)]
+    longest = max(len(t) for t, _ in rows)
+    if longest > model.max_seq_len:
+        raise ValueError(f"a scored caption of {longest} tokens (prompt + caption + <eoss>) "
+                         f"exceeds model.max_seq_len={model.max_seq_len}")
+    n = len(rows)
+    if model.mesh is not None:  # rows split over the batch axes, as decoding does
+        dp = model.mesh.shape["data"] * model.mesh.shape["fsdp"]
+        rows += [rows[-1]] * (-n % dp)
+    tokens = np.full((len(rows), longest), vocab.pad, np.int32)
+    mask = np.zeros((len(rows), longest - 1), bool)
+    for r, (t, first) in enumerate(rows):
+        tokens[r, :len(t)] = t
+        mask[r, first - 1:len(t) - 1] = True  # predictions of tokens first .. end
+    if model.mesh is None:
+        logp = _token_logprobs(model.graphdef, model.params, tokens)
+    else:
+        with jax.set_mesh(model.mesh):
+            logp = _token_logprobs(model.graphdef, model.params,
+                                   jax.device_put(tokens, mesh_lib.batch_sharding(model.mesh)))
+    return np.where(mask, np.asarray(logp, np.float64), 0.0).sum(1)[:n]
 
 
 def infill(model: Model, gaps: list[tuple], g: GenerateConfig,

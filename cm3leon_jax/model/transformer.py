@@ -210,6 +210,15 @@ class Transformer(nnx.Module):
             jax.lax.dynamic_update_slice_in_dim(c, n, start, axis=2), CACHE)
         return layer_norm(x), KVCache(write(cache.k, k), write(cache.v, v), kv_seg)
 
+    def token_logprobs(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] rows (one document each, from position 0) -> [B, T-1] float32
+        log p(tokens[:, t+1] | tokens[:, :t+1]); padding after a row's end never reaches
+        its real positions (causal attention)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        logits = self.logits(self(tokens, positions)[:, :-1])
+        target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        return target - jax.nn.logsumexp(logits, axis=-1)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 scores over the whole (padded) vocabulary."""
         if self.cfg.tie_embeddings:
