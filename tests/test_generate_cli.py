@@ -59,10 +59,17 @@ def test_retrieve_places_the_query_documents_as_training_does(micro_run, tmp_pat
     caption = vocab.text_ids(toks.text.encode(PROMPT))
     (docs,) = Retriever(cfg).documents([PROMPT], [caption], 2)
     assert len(docs) == 2
-    # the documents are the bank's, nearest first by the text-only query
-    ids, _ = Retriever(cfg).search([PROMPT], [caption], 2)
+    # the documents are the bank's, chosen from the text-only query's hits by the offline
+    # neighbors' heuristics: distinct, documents with both sides first, best score first
+    retriever = Retriever(cfg)
+    (ids,) = retriever.choose([PROMPT], [caption], 2)
+    hits, scores = retriever.search([PROMPT], [caption], cfg.retrieval.candidates)
+    assert len(set(ids.tolist())) == 2 and set(ids.tolist()) <= set(hits[0].tolist())
+    rank = {int(i): r for r, i in enumerate(hits[0])}
+    assert retriever.pairs[ids].all()  # every shapes document has both sides
+    assert rank[int(ids[0])] < rank[int(ids[1])]
     bank = records.open_documents(cfg.data.dir)
-    for d, i in zip(docs, ids[0]):
+    for d, i in zip(docs, ids):
         doc = records.decode_document(bank[int(i)])
         np.testing.assert_array_equal(d, sequences.document(doc["text"], doc["image"], vocab))
     # the conditional prompt is a training example up to where the query's image starts
