@@ -22,9 +22,12 @@ class GenerateConfig:
     pool: Literal["topp", "cdk", "mixed"] = "topp"  # how image candidates are drawn
     candidates: int = 1  # candidates per output image, reranked when > 1 (needs a scorer)
     image_tokens: Optional[int] = None  # tokens per image; null: from the image tokenizer
+    weights: Literal["float", "int8"] = "float"  # int8: per-channel int8 kernels (model/quant.py)
     max_text_tokens: int = 32  # longest caption / infill
     min_text_tokens: int = 0  # captions / infills / answers: at least this many text pieces
     seed: int = 0  # sampling keys
+    speculative: bool = False  # image tokens by speculative Jacobi decoding (SJD)
+    jacobi_window: int = 16  # SJD: tokens fed per forward pass, so at most that many accepted
 
     def check(self) -> None:
         positive("generate", self, "cfg_scale", "cd_alpha", "cd_k", "candidates",
@@ -38,6 +41,10 @@ class GenerateConfig:
                               f"[0, generate.max_text_tokens={self.max_text_tokens}]")
         if self.cd_alpha > 1:
             raise ConfigError(f"generate.cd_alpha={self.cd_alpha} must be in (0, 1]")
+        if self.speculative and self.jacobi_window < 2:
+            raise ConfigError(f"generate.jacobi_window={self.jacobi_window} must be >= 2 with "
+                              "generate.speculative=true (1 runs no drafts: set "
+                              "speculative=false)")
         if self.pool == "mixed" and self.candidates < 2:
             raise ConfigError("generate.pool=mixed needs generate.candidates >= 2 "
                               f"(got {self.candidates}): half top-p, half CD-K")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cm3leon_jax.generate import speculative
 from cm3leon_jax.model.transformer import KVCache
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.vocab import Vocab
@@ -46,12 +47,16 @@ class Decoding:
     cd_sample: bool = True
     stop: tuple[int, ...] = ()  # text mode: a row ends after producing one of these
     min_tokens: int = 0  # text mode: the first this many tokens are text pieces
+    jacobi_window: int = 0  # image mode: >= 2 decodes by SJD (speculative.py); 0: one at a time
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if not 0 <= self.min_tokens <= self.steps:
             raise ValueError(f"min_tokens={self.min_tokens} must be in [0, steps={self.steps}]")
+        if self.jacobi_window and (self.mode != "image" or self.jacobi_window < 2):
+            raise ValueError(f"jacobi_window={self.jacobi_window}: speculative decoding needs "
+                             "mode='image' and a window >= 2 (0 turns it off)")
         if self.guidance not in STREAMS:
             raise ValueError(f"guidance={self.guidance!r} is not one of {list(STREAMS)}")
 
@@ -149,6 +154,38 @@ def choose(logits: jax.Array, key, use_cdk: jax.Array, allowed: jax.Array, d: De
     return jnp.where(use_cdk, cd_token, token)
 
 
+def target_logprobs(logits: jax.Array, use_cdk, allowed, scales: Scales, *, d: Decoding):
+    """The log-probabilities `choose` samples from, for [streams * B, ..., V] logits ->
+    [B, ..., V]: guidance or CD-K, then temperature, top-k, top-p; a point mass on the
+    token `choose` would take where it is greedy. SJD's target (speculative.py)."""
+    s = logits.reshape(d.streams, -1, *logits.shape[1:])
+    if d.guidance == "cfg":
+        mixed = cfg_logits(s[0], s[1], scales.cfg)
+    elif d.guidance == "two_scale":
+        mixed = two_scale_logits(s[0], s[2], s[1], scales.image, scales.text)
+    else:
+        mixed = s[0]
+    mixed = jnp.where(allowed, mixed, NEG_INF)
+    if d.temperature == 0:
+        out = speculative.point_mass(mixed)
+    else:
+        mixed = mixed / d.temperature
+        if d.top_k:
+            mixed = top_k_filter(mixed, d.top_k)
+        if d.top_p < 1:
+            mixed = top_p_filter(mixed, d.top_p)
+        out = jax.nn.log_softmax(mixed, axis=-1)
+    if d.streams == 1:
+        return out
+    logp = lambda x: jax.nn.log_softmax(jnp.where(allowed, x, NEG_INF), axis=-1)
+    scores = cdk_scores(logp(s[0]), logp(s[1]), scales.cd_alpha, d.cd_k)
+    if d.temperature == 0 or not d.cd_sample:
+        cd = speculative.point_mass(scores)
+    else:
+        cd = jax.nn.log_softmax(scores / d.temperature, axis=-1)
+    return jnp.where(use_cdk.reshape(-1, *[1] * (out.ndim - 1)), cd, out)
+
+
 def _next(logits, t, key, use_cdk, scales, done, allowed, vocab: Vocab, d: Decoding):
     if d.mode == "text" and d.min_tokens:  # no stop or special id before min_tokens pieces
         text = jnp.asarray(vocab.is_text(np.arange(allowed.shape[0])))
@@ -232,10 +269,12 @@ def left_pad(prompts: list[np.ndarray], pad: int, align: int = PROMPT_ALIGN):
 
 def decode(graphdef, params, vocab: Vocab, streams: list[list[np.ndarray]], d: Decoding,
            scales: Scales = Scales(), *, seed: int = 0, use_cdk=None, mesh=None,
-           max_seq_len: int | None = None, cached: bool = True) -> np.ndarray:
+           max_seq_len: int | None = None, cached: bool = True, forwards: bool = False):
     """Decode B samples: `streams[s][b]` is sample b's prompt in stream s (one stream per
-    `d.streams`). Returns [B, d.steps] token ids. With `mesh`, rows are padded to a
-    multiple of the batch-parallel size and split over it like training batches."""
+    `d.streams`). Returns [B, d.steps] token ids (and with `forwards`, the [B] forward
+    passes after the prefill that each sample took: d.steps one at a time, fewer by SJD
+    when `d.jacobi_window`). With `mesh`, rows are padded to a multiple of the
+    batch-parallel size and split over it like training batches."""
     if len(streams) != d.streams:
         raise ValueError(f"guidance {d.guidance!r} needs {d.streams} prompt streams, "
                          f"got {len(streams)}")
@@ -261,6 +300,8 @@ def decode(graphdef, params, vocab: Vocab, streams: list[list[np.ndarray]], d: D
     tokens, lengths = left_pad(rows, vocab.pad)
     use_cdk = np.concatenate([use_cdk, np.zeros(Bp - B, bool)])
     fn = decode_cached if cached else decode_uncached
+    if d.jacobi_window:
+        fn = functools.partial(_decode_jacobi, cached=cached)
     scales = Scales(*np.asarray(scales, np.float32))
     key = jax.random.key(seed)
     if mesh is None:
@@ -270,4 +311,17 @@ def decode(graphdef, params, vocab: Vocab, streams: list[list[np.ndarray]], d: D
             rows = [jax.device_put(a, mesh_lib.batch_sharding(mesh, a.ndim))
                     for a in (tokens, lengths)]
             out = fn(graphdef, params, *rows, use_cdk, scales, key, vocab=vocab, d=d)
-    return np.asarray(out)[:B]
+    if not d.jacobi_window:
+        out = (out, np.full(Bp, d.steps, np.int32))
+    tokens, passes = (np.asarray(a)[:B] for a in out)
+    return (tokens, passes) if forwards else tokens
+
+
+def _decode_jacobi(graphdef, params, tokens, lengths, use_cdk, scales, key, *, vocab, d,
+                   cached):
+    if not cached:
+        raise ValueError("speculative decoding (jacobi_window) runs over the KV cache only")
+    allowed = jnp.asarray(allowed_ids(vocab, d.mode))
+    return speculative.decode_jacobi(graphdef, params, tokens, lengths, allowed,
+                                     (use_cdk, allowed, scales), key, target=target_logprobs,
+                                     d=d)

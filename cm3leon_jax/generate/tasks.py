@@ -57,6 +57,12 @@ def _sampling(g: GenerateConfig) -> dict:
     return dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
 
+def _window(g: GenerateConfig) -> int:
+    """Image tokens by speculative Jacobi decoding (generate.speculative), else 0: one at a
+    time."""
+    return g.jacobi_window if g.speculative else 0
+
+
 def candidate_methods(g: GenerateConfig) -> np.ndarray:
     """Per candidate of one prompt: True = CD-K, False = top-p (+ CFG). `mixed` fills the
     first half with top-p and the rest with CD-K (the paper's "1/2 TopP + 1/2 CD-K")."""
@@ -94,7 +100,7 @@ def text_to_image(model: Model, captions: list, num_tokens: int, g: GenerateConf
         pairs = [(prompts.with_retrieved(vocab, c, r), u) for (c, u), r in zip(pairs, docs)]
     streams = [[p[0] for p in pairs]] + ([[p[1] for p in pairs]] if guided else [])
     d = Decoding("image", num_tokens, guidance="cfg" if guided else "none", cd_k=g.cd_k,
-                 cd_sample=g.cd_sample, **_sampling(g))
+                 cd_sample=g.cd_sample, jacobi_window=_window(g), **_sampling(g))
     scales = Scales(cfg=g.cfg_scale, cd_alpha=g.cd_alpha)
     ids = _run(model, streams, d, g.seed if seed is None else seed, scales, methods)
     return vocab.to_codes(ids).reshape(len(captions), m, num_tokens)
@@ -126,7 +132,8 @@ def image_from_streams(model: Model, streams: list, num_tokens: int, g: Generate
                "two_scale": g.image_cfg_scale == 1.0 and g.text_cfg_scale == 1.0}[guidance]
     if neutral:  # scale 1 mixes back to the conditional logits: decode that stream alone
         streams, guidance = streams[:1], "none"
-    d = Decoding("image", num_tokens, guidance=guidance, **_sampling(g))
+    d = Decoding("image", num_tokens, guidance=guidance, jacobi_window=_window(g),
+                 **_sampling(g))
     scales = Scales(cfg=g.cfg_scale, image=g.image_cfg_scale, text=g.text_cfg_scale)
     return model.vocab.to_codes(_run(model, streams, d, g.seed if seed is None else seed,
                                      scales))
