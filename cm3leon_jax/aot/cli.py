@@ -63,10 +63,12 @@ def compile_step(args) -> None:
             print("cm3leon compile: --fit-batch searches train.grad_accum; it is for --step "
                   "train (generate: pass --batch)", file=sys.stderr)
             raise SystemExit(2)
-        cfg = _fit_batch(cfg, topology, args)
+        cfg, report = _fit_batch(cfg, topology, args)
     try:
-        report = (generate_step.compile_generate_step(cfg, topology, shape_of)
-                  if args.step == "generate" else train_step.compile_train_step(cfg, topology))
+        if args.step == "generate":
+            report = generate_step.compile_generate_step(cfg, topology, shape_of)
+        elif not args.fit_batch:
+            report = train_step.compile_train_step(cfg, topology)
     except DoesNotFit as e:
         print(f"cm3leon compile: {args.config} {e}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -81,7 +83,7 @@ def compile_step(args) -> None:
 
 
 def _fit_batch(cfg, topology, args):
-    """The config at the largest fitting micro-batch (its report follows as usual)."""
+    """(the config at the largest fitting micro-batch, its compile report)."""
     from cm3leon_jax.aot import train_step  # heavy: deferred (cm3leon --help)
 
     best, tried = train_step.largest_fitting_micro_batch(
@@ -94,4 +96,4 @@ def _fit_batch(cfg, topology, args):
         raise SystemExit(1)
     print(f"fit-batch: largest micro-batch that fits: train.grad_accum={best.train.grad_accum}",
           file=sys.stderr)
-    return best
+    return best, next(r for g, _, r in tried if g == best.train.grad_accum)
