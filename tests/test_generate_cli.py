@@ -6,6 +6,7 @@ plain forward pass gives, sampled captions are never empty, bad requests exit 2.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import CONFIGS, run_cli
@@ -186,3 +187,20 @@ def test_bad_requests_exit_2_naming_the_problem(micro_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, *image, "--retrieve", "3")
     assert "> model.max_seq_len=256; retrieve fewer" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_int8_weights_reach_generation_through_the_loader(micro_run, tmp_path, capsys):
+    """`generate.weights=int8`: the loaded model holds int8 kernels (dequantized where
+    used) and `cm3leon generate` samples from it."""
+    from cm3leon_jax.model import quant
+
+    run, _ = micro_run
+    _, model, _, _ = tasks.load_model(run, overrides=["generate.weights=int8"])
+    leaves = jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, quant.QArray))
+    packed = [x for x in leaves if isinstance(x, quant.QArray)]
+    assert packed and all(x.values.dtype == np.int8 for x in packed)
+    _, float_model, _, _ = tasks.load_model(run)
+    assert not any(isinstance(x, quant.QArray) for x in jax.tree.leaves(
+        float_model.params, is_leaf=lambda x: isinstance(x, quant.QArray)))
+    codes, _ = image_cli(capsys, run, tmp_path / "q.png", "generate.weights=int8")
+    assert codes.size and (tmp_path / "q.png").stat().st_size > 0

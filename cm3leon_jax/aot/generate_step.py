@@ -6,8 +6,9 @@ The step is `decode.decode_cached` (prefill + the decode loop over the KV cache)
 `cm3leon generate image` runs through `tasks.text_to_image`: the parameters in the
 shardings of the config's mesh (where `train.weights.load` puts them when that mesh fits
 the devices), the prompt rows split over
-the batch axes (`decode.decode`), everything else replicated. It is lowered from
-ShapeDtypeStructs only, so no parameter is ever materialised.
+the batch axes (`decode.decode`), everything else replicated; with `generate.weights: int8`
+the parameters are int8 with per-channel scales (model/quant.py), as generation holds them.
+It is lowered from ShapeDtypeStructs only, so no parameter is ever materialised.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cm3leon_jax.config import Config, ConfigError
 from cm3leon_jax.generate.decode import PROMPT_ALIGN, Decoding, Scales, decode_cached
 from cm3leon_jax.generate.tasks import candidate_methods
+from cm3leon_jax.model import quant
 from cm3leon_jax.model.transformer import CACHE
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.aot.compile import compile_or_explain, human_bytes
@@ -60,6 +62,7 @@ class GenerateReport:
     streams: int
     prompt_tokens: int
     image_tokens: int
+    weights: str  # generate.weights: float (as trained) or int8
     # per chip, from the shardings
     param_bytes: int
     kv_cache_bytes: int  # keys + values of every layer (the decode loop's carry)
@@ -131,6 +134,9 @@ def compile_generate_step(cfg: Config, topology: Topology, shape_of, devices=Non
     shardings = state.params
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           mdef.abstract_params, shardings)
+    if cfg.generate.weights == "int8":  # as generation loads them: model/quant.py
+        params = quant.abstract_quantize(
+            mdef.abstract_params, mesh_lib.shardings(quant.qparam_axes(mdef.param_axes), mesh))
     replicated = NamedSharding(mesh, P())
     rows, B = shape.rows, shape.padded_batch
     sds = lambda s, dt, sh: jax.ShapeDtypeStruct(s, dt, sharding=sh)
@@ -162,7 +168,7 @@ def compile_generate_step(cfg: Config, topology: Topology, shape_of, devices=Non
     return GenerateReport(
         topology=topology.name, device_kind=devices[0].device_kind, chips=len(devices),
         mesh=dict(mesh.shape), hbm_bytes=topology.chip.hbm_bytes,
-        **dataclasses.asdict(shape), **per_chip,
+        **dataclasses.asdict(shape), weights=cfg.generate.weights, **per_chip,
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
         total_bytes=total, fits=total <= topology.chip.hbm_bytes,
@@ -206,7 +212,7 @@ def format_report(r: GenerateReport, config_name: str) -> str:
         f"generation          {r.batch} image(s) (padded to {r.padded_batch}) of "
         f"{r.image_tokens} tokens after {r.prompt_tokens}-token prompts, {cfg}",
         f"per chip            HBM {human_bytes(r.hbm_bytes)}",
-        f"  parameters        {g(r.param_bytes)}",
+        f"  parameters        {g(r.param_bytes)}  ({r.weights})",
         f"  KV cache          {g(r.kv_cache_bytes)}",
         f"  temporaries       {g(r.temp_bytes)}  (KV cache, logits, ...)",
         f"  code              {g(r.code_bytes)}",

@@ -20,6 +20,7 @@ from flax import nnx
 from cm3leon_jax.config import Config, ConfigError, GenerateConfig
 from cm3leon_jax.generate import prompts
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
+from cm3leon_jax.model import quant
 from cm3leon_jax.parallel import mesh as mesh_lib
 from cm3leon_jax.tokenizers.directory import Tokenizers, load_tokenizers
 from cm3leon_jax.train import weights
@@ -42,14 +43,18 @@ class Model:
 def load_model(path, step: int | None = None,
                overrides: list[str] = ()) -> tuple[Config, Model, Tokenizers, int]:
     """(config, model, tokenizers, step) of a run directory (its checkpoint `step`, else the
-    latest) or an export: the parameters on the devices (train/weights.py) and the
-    tokenizers the model was trained with (`weights.tokenizer_dir`)."""
+    latest) or an export: the parameters on the devices (train/weights.py; int8 kernels with
+    `generate.weights=int8`) and the tokenizers the model was trained with
+    (`weights.tokenizer_dir`)."""
     w = weights.load(path, step, overrides=overrides)
     found = weights.tokenizer_dir(w.cfg, path)
     if found is None:
         raise ConfigError(f"{path}: {weights.NO_TOKENIZERS}")
     toks = load_tokenizers(found[0], w.cfg.vocab.build(), where=found[1])
-    model = Model(w.mdef.graphdef, w.params, toks.vocab, w.cfg.model.max_seq_len, w.mesh)
+    params = w.params
+    if w.cfg.generate.weights == "int8":  # int8 kernels in HBM, dequantized per layer where used
+        params = quant.quantize_placed(params, w.mdef.param_axes, w.mesh)
+    model = Model(w.mdef.graphdef, params, toks.vocab, w.cfg.model.max_seq_len, w.mesh)
     return w.cfg, model, toks, w.step
 
 
