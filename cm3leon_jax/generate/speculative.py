@@ -16,11 +16,12 @@ distributed as p. The undecided indices after it get new drafts drawn from this 
 outputs (the Jacobi update, q := that output); indices beyond the outputs get uniform draws
 over the allowed ids.
 
-Batching: one write index for the batch, m = the slowest row's last decided index, because
-`Transformer.extend` writes every row at one cache column. Rows ahead of it refeed decided
-tokens (forced accepts) and move on from their own first undecided index; nothing is ever
-discarded that was decided. A static cache needs no rollback: a rejected draft's cache slot
-lies after the write index, where the causal mask hides it, until a later pass overwrites it.
+Batching: every row has its own write index m (its last decided index; `Transformer.extend`
+takes a start column per row), so a row's passes depend on its own acceptances only; the
+loop runs until every row has its tokens, and finished rows idle. A window starts at the
+row's last decided token, which rewrites that token's cache column (it may hold a rejected
+draft's keys). A static cache needs no rollback: a rejected draft's cache slot lies after
+the write index, where the causal mask hides it, until a later pass overwrites it.
 
 The target comes in as a static function (`decode.target_logprobs`) so that this module
 does not import decode.py, which dispatches here: no import cycle.
@@ -97,34 +98,34 @@ def decode_jacobi(graphdef, params, tokens, lengths, allowed, aux, key, *, targe
         cache, seq, logq, decided, forwards, it = carry
         k = jax.random.fold_in(key, it)
         k_verify, k_draft, k_init = jax.random.split(k, 3)
-        m = jnp.min(decided) - 1
-        win = jax.lax.dynamic_slice_in_dim(seq, m, W, 1)
-        fed = jnp.tile(win, (S, 1))
-        fed = fed.at[:, 0].set(jnp.where(m == 0, tokens[:, -1], fed[:, 0]))
-        pos = jnp.minimum(lengths[:, None] - 1 + m + cols, top)
-        hidden, cache = model.extend(fed, pos, jnp.ones_like(fed), cache, P - 1 + m)
-        logp = target(model.logits(hidden), *aux, d=d)  # at seq[m+1 .. m+W]
-        idx = m + 1 + cols  # the seq indices verified
-        drafts = jax.lax.dynamic_slice_in_dim(seq, m + 1, W, 1)
-        new, n = verify(k_verify, drafts, logq, logp, idx[None] < decided[:, None])
         active = decided <= steps
+        m = jnp.where(active, decided - 1, 0)  # [B] each row's last decided index
+        rows = jnp.tile(m, S)  # the same index for a sample's every stream
+        win = jnp.take_along_axis(seq, m[:, None] + cols, 1)
+        fed = jnp.tile(win, (S, 1))
+        fed = fed.at[:, 0].set(jnp.where(rows == 0, tokens[:, -1], fed[:, 0]))
+        pos = jnp.minimum(lengths[:, None] - 1 + rows[:, None] + cols, top)
+        hidden, cache = model.extend(fed, pos, jnp.ones_like(fed), cache, P - 1 + rows)
+        logp = target(model.logits(hidden), *aux, d=d)  # at seq[m+1 .. m+W]
+        drafts = jnp.take_along_axis(seq, m[:, None] + 1 + cols, 1)
+        new, n = verify(k_verify, drafts, logq, logp, jnp.zeros(drafts.shape, bool))
         n = jnp.where(active, n, 0)
         # Jacobi: undecided indices the pass reached draw new drafts from its outputs
         jacobi = jax.random.categorical(k_draft, logp, axis=-1).astype(jnp.int32)
         now = jnp.where(cols[None] < n[:, None], new, jacobi)
         s = jnp.arange(L)[None]
-        inside = (s >= m + 1) & (s <= m + W)
+        inside = (s >= m[:, None] + 1) & (s <= m[:, None] + W)
         seq = jnp.where(inside & active[:, None], jnp.take_along_axis(
-            now, jnp.clip(s - m - 1, 0, W - 1), 1), seq)
-        decided = jnp.where(active, jnp.maximum(decided, m + 1 + n), decided)
+            now, jnp.clip(s - m[:, None] - 1, 0, W - 1), 1), seq)
+        decided = jnp.where(active, m + 1 + n, decided)
         # the next window's drafts: this pass's outputs where it reached, else uniform
-        m2 = jnp.min(decided) - 1
-        nxt = m2 + 1 + cols
-        logq = jnp.where((nxt <= m + W)[None, :, None], jnp.take_along_axis(
-            logp, jnp.clip(nxt - m - 1, 0, W - 1)[None, :, None], 1), init_logq)
-        fresh = (s > m + W) & (s >= decided[:, None]) & (s <= m2 + W)
+        m2 = decided - 1
+        nxt = m2[:, None] + 1 + cols
+        logq = jnp.where((nxt <= m[:, None] + W)[..., None], jnp.take_along_axis(
+            logp, jnp.clip(nxt - m[:, None] - 1, 0, W - 1)[..., None], 1), init_logq)
+        fresh = (s > m[:, None] + W) & (s <= m2[:, None] + W) & active[:, None]
         seq = jnp.where(fresh, jnp.take_along_axis(
-            uniform(k_init), jnp.clip(s - m2 - 1, 0, W - 1), 1), seq)
+            uniform(k_init), jnp.clip(s - m2[:, None] - 1, 0, W - 1), 1), seq)
         return cache, seq, logq, decided, forwards + active, it + 1
 
     carry = (cache, seq, init_q, decided, jnp.zeros(B, jnp.int32), jnp.int32(0))

@@ -12,6 +12,8 @@ Parameters are float32; matmuls run in `model.dtype`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -77,11 +79,19 @@ class Attention(nnx.Module):
         and the new keys and values [B, T, H, hd] (the caller writes them into the cache)."""
         q, k, v = self._project(x)
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k, start, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache_v, v, start, axis=1)
+        keys, values = write_at(cache_k, k, start, 1), write_at(cache_v, v, start, 1)
         o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                          mask=mask)
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype)), k, v
+
+
+def write_at(cache: jax.Array, new: jax.Array, start, axis: int) -> jax.Array:
+    """`new` written into `cache` from column `start` along `axis`: one column for every
+    row (a scalar), or each row its own (`start` [B]; rows on the axis before `axis`)."""
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis)
+    row = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=axis - 1)
+    return jax.vmap(row, in_axes=(axis - 1, axis - 1, 0), out_axes=axis - 1)(cache, new, start)
 
 
 class FeedForward(nnx.Module):
@@ -187,7 +197,8 @@ class Transformer(nnx.Module):
                cache: KVCache, start) -> tuple[jax.Array, KVCache]:
         """Hidden states of T new tokens per row placed at cache columns [start, start+T),
         attending to the cached columns before them (and each other, causally) of their own
-        segment; returns them and the cache with their keys and values written in.
+        segment; returns them and the cache with their keys and values written in. `start`
+        is one column for all rows, or [B] (each row its own: speculative decoding).
 
         The same layer code as `__call__`, so prefill (T = prompt) and each decoding step
         (T = 1) compute what the full forward pass computes for those positions.
@@ -195,9 +206,10 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos[...], positions, axis=0)
         x = constrain(x.astype(self.dtype), ACT)
         T, S = tokens.shape[1], cache.segment_ids.shape[1]
-        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, start, 1)
-        causal = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
-        mask = causal[None, None] & (segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
+        kv_seg = write_at(cache.segment_ids, segment_ids, start, 1)
+        first = jnp.reshape(start, (-1, 1, 1))  # [1 or B, 1, 1]
+        causal = jnp.arange(S)[None, None, :] <= first + jnp.arange(T)[None, :, None]
+        mask = causal[:, None] & (segment_ids[:, None, :, None] == kv_seg[:, None, None, :])
         graphdef, blocks = nnx.split(self.blocks)
 
         def layer(x, xs):
@@ -206,8 +218,7 @@ class Transformer(nnx.Module):
             return x, (k, v)
 
         x, (k, v) = jax.lax.scan(layer, x, (blocks, cache.k, cache.v))
-        write = lambda c, n: constrain(
-            jax.lax.dynamic_update_slice_in_dim(c, n, start, axis=2), CACHE)
+        write = lambda c, n: constrain(write_at(c, n, start, 2), CACHE)
         return layer_norm(x), KVCache(write(cache.k, k), write(cache.v, v), kv_seg)
 
     def token_logprobs(self, tokens: jax.Array) -> jax.Array:
