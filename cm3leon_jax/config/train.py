@@ -4,6 +4,7 @@ what the loop does about bad steps."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Literal, Optional
 
 from cm3leon_jax.config.loader import ConfigError, nonnegative, positive
@@ -65,6 +66,9 @@ class OptimizerConfig:
                               f"decay_fraction={self.decay_fraction}); lower one of them")
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # total optimizer updates of the run
@@ -83,11 +87,21 @@ class TrainConfig:
     allow_restart: bool = False  # checkpoints exist but none restores: start over from step 0
     profile_steps: Optional[tuple[int, ...]] = None  # [start, stop]: their trace in RUN/profile; null: off
     progress: Literal["bar", "log", "auto"] = "auto"  # bar | log (plain lines) | auto: bar on a terminal
+    trackers: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl (always): tensorboard, wandb
+    wandb_project: str = "cm3leon"  # trackers with wandb: the W&B project (WANDB_MODE=offline works offline)
 
     def check(self) -> None:
         positive("train", self, "steps", "batch_size", "grad_accum", "log_every",
                  "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "peak_tflops",
                  "eval_batches")
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown or len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"train.trackers={list(self.trackers)}: each of {list(TRACKERS)} "
+                              "at most once (metrics.jsonl is always written: resume and the "
+                              "demo read it)")
+        if "wandb" in self.trackers and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.trackers lists wandb, which is not installed: pip install "
+                              "'cm3leon_jax[wandb]' (or drop wandb from train.trackers)")
         p = self.profile_steps
         if p is not None and not (len(p) == 2 and 1 <= p[0] <= p[1] <= self.steps):
             raise ConfigError(f"train.profile_steps={list(p)} must be [start, stop] with "

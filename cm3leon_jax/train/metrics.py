@@ -1,5 +1,7 @@
-"""Per-step metrics: `metrics.jsonl` (one JSON object per step) and TensorBoard, plus MFU,
-and the progress shown while training (a tqdm bar, or plain lines for logs).
+"""Per-step metrics: `metrics.jsonl` (one JSON object per step, always: resume, the demo and
+the sweeps read it), and the trackers of `train.trackers` (TensorBoard; Weights & Biases,
+resumed by the id in RUN/wandb_id), each sent the same record; plus MFU, and the progress
+shown while training (a tqdm bar, or plain lines for logs).
 
 Only process 0 writes. On resume, lines past the restored step (steps that were run but
 not checkpointed before a stop) are dropped, because the run does them again. Objects in
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 import sys
 import tempfile
@@ -73,10 +76,12 @@ def _complete(line: str) -> bool:
 
 
 class MetricsWriter:
-    def __init__(self, run: RunDir, resume_step: int, enabled: bool):
+    def __init__(self, run: RunDir, resume_step: int, enabled: bool,
+                 trackers: tuple[str, ...] = ("tensorboard",), config: dict | None = None,
+                 wandb_project: str = "cm3leon"):
         self.enabled = enabled
         self.path = run.metrics
-        self.tb = None
+        self.tb = self.wandb = None
         self.remote = storage.is_remote(self.path)
         self.lines: list[str] = []  # remote: the whole file, rewritten at each flush
         self.tb_dir = run.tensorboard
@@ -86,11 +91,14 @@ class MetricsWriter:
             self.lines = [line + "\n" for line in self.path.read_text().splitlines()
                           if _complete(line) and json.loads(line)["step"] <= resume_step]
             storage.write_text_atomic(self.path, "".join(self.lines))
-        from tensorboardX import SummaryWriter  # optional: benchmarks import this module without it
+        if "tensorboard" in trackers:
+            from tensorboardX import SummaryWriter  # optional: benchmarks import this module without it
 
-        self.tb_local = (LocalPath(tempfile.mkdtemp(prefix="cm3leon-tb-")) if self.remote
-                         else storage.local(self.tb_dir))
-        self.tb = SummaryWriter(str(self.tb_local), purge_step=resume_step + 1)
+            self.tb_local = (LocalPath(tempfile.mkdtemp(prefix="cm3leon-tb-")) if self.remote
+                             else storage.local(self.tb_dir))
+            self.tb = SummaryWriter(str(self.tb_local), purge_step=resume_step + 1)
+        if "wandb" in trackers:
+            self.wandb = _wandb_run(run, config or {}, wandb_project)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -100,23 +108,26 @@ class MetricsWriter:
             self.lines.append(line)
         else:
             storage.append_text(self.path, line)
-        for key in TB_KEYS:
-            if record.get(key) is not None:
-                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
-        for key in EVAL_KEYS:
-            if record.get(key) is not None:
-                self.tb.add_scalar(f"eval/{key[5:]}", record[key], record["step"])
+        scalars = {**{f"train/{k}": record[k] for k in TB_KEYS if record.get(k) is not None},
+                   **{f"eval/{k[5:]}": record[k] for k in EVAL_KEYS if record.get(k) is not None}}
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def flush(self) -> None:
         if not self.enabled:
             return
-        self.tb.flush()
+        if self.tb is not None:
+            self.tb.flush()
         self._upload()
 
     def _upload(self) -> None:
         if self.remote:
             self.path.write_text("".join(self.lines))
-            storage.copy(self.tb_local, self.tb_dir)
+            if self.tb is not None:
+                storage.copy(self.tb_local, self.tb_dir)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -125,6 +136,26 @@ class MetricsWriter:
             if self.remote:
                 shutil.rmtree(self.tb_local)
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_run(run: RunDir, config: dict, project: str):
+    """A W&B run named after the run directory, resumed by the id a first start stored in
+    RUN/wandb_id; its local files go to the run directory (a temporary folder for a bucket).
+    WANDB_MODE (online, offline, disabled) is W&B's own switch."""
+    import wandb  # optional: train.trackers lists wandb (checked when the config loads)
+
+    if run.wandb_id.exists():
+        run_id = run.wandb_id.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+        storage.write_text_atomic(run.wandb_id, run_id + "\n")
+    local = (tempfile.mkdtemp(prefix="cm3leon-wandb-") if storage.is_remote(run.root)
+             else str(storage.local(run.root)))
+    return wandb.init(project=project, name=run.root.name, id=run_id, resume="allow",
+                      dir=local, config=config)
 
 
 def progress_line(record: dict, total: int) -> str:

@@ -207,7 +207,8 @@ def train(cfg: Config, workdir: storage.PathLike, data: Callable[[], Iterator[di
             step_fn = jit_train_step(cfg, mdef, tx, shardings, mesh)
             gather_ids = _id_gatherer(mesh) if cfg.fault.log_example_ids else None
             evaluator = heldout.Evaluator(cfg, heldout_batches) if cfg.train.eval_every else None
-            writer = MetricsWriter(run, start, enabled=lead)
+            writer = MetricsWriter(run, start, enabled=lead, trackers=cfg.train.trackers,
+                                   config=cfg.to_dict(), wandb_project=cfg.train.wandb_project)
             progress = Progress(cfg.train.progress, cfg.train.steps, start, enabled=lead)
             profile = StepProfile(cfg.train.profile_steps, run.profile, enabled=lead)
             timed = (TimedSaves(cfg.train.checkpoint_minutes, mesh,
