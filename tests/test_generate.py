@@ -20,8 +20,9 @@ from cm3leon_jax.train.state import model_def
 from test_model import build, trained_like
 
 
-@pytest.fixture(scope="module")
-def setup():
+def tiny_decoder():
+    """(cfg, graphdef, params, vocab, captions): a tiny model with every path carrying
+    signal, and three captions of different lengths."""
     from cm3leon_jax.config import load_config
     from conftest import CONFIGS
     cfg = load_config(CONFIGS / "tiny.yaml", ["model.qk_norm=true"])
@@ -30,6 +31,11 @@ def setup():
     rng = np.random.default_rng(0)
     captions = [vocab.text_ids(rng.integers(0, vocab.text_size, n)) for n in (1, 6, 11)]
     return cfg, graphdef, nnx.to_pure_dict(state), vocab, captions
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_decoder()
 
 
 def run(setup, streams, d, scales=Scales(), **kw):

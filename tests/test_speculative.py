@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import stats
 
 from cm3leon_jax.config import ConfigError, GenerateConfig, MeshConfig
@@ -15,19 +14,13 @@ from cm3leon_jax.generate import prompts
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
 from cm3leon_jax.parallel.mesh import make_mesh
 from cm3leon_jax.train.state import model_def
-from test_model import build, trained_like
+from test_generate import tiny_decoder
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from cm3leon_jax.config import load_config
-    from conftest import CONFIGS
-    cfg = load_config(CONFIGS / "tiny.yaml", ["model.qk_norm=true"])
-    graphdef, state = nnx.split(trained_like(build(cfg)))
-    vocab = cfg.vocab.build()
-    rng = np.random.default_rng(0)
-    captions = [vocab.text_ids(rng.integers(0, vocab.text_size, n)) for n in (1, 6, 11)]
-    return graphdef, nnx.to_pure_dict(state), vocab, captions, cfg
+    cfg, graphdef, params, vocab, captions = tiny_decoder()
+    return graphdef, params, vocab, captions, cfg
 
 
 def cfg_streams(vocab, captions):

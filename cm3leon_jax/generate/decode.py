@@ -132,16 +132,21 @@ def allowed_ids(vocab: Vocab, mode: str) -> np.ndarray:
     raise ValueError(f"mode={mode!r} is not one of image, text, free")
 
 
+def _guided(logits: jax.Array, d: Decoding, scales: Scales):
+    """([streams, B, ...] per-stream logits, the guided mix of [B, ...]) of stream-major
+    [streams * B, ..., V] logits."""
+    s = logits.reshape(d.streams, -1, *logits.shape[1:])
+    if d.guidance == "cfg":
+        return s, cfg_logits(s[0], s[1], scales.cfg)
+    if d.guidance == "two_scale":
+        return s, two_scale_logits(s[0], s[2], s[1], scales.image, scales.text)
+    return s, s[0]
+
+
 def choose(logits: jax.Array, key, use_cdk: jax.Array, allowed: jax.Array, d: Decoding,
            scales: Scales):
     """One token per sample from the [streams * B, V] logits of its streams."""
-    s = logits.reshape(d.streams, -1, logits.shape[-1])
-    if d.guidance == "cfg":
-        mixed = cfg_logits(s[0], s[1], scales.cfg)
-    elif d.guidance == "two_scale":
-        mixed = two_scale_logits(s[0], s[2], s[1], scales.image, scales.text)
-    else:
-        mixed = s[0]
+    s, mixed = _guided(logits, d, scales)
     k_sample, k_cd = jax.random.split(key)
     token = sample(jnp.where(allowed, mixed, NEG_INF), k_sample, d.temperature, d.top_k,
                    d.top_p)
@@ -158,13 +163,7 @@ def target_logprobs(logits: jax.Array, use_cdk, allowed, scales: Scales, *, d: D
     """The log-probabilities `choose` samples from, for [streams * B, ..., V] logits ->
     [B, ..., V]: guidance or CD-K, then temperature, top-k, top-p; a point mass on the
     token `choose` would take where it is greedy. SJD's target (speculative.py)."""
-    s = logits.reshape(d.streams, -1, *logits.shape[1:])
-    if d.guidance == "cfg":
-        mixed = cfg_logits(s[0], s[1], scales.cfg)
-    elif d.guidance == "two_scale":
-        mixed = two_scale_logits(s[0], s[2], s[1], scales.image, scales.text)
-    else:
-        mixed = s[0]
+    s, mixed = _guided(logits, d, scales)
     mixed = jnp.where(allowed, mixed, NEG_INF)
     if d.temperature == 0:
         out = speculative.point_mass(mixed)
