@@ -61,6 +61,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.add_argument("--profile", metavar="DIR",
+                   help="a jax.profiler trace of the timed steps into DIR (TensorBoard/XProf)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -79,11 +81,15 @@ def main(argv=None) -> dict:
         for i in range(args.warmup):
             state, metrics = compiled(state, batches[i % 2])
         jax.block_until_ready(state)
+        if args.profile:
+            jax.profiler.start_trace(args.profile)
         t = time.perf_counter()
         for i in range(args.steps):
             state, metrics = compiled(state, batches[i % 2])
         jax.block_until_ready((state, metrics))
         step_s = (time.perf_counter() - t) / args.steps
+        if args.profile:
+            jax.profiler.stop_trace()
 
     n_dev = jax.device_count()
     tokens = cfg.train.batch_size * cfg.data.seq_len

@@ -204,3 +204,12 @@ def test_int8_weights_reach_generation_through_the_loader(micro_run, tmp_path, c
         float_model.params, is_leaf=lambda x: isinstance(x, quant.QArray)))
     codes, _ = image_cli(capsys, run, tmp_path / "q.png", "generate.weights=int8")
     assert codes.size and (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_profile_writes_a_trace_of_the_generation(micro_run, tmp_path, capsys):
+    run, _ = micro_run
+    image_cli(capsys, run, tmp_path / "p.png", "--profile", str(tmp_path / "trace"))
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+    code, _, err = run_cli(capsys, "generate", "image", "--workdir", run, "--prompt", PROMPT,
+                           "--profile", "gs://bucket/trace")
+    assert code == 2 and "--profile gs://bucket/trace: a local directory" in err

@@ -5,6 +5,7 @@
                              [key=value ...]
     cm3leon generate caption --workdir RUN --image FILE [--candidates FILE] [key=value ...]
     cm3leon generate infill  --workdir RUN --before TEXT --after TEXT [key=value ...]
+    (each also takes --profile DIR: a jax.profiler trace of the command)
 
 `--retrieve K` does what the demo and `eval t2i` do: the K documents of the run's index
 (`retrieval.dir`, else `<data.dir>/retrieval`) nearest the prompt by its text-only query
@@ -46,6 +47,9 @@ def add_commands(sub) -> None:
                        help="run directory (its latest checkpoint) or export directory")
         p.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="e.g. generate.temperature=0.7 generate.pool=mixed data.dir=DIR")
+        p.add_argument("--profile", metavar="DIR",
+                       help="write a jax.profiler trace of the command into local DIR "
+                            "(tensorboard --logdir DIR, profile tab; or XProf)")
         if task == "image":
             p.add_argument("--prompt", required=True, action="append", help="caption (repeatable)")
             p.add_argument("--num", type=int, default=4, help="images per prompt")
@@ -74,6 +78,23 @@ def add_commands(sub) -> None:
             p.add_argument("--before", required=True, help="text before the gap")
             p.add_argument("--after", default="", help="text after the gap")
             p.set_defaults(fn=lambda a: infill_text(a.workdir, a.before, a.after, a.overrides))
+        p.set_defaults(fn=_profiled(p.get_default("fn")))
+
+
+def _profiled(fn):
+    """`fn(args)` inside a jax.profiler trace when `--profile DIR` is given."""
+    def run(args):
+        if args.profile is None:
+            return fn(args)
+        if storage.is_remote(args.profile):
+            raise ConfigError(f"--profile {args.profile}: a local directory (the profiler "
+                              "writes files itself; copy the trace to a bucket after)")
+        import jax  # heavy: deferred (cm3leon --help)
+
+        with jax.profiler.trace(args.profile):
+            return fn(args)
+
+    return run
 
 
 def _overrides(args) -> list[str]:
