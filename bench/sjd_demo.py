@@ -22,7 +22,6 @@ from cm3leon_jax.demo import job
 from cm3leon_jax.generate import prompts, tasks
 from cm3leon_jax.generate.decode import Decoding, Scales, decode
 from cm3leon_jax.layout import DemoDir
-from cm3leon_jax.shapes import detector
 
 
 def main() -> None:
@@ -64,8 +63,7 @@ def main() -> None:
             out = np.concatenate([np.asarray(o) for o, _ in results])
             passes = np.concatenate([np.broadcast_to(p, (len(o),)) for o, p in results])
             pixels = toks.image.decode(vocab.to_codes(np.asarray(out)).reshape(-1, n_tokens))
-            acc = float(np.mean([detector.image_matches(im, c)
-                                 for im, c in zip(pixels, captions)]))
+            acc = job.accuracy(pixels, captions)
             se = np.sqrt(acc * (1 - acc) / n)
             same = "-" if ar is None or sampling["temperature"] else str(np.array_equal(out, ar))
             ar = out if ar is None else ar

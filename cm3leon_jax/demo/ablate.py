@@ -30,7 +30,6 @@ from cm3leon_jax.demo import job
 from cm3leon_jax.generate import tasks
 from cm3leon_jax.layout import DemoDir, RunDir
 from cm3leon_jax.retrieval.query import Retriever
-from cm3leon_jax.shapes import detector
 from cm3leon_jax.train.metrics import read_metrics
 from cm3leon_jax.train.trainer import train
 
@@ -85,8 +84,7 @@ def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
             codes = tasks.text_to_image(model, text_ids, n_tokens, g,
                                         retrieved=docs if k else None).reshape(-1, n_tokens)
             pixels = toks.image.decode(codes)
-            acc = float(np.mean([detector.image_matches(im, c)
-                                 for im, c in zip(pixels, captions)]))
+            acc = job.accuracy(pixels, captions)
             mode = f"k{k}" + ("_cfg" if guided else "")
             out[mode] = {"accuracy": acc, "se": standard_error(acc, len(scenes))}
             if k:
@@ -96,18 +94,22 @@ def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
             log(f"ablate: {run.root.name}: {k} retrieved, CFG {'on' if guided else 'off'}: "
                 f"{acc:.3f} ± {out[mode]['se']:.3f}")
     rows = read_metrics(run.root)
-    out["eval_loss"] = next((r["eval_loss"] for r in reversed(rows)
-                             if r.get("eval_loss") is not None), None)
+    out["eval_loss"] = job.final_eval_loss(rows)
     slots = cfg.train.batch_size * cfg.data.seq_len
     out["real_token_share"] = float(np.mean([r["real_tokens"] / slots for r in rows]))
     return out
 
 
+def _modes(result: dict) -> list[str]:
+    """The scored modes (k0, k0_cfg, ...), in the order of the first run's scores."""
+    first = next(iter(result["runs"].values()))
+    return [m for m, v in first.items() if isinstance(v, dict)]
+
+
 def plot(result: dict, path: storage.Path) -> None:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
-    runs = list(result["runs"])
-    modes = [m for m in result["runs"][runs[0]] if isinstance(result["runs"][runs[0]][m], dict)]
+    runs, modes = list(result["runs"]), _modes(result)
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         scores = result["runs"][run]
@@ -124,8 +126,7 @@ def plot(result: dict, path: storage.Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    runs = result["runs"]
-    modes = [m for m in next(iter(runs.values())) if isinstance(next(iter(runs.values()))[m], dict)]
+    runs, modes = result["runs"], _modes(result)
     lines = ["# Retrieval ablation", "",
              f"{result['eval_scenes']} held-out scenes, {result['steps']} steps of "
              f"{result['rows']} rows x {result['seq_len']} tokens per run; chance "

@@ -90,6 +90,17 @@ def fd_key(mode: str) -> str:
     return mode.replace("t2i_accuracy", "fd_t2i")
 
 
+def accuracy(pixels, captions: list[str]) -> float:
+    """The share of images the detector reads as their caption says (colour and shape)."""
+    return float(np.mean([detector.image_matches(im, c) for im, c in zip(pixels, captions)]))
+
+
+def final_eval_loss(rows: list[dict]) -> float | None:
+    """The last held-out loss of a run's metrics rows (None: it measured none)."""
+    return next((r["eval_loss"] for r in reversed(rows) if r.get("eval_loss") is not None),
+                None)
+
+
 def chance() -> float:
     return 1.0 / (len(COLOURS) * len(SHAPES))
 
@@ -172,8 +183,7 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
                                     retrieved=retrieved if retrieval else None)
         pixels = image_tok.decode(codes.reshape(-1, n_tokens))
         images[key] = pixels
-        scores[key] = float(np.mean([detector.image_matches(im, c)
-                                     for im, c in zip(pixels, captions)]))
+        scores[key] = accuracy(pixels, captions)
         scores[fd_key(key)] = fd(pixels)
         log(f"demo: {key} = {scores[key]:.3f}, {fd_key(key)} = {scores[fd_key(key)]:.3f}")
     truth_codes = image_tok.encode(np.stack([p.image for p in scenes]))
@@ -184,8 +194,7 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     scores["detector_on_truth"] = float(np.mean([
         detector.image_matches(p.image, p.caption) for p in scenes]))
     reconstructions = image_tok.decode(truth_codes)
-    scores["detector_on_reconstructions"] = float(np.mean([
-        detector.image_matches(im, c) for im, c in zip(reconstructions, captions)]))
+    scores["detector_on_reconstructions"] = accuracy(reconstructions, captions)
     scores["fd_reconstructions"] = fd(reconstructions)  # the image tokenizer's floor
     log(f"demo: caption_accuracy = {scores['caption_accuracy']:.3f}")
     rows = min(cfg.demo.grid_rows, len(scenes))
@@ -224,8 +233,7 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, stage_mi
               "train_steps": result["step"], "cfg_scale": cfg.generate.cfg_scale,
               "retrieved_k": cfg.data.k, "stages": stages, "stage_minutes": stage_minutes,
               "final_loss": losses[-1]["loss"] if losses else None,
-              "final_eval_loss": next((r["eval_loss"] for r in reversed(losses)
-                                       if r.get("eval_loss") is not None), None)}
+              "final_eval_loss": final_eval_loss(losses)}
     out.report_json.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# cm3leon demo", "",
