@@ -16,6 +16,7 @@ from cm3leon_jax.perception.inception import random_init, save_npz
 from cm3leon_jax.tokenizers.directory import load_tokenizers
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.train.metrics import read_metrics
+from cm3leon_jax.train.trainer import train
 from test_clip import hf  # noqa: F401 (fixture)
 
 VQ = ["vqgan.resolution=32", "vqgan.base_channels=8", "vqgan.channel_mult=[1, 2, 4]",
@@ -25,7 +26,8 @@ MICRO = ["source.size=40", "retrieval.train_steps=2", "retrieval.train_batch_siz
          "retrieval.embed_batch=16", "retrieval.recall_queries=8", "train.steps=2",
          "train.batch_size=8", "train.checkpoint_every=2", "optimizer.warmup_steps=1",
          "model.n_layers=1", "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
-         "demo.eval_scenes=3", "demo.grid_rows=2", "demo.heldout_docs=16", "generate.seed=3"]
+         "demo.eval_scenes=3", "demo.grid_rows=2", "demo.heldout_docs=16", "generate.seed=3",
+         "demo.rerank_samples=2", "demo.baseline=true"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,15 @@ def test_demo_end_to_end_and_rerun_reuses_stages(micro_demo, tmp_path):
     assert saved["detector_on_truth"] == 1.0  # the detector reads every true scene
     assert saved["stages"] == {s: "ran" for s in ("prepare", "heldout", "encoder", "index",
                                                   "neighbors", "train", "evaluate")}
+    # the no-retrieval baseline: the same steps of the same rows, scored on the same scenes
+    baseline = read_metrics(work / "ablation" / "k0")
+    assert baseline[-1]["step"] == saved["train_steps"]
+    assert saved["final_eval_loss_no_retrieval_training"] == baseline[-1]["eval_loss"] > 0
+    for key in demo.BASELINE_MODES:
+        assert 0.0 <= saved[f"{key}_no_retrieval_training"] <= 1.0
+    for key in ("image_nll", "image_nll_retrieval", "image_nll_no_retrieval_training"):
+        assert saved[key] > 0
+    assert 0.0 <= saved[demo.RERANKED] <= 1.0 and saved[demo.fd_key(demo.RERANKED)] >= 0
     assert set(saved["stage_minutes"]) == set(saved["stages"])  # where the wall time went
     assert 0 < sum(saved["stage_minutes"].values()) <= saved["minutes"] + 0.01
     for mode in demo.MODES:  # the distribution-level score of every mode, and its floor
@@ -88,6 +99,21 @@ def test_demo_end_to_end_and_rerun_reuses_stages(micro_demo, tmp_path):
         codes[name] = np.load(out.with_suffix(".npy"))
     assert codes["run"].shape == (1, 2, 1, 64)
     np.testing.assert_array_equal(codes["run"], codes["export"])
+
+
+@pytest.mark.slow
+def test_the_baseline_trained_beside_the_run_equals_one_trained_alone(micro_demo, tmp_path):
+    """demo.baseline trains data.k=0 in a child process next to the run: the same steps,
+    the same losses and held-out losses as the same config trained in this process, and
+    its output in its own log, not the terminal's."""
+    work, overrides, _ = micro_demo
+    cfg = demo.with_k(demo.demo_config(CONFIGS / "demo.yaml", work, overrides), 0)
+    train(cfg, tmp_path / "alone")
+    facts = lambda rows: [(r["step"], r["loss"], r.get("eval_loss")) for r in rows]
+    beside = read_metrics(work / "ablation" / "k0")
+    assert facts(beside) == facts(read_metrics(tmp_path / "alone"))
+    assert beside[-1]["step"] == cfg.train.steps
+    assert "trained steps 1..2" in (work / "ablation" / "k0" / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -200,6 +226,14 @@ def test_retrieval_ablation_reuses_the_demo_run_and_scores_every_mode(micro_demo
     for mode, key in (("k0", "t2i_accuracy"), ("k0_cfg", "t2i_accuracy_cfg"),
                       ("k1", "t2i_accuracy_retrieval"), ("k1_cfg", "t2i_accuracy_retrieval_cfg")):
         assert round(demo_run[mode]["accuracy"], 4) == saved[key], mode
+    for key, value in (("image_nll", demo_run["image_nll_k0"]),
+                       ("image_nll_retrieval", demo_run["image_nll_k1"])):
+        assert round(value, 4) == saved[key], key
+    # the k = 0 run is the demo's baseline, reused, not trained again: the same scores
+    baseline = result["runs"]["k=0"]
+    for mode, key in (("k0", "t2i_accuracy"), ("k0_cfg", "t2i_accuracy_cfg")):
+        assert round(baseline[mode]["accuracy"], 4) == saved[f"{key}_no_retrieval_training"]
+    assert round(baseline["image_nll_k0"], 4) == saved["image_nll_no_retrieval_training"]
     k0 = work / "ablation" / "k0"
     assert read_metrics(k0)[-1]["step"] == saved["train_steps"]  # the same steps and rows
     n = saved["eval_scenes"]

@@ -34,7 +34,8 @@ def micro_run(tmp_path_factory):
     tok = tmp / "vq"
     ImageTokenizer.create(load_config(CONFIGS / "demo.yaml", VQ).vqgan, seed=0).save(tok)
     overrides = [*VQ, *MICRO, f"prepare.image_tokenizer={tok}", "source.size=24",
-                 "demo.heldout_docs=8", "train.steps=1", "train.checkpoint_every=1"]
+                 "demo.heldout_docs=8", "train.steps=1", "train.checkpoint_every=1",
+                 "demo.baseline=false"]
     cfg = demo.demo_config(CONFIGS / "demo.yaml", tmp / "demo", overrides)
     demo.run_stages(cfg, DemoDir(tmp / "demo"), log=lambda *_: None)
     return str(DemoDir(tmp / "demo").run.root), cfg
@@ -213,3 +214,28 @@ def test_profile_writes_a_trace_of_the_generation(micro_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "image", "--workdir", run, "--prompt", PROMPT,
                            "--profile", "gs://bucket/trace")
     assert code == 2 and "--profile gs://bucket/trace: a local directory" in err
+
+
+def test_image_logprobs_score_the_training_layout_with_and_without_documents(micro_run):
+    """tasks.image_logprobs (the demo's image_nll) equals eval/score.py's forward pass over
+    the training example `<eos> r1 <break> caption <break> image <eos>`, summed over the
+    image's tokens, for rows with 0, 1 and 2 documents scored in one padded batch."""
+    run, cfg = micro_run
+    docs = [records.decode_document(d) for d in records.open_documents(cfg.data.dir)]
+    _, model, _, _ = tasks.load_model(run)
+    w = weights.load(run)
+    vocab = model.vocab
+    as_doc = lambda d: sequences.document(d["text"], d["image"], vocab)
+    queries = docs[:3]
+    retrieved = [[], [as_doc(docs[5])], [as_doc(docs[6]), as_doc(docs[7])]]
+    got = tasks.image_logprobs(model, [d["text"] for d in queries],
+                               [vocab.to_codes(d["image"]) for d in queries], retrieved)
+    for q, r, value in zip(queries, retrieved, got):
+        tokens, _ = sequences.example(as_doc(q), r, vocab)
+        n = q["image"].size  # the image ends the example, before its closing <eos>
+        want = float(score_tokens(w, tokens[None])[0, -n - 1:-1].sum())
+        assert value == pytest.approx(want, abs=2e-3)
+    assert len({round(float(v), 3) for v in got}) == 3
+    with pytest.raises(ValueError, match="3 captions, 3 images and 2 retrieved lists"):
+        tasks.image_logprobs(model, [d["text"] for d in queries],
+                             [vocab.to_codes(d["image"]) for d in queries], retrieved[:2])

@@ -75,6 +75,7 @@ def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
         docs = (retriever.documents(captions, text_ids, k) if k else [[] for _ in captions])
         images = [[model.vocab.to_codes(d[model.vocab.is_image(d)]) for d in row]
                   for row in docs]
+        out[f"image_nll_k{k}"] = job.image_nll(model, text_ids, truth, docs if k else None)
         if k:
             out[f"truth_copied_share_k{k}"] = float(np.mean(
                 [copied_share(t, r) for t, r in zip(truth, images)]))
@@ -132,15 +133,19 @@ def markdown(result: dict) -> str:
              f"{result['rows']} rows x {result['seq_len']} tokens per run; chance "
              f"{result['chance']:.3f}. Accuracy ± standard error; `copied`: share of "
              f"generations with >= {COPIED:.0%} of their tokens equal to a retrieved image.", "",
-             "| trained with | " + " | ".join(modes) + " | held-out loss |",
-             "|---|" + "---|" * (len(modes) + 1)]
+             "| trained with | " + " | ".join(modes) + " | held-out loss | image NLL |",
+             "|---|" + "---|" * (len(modes) + 2)]
     for run, s in runs.items():
         cells = [f"{s[m]['accuracy']:.3f} ± {s[m]['se']:.3f}"
                  + (f" (copied {s[m]['copied']:.2f})" if "copied" in s[m] else "")
                  for m in modes]
         loss = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "—"
-        lines.append(f"| {run} | " + " | ".join(cells) + f" | {loss} |")
-    return "\n".join(lines + ["", "![ablation](ablation.png)", ""])
+        nll = " / ".join(f"{v:.3f}" for key, v in s.items() if key.startswith("image_nll_k"))
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {loss} | {nll} |")
+    return "\n".join(lines + ["", "`image NLL`: nats per image token of the true held-out "
+                              "images given their captions and 0 / 1 / ... documents retrieved "
+                              "at inference (lower: the model uses what it retrieves).", "",
+                              "![ablation](ablation.png)", ""])
 
 
 def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(),
@@ -161,7 +166,7 @@ def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(
     result.update(chance=job.chance(), eval_scenes=base.demo.eval_scenes, steps=base.train.steps,
                   rows=base.train.batch_size, seq_len=base.data.seq_len)
     for k in train_ks:
-        cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, k=k))
+        cfg = job.with_k(base, k)
         run = run_for(base, out, k)
         if not job.is_trained(cfg, run):
             log(f"ablate: training with data.k={k} -> {run.root}")

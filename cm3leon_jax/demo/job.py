@@ -5,6 +5,8 @@
                           train.eval_dir (the held-out loss curve)
     DIR/data/retrieval    encoder, index, neighbors (the training table)
     DIR/run               the CM3Leon run (checkpoints, metrics.jsonl)
+    DIR/ablation/k0       demo.baseline=true: the same model trained without retrieved documents
+                          on the same rows and steps (`cm3leon ablate-retrieval` reuses it)
     DIR/evaluation.json   generated-sample scores (reused while the config is the same)
     DIR/report.md, report.json, loss.png, samples.png
 
@@ -24,6 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import sys
+import tempfile
 import time
 
 import jax
@@ -37,6 +43,7 @@ from cm3leon_jax.data.sources import ShapesSource
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
 from cm3leon_jax.generate.grid import image_grid, save_image
+from cm3leon_jax.generate.rerank import dual_scorer, rerank
 from cm3leon_jax.layout import DataDir, DemoDir, RunDir, retrieval_dir
 from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import neighbors, train_encoder
@@ -53,6 +60,7 @@ MODES = {  # report key -> (classifier-free guidance, retrieval)
     "t2i_accuracy_retrieval": (False, True),
     "t2i_accuracy_retrieval_cfg": (True, True),
 }
+RERANKED = "t2i_accuracy_cfg_rerank"  # demo.rerank_samples CFG samples, the best kept
 
 
 def demo_config(config_path: storage.PathLike, workdir: storage.PathLike,
@@ -63,6 +71,16 @@ def demo_config(config_path: storage.PathLike, workdir: storage.PathLike,
     return load_config(config_path, [f"data.dir={out.data.root}",
                                      f"train.eval_dir={out.heldout.root}", *overrides],
                        num_devices=jax.device_count())
+
+
+def with_k(cfg: Config, k: int) -> Config:
+    """`cfg` training with k retrieved documents per row, all else equal."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, k=k))
+
+
+def has_baseline(cfg: Config) -> bool:
+    """Whether the demo trains the no-retrieval baseline (a k = 0 demo is its own)."""
+    return cfg.demo.baseline and cfg.data.k > 0
 
 
 def heldout_config(cfg: Config) -> Config:
@@ -95,6 +113,13 @@ def accuracy(pixels, captions: list[str]) -> float:
     return float(np.mean([detector.image_matches(im, c) for im, c in zip(pixels, captions)]))
 
 
+def image_nll(model: tasks.Model, text_ids: list, codes, retrieved=None) -> float:
+    """Mean nats per image token of the true images given their captions (and `retrieved`
+    documents in front): whether a model uses what it retrieves, without sampling noise."""
+    logp = tasks.image_logprobs(model, text_ids, list(codes), retrieved)
+    return float(-logp.mean() / np.asarray(codes).shape[-1])
+
+
 def final_eval_loss(rows: list[dict]) -> float | None:
     """The last held-out loss of a run's metrics rows (None: it measured none)."""
     return next((r["eval_loss"] for r in reversed(rows) if r.get("eval_loss") is not None),
@@ -124,6 +149,49 @@ def is_trained(cfg: Config, run: RunDir) -> bool:
     return step == cfg.train.steps
 
 
+def _train_logged(cfg: Config, root: str, log_file: str) -> None:
+    """A child process's work: `train`, with everything it prints going to `log_file`."""
+    f = open(log_file, "a", buffering=1)
+    os.dup2(f.fileno(), 1)
+    os.dup2(f.fileno(), 2)
+    sys.stdout = sys.stderr = f
+    train(cfg, root)
+
+
+def train_with_baseline(cfg: Config, out: DemoDir, log=print) -> None:
+    """Train the run and (demo.baseline) the no-retrieval baseline at the same time, the
+    baseline in a child process: on a 2-core CPU two trainings of this size get 1.14-1.21x
+    the steps of one done (the small matmuls leave XLA's threads idle part of the time),
+    and the same seeds give the same run either way. Each run not yet trained is trained (or
+    resumed); a failed or interrupted baseline stops the stage."""
+    base, brun = with_k(cfg, 0), out.ablation_run(0)
+    child = None
+    if has_baseline(cfg) and not is_trained(base, brun):
+        brun.root.mkdir(parents=True, exist_ok=True)
+        log_file = (tempfile.mkstemp(prefix="cm3leon-baseline-", suffix=".log")[1]
+                    if storage.is_remote(brun.root) else str(brun.root / "train.log"))
+        child = multiprocessing.get_context("spawn").Process(
+            target=_train_logged, args=(base, str(brun.root), log_file), name="baseline")
+        child.start()
+        log(f"demo: training the no-retrieval baseline (data.k=0) beside the run -> "
+            f"{brun.root}, log {log_file}")
+    try:
+        if not is_trained(cfg, out.run):
+            train(cfg, out.run.root)
+    except BaseException:
+        if child is not None:
+            child.terminate()
+            child.join()
+        raise
+    if child is not None:
+        child.join()
+        if child.exitcode != 0:
+            tail = "".join(open(log_file).readlines()[-20:])
+            raise RuntimeError(f"the no-retrieval baseline's training (data.k=0, "
+                               f"{brun.root}) exited with {child.exitcode}; the end of its log "
+                               f"{log_file}:\n{tail}")
+
+
 def run_stages(cfg: Config, out: DemoDir, log=print, with_train: bool = True
                ) -> tuple[dict, dict]:
     """Prepare, retrieval encoder, index, neighbors and (`with_train`) train; returns
@@ -145,8 +213,10 @@ def run_stages(cfg: Config, out: DemoDir, log=print, with_train: bool = True
         "neighbors": lambda: _neighbors(cfg, log),
     }
     if with_train:
-        checks["train"] = lambda: is_trained(cfg, out.run)
-        actions["train"] = lambda: train(cfg, out.run.root)
+        base = with_k(cfg, 0)
+        checks["train"] = lambda: is_trained(cfg, out.run) and (
+            not has_baseline(cfg) or is_trained(base, out.ablation_run(0)))
+        actions["train"] = lambda: train_with_baseline(cfg, out, log)
     for stage, action in actions.items():
         t0 = time.perf_counter()
         reuse = checks[stage]()
@@ -186,7 +256,23 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
         scores[key] = accuracy(pixels, captions)
         scores[fd_key(key)] = fd(pixels)
         log(f"demo: {key} = {scores[key]:.3f}, {fd_key(key)} = {scores[fd_key(key)]:.3f}")
+    m = cfg.demo.rerank_samples
+    if m > 1:  # the paper's decoding: M samples with CFG, the best by image-text similarity
+        codes = tasks.text_to_image(model, text_ids, n_tokens, dataclasses.replace(g, candidates=m))
+        groups = image_tok.decode(codes.reshape(-1, n_tokens)).reshape(
+            len(scenes), m, *scenes[0].image.shape)
+        queries = [{"text": t, "caption": c, "image": []} for t, c in zip(text_ids, captions)]
+        best, _ = rerank(list(groups), queries, dual_scorer(encoder))
+        images[RERANKED] = groups[np.arange(len(scenes)), best[:, 0]]
+        scores[RERANKED] = accuracy(images[RERANKED], captions)
+        scores[fd_key(RERANKED)] = fd(images[RERANKED])
+        log(f"demo: {RERANKED} = {scores[RERANKED]:.3f} (best of {m})")
     truth_codes = image_tok.encode(np.stack([p.image for p in scenes]))
+    scores["image_nll"] = image_nll(model, text_ids, truth_codes)
+    scores["image_nll_retrieval"] = (image_nll(model, text_ids, truth_codes, retrieved)
+                                     if cfg.data.k else scores["image_nll"])
+    log(f"demo: image_nll = {scores['image_nll']:.4f} without retrieved documents, "
+        f"{scores['image_nll_retrieval']:.4f} with")
     ids = tasks.image_to_text(model, list(truth_codes), g)
     generated = [text_tok.decode(model.vocab.to_piece_ids(i)) for i in ids]
     scores["caption_accuracy"] = float(np.mean([
@@ -197,14 +283,39 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     scores["detector_on_reconstructions"] = accuracy(reconstructions, captions)
     scores["fd_reconstructions"] = fd(reconstructions)  # the image tokenizer's floor
     log(f"demo: caption_accuracy = {scores['caption_accuracy']:.3f}")
+    if has_baseline(cfg):
+        scores.update(evaluate_baseline(out, text_ids, captions, truth_codes, g, log))
     rows = min(cfg.demo.grid_rows, len(scenes))
-    columns = [np.stack([p.image for p in scenes[:rows]])] + [images[k][:rows] for k in MODES]
+    columns = [np.stack([p.image for p in scenes[:rows]])] + [v[:rows] for v in images.values()]
     grid = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
     save_image(out.samples_png, image_grid(grid, len(columns)))
     examples = [{"caption": c, "retrieved": [text_tok.decode(model.vocab.to_piece_ids(
                     d[model.vocab.is_text(d)])) for d in r],
                  "generated_caption": t} for c, r, t in zip(captions[:rows], retrieved, generated)]
     return {"step": step, "scores": scores, "examples": examples, "eval_scenes": len(scenes)}
+
+
+BASELINE_MODES = ("t2i_accuracy", "t2i_accuracy_cfg")  # the baseline has no retrieval to use
+
+
+def evaluate_baseline(out: DemoDir, text_ids: list, captions: list[str], truth: np.ndarray,
+                      g, log=print) -> dict:
+    """The k = 0 run's text -> image accuracy without and with CFG on the same scenes (the
+    caption ids and true image codes of the main run's tokenizers, which it shares), and its
+    image NLL: `<mode>_no_retrieval_training` keys."""
+    _, model, toks, _ = tasks.load_model(out.ablation_run(0).root)
+    n_tokens = toks.image.tokens_per_image
+    scores = {}
+    for key in BASELINE_MODES:
+        guided = MODES[key][0]
+        gk = dataclasses.replace(g, cfg_scale=g.cfg_scale if guided else 1.0)
+        codes = tasks.text_to_image(model, text_ids, n_tokens, gk)
+        scores[f"{key}_no_retrieval_training"] = accuracy(
+            toks.image.decode(codes.reshape(-1, n_tokens)), captions)
+    scores["image_nll_no_retrieval_training"] = image_nll(model, text_ids, truth)
+    log("demo: trained without retrieval: " + ", ".join(f"{k} = {v:.3f}"
+                                                         for k, v in scores.items()))
+    return scores
 
 
 def plot_loss(run: storage.Path, out: storage.Path) -> list[dict]:
@@ -234,6 +345,9 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, stage_mi
               "retrieved_k": cfg.data.k, "stages": stages, "stage_minutes": stage_minutes,
               "final_loss": losses[-1]["loss"] if losses else None,
               "final_eval_loss": final_eval_loss(losses)}
+    if has_baseline(cfg):
+        report["final_eval_loss_no_retrieval_training"] = final_eval_loss(
+            read_metrics(out.ablation_run(0).root))
     out.report_json.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# cm3leon demo", "",
@@ -245,7 +359,13 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, stage_mi
         "| score | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in report.items() if isinstance(v, float)], "",
         f"Chance = 1 / (colours x shapes). CFG scale {cfg.generate.cfg_scale}; retrieval puts "
-        f"the index's {cfg.data.k} nearest documents to the caption in front of the prompt.",
+        f"the index's {cfg.data.k} nearest documents to the caption in front of the prompt; "
+        f"`{RERANKED}`: {cfg.demo.rerank_samples} samples with CFG per caption, the one the "
+        "run's retrieval dual encoder scores closest to the caption kept (CM3Leon's Table 1 "
+        "decoding: 8 samples, best by CLIP). `*_no_retrieval_training`: the same model "
+        "trained on the same rows and steps without retrieved documents (demo.baseline). "
+        "`image_nll*`: nats per image token of the true images given their captions (and "
+        "the retrieved documents): whether a model uses what it retrieves.",
         "`fd_*`: Fréchet distance (FID's formula) between the generated and the true held-out "
         "images in the image space of the run's retrieval dual encoder (lower is better; "
         "`fd_reconstructions` is the image tokenizer's floor). No Inception weights ship, "
@@ -254,7 +374,8 @@ def write_report(out: DemoDir, cfg: Config, result: dict, stages: dict, stage_mi
         "", f"Held-out loss (`final_eval_loss`): {cfg.demo.heldout_docs} scenes of another "
         "seed, without retrieved documents (they have no neighbors table).",
         "", "![loss](loss.png)", "",
-        "Samples (`samples.png`): columns = truth, then " + ", ".join(MODES) + ".", "",
+        "Samples (`samples.png`): columns = truth, then "
+        + ", ".join(k for k in (*MODES, RERANKED) if k in s) + ".", "",
         "![samples](samples.png)", "", "| caption | generated caption (from the true image) |",
         "|---|---|", *[f"| {e['caption']} | {e['generated_caption']} |"
                        for e in result["examples"]], ""]

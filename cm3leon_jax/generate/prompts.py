@@ -78,6 +78,16 @@ def scored_caption(vocab: Vocab, image, caption) -> tuple[np.ndarray, int]:
     return np.concatenate([prompt, caption, [vocab.eoss]]).astype(np.int32), len(prompt)
 
 
+def scored_image(vocab: Vocab, caption, image, retrieved=()) -> tuple[np.ndarray, int]:
+    """(tokens, first scored position): the text -> image prompt (with `retrieved` documents
+    in front, as generation puts them) then the image; scored over the image's tokens."""
+    prompt, _ = text_to_image(vocab, caption)
+    if len(retrieved):
+        prompt = with_retrieved(vocab, prompt, retrieved)
+    image = _check(vocab, image, "image", "scored image")
+    return np.concatenate([prompt, image]).astype(np.int32), len(prompt)
+
+
 def infill(vocab: Vocab, before, after) -> np.ndarray:
     before = _check(vocab, before, "text", "text before the gap")
     after = _check(vocab, after, "text", "text after the gap")

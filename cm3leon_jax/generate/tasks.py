@@ -171,19 +171,13 @@ def _token_logprobs(graphdef, params, tokens):
     return nnx.merge(graphdef, params).token_logprobs(tokens)
 
 
-def caption_logprobs(model: Model, images: list, captions: list) -> np.ndarray:
-    """[n] float64: log p(caption, <eoss> | image) of each (image codes, caption text ids)
-    pair, in the image -> text prompt format (`prompts.scored_caption`), so a ranking by it
-    is the ranking by how likely the model is to write each caption for the image."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+def _scored(model: Model, rows: list[tuple[np.ndarray, int]], what: str) -> np.ndarray:
+    """[n] float64: the summed log-probs of tokens[first:] of each (tokens, first) row."""
     vocab = model.vocab
-    rows = [prompts.scored_caption(vocab, vocab.image_ids(i), c)
-            for i, c in zip(images, captions)]
     longest = max(len(t) for t, _ in rows)
     if longest > model.max_seq_len:
-        raise ValueError(f"a scored caption of {longest} tokens (prompt + caption + <eoss>) "
-                         f"exceeds model.max_seq_len={model.max_seq_len}")
+        raise ValueError(f"a scored {what} of {longest} tokens exceeds model.max_seq_len="
+                         f"{model.max_seq_len}")
     n = len(rows)
     if model.mesh is not None:  # rows split over the batch axes, as decoding does
         dp = model.mesh.shape["data"] * model.mesh.shape["fsdp"]
@@ -200,6 +194,33 @@ def caption_logprobs(model: Model, images: list, captions: list) -> np.ndarray:
             logp = _token_logprobs(model.graphdef, model.params,
                                    jax.device_put(tokens, mesh_lib.batch_sharding(model.mesh)))
     return np.where(mask, np.asarray(logp, np.float64), 0.0).sum(1)[:n]
+
+
+def caption_logprobs(model: Model, images: list, captions: list) -> np.ndarray:
+    """[n] float64: log p(caption, <eoss> | image) of each (image codes, caption text ids)
+    pair, in the image -> text prompt format (`prompts.scored_caption`), so a ranking by it
+    is the ranking by how likely the model is to write each caption for the image."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    vocab = model.vocab
+    return _scored(model, [prompts.scored_caption(vocab, vocab.image_ids(i), c)
+                           for i, c in zip(images, captions)],
+                   "caption (prompt + caption + <eoss>)")
+
+
+def image_logprobs(model: Model, captions: list, images: list,
+                   retrieved: list | None = None) -> np.ndarray:
+    """[n] float64: log p(image | caption) of each (caption text ids, image codes) pair in the
+    text -> image prompt format, with each row's `retrieved` documents in front when given:
+    how much a model gains from its retrieved documents, measured without sampling noise."""
+    if len(images) != len(captions) or (retrieved is not None and len(retrieved) != len(images)):
+        raise ValueError(f"{len(captions)} captions, {len(images)} images and "
+                         f"{'no' if retrieved is None else len(retrieved)} retrieved lists")
+    vocab = model.vocab
+    docs = retrieved if retrieved is not None else [()] * len(images)
+    return _scored(model, [prompts.scored_image(vocab, c, vocab.image_ids(i), r)
+                           for c, i, r in zip(captions, images, docs)],
+                   "image (prompt + retrieved documents + image)")
 
 
 def infill(model: Model, gaps: list[tuple], g: GenerateConfig,
