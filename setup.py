@@ -6,7 +6,7 @@ setup(
     description="CM3Leon-style retrieval-augmented token decoders for text and images, in JAX/Flax",
     packages=find_packages(include=["cm3leon_jax", "cm3leon_jax.*"]),
     # the shipped configs: `--config configs/NAME.yaml` works outside the checkout
-    package_data={"cm3leon_jax": ["configs/*.yaml", "configs/*/*.yaml"]},
+    package_data={"cm3leon_jax": ["configs/*.yaml", "configs/*/*.yaml", "demo/image_tokenizer/*"]},
     python_requires=">=3.10",
     install_requires=[
         # Ranges tested: jax 0.10.2 (CPU, CI) and 0.11.2 (CUDA, the GPU machine).

@@ -2,19 +2,27 @@
 
     python bench/vq_demo.py --workdir /tmp/vq [section.key=value ...]
     python bench/vq_demo.py --workdir /tmp/vq --tokenizer /tmp/vq/image_tokenizer  # re-score
+    python bench/vq_demo.py --workdir /tmp/vq --package  # retrain the packaged tokenizer
 
 Trains on the images `prepare` would draw from `configs/demo.yaml`'s source (scenes below
 source.size minus the held-out tail) and reports, on the demo's 512 reported scenes
 (source.size onwards), what report.json calls `detector_on_reconstructions`, with PSNR,
 codebook usage, the entropy of the codes (of pure-background patches and of all: what the
 language model must predict) and the training time: one JSON line for bench/RESULTS.md.
+
+--package (with the default config) retrains the tokenizer the package ships for `cm3leon
+demo` (demo/pretrained.py), says whether its weights equal the shipped bytes, and writes it
+with its trained.json (this row, the commit, the digest) into cm3leon_jax/demo/image_tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from cm3leon_jax.config import load_config  # noqa: E402
 from cm3leon_jax.data.prepare import tokenizer_split  # noqa: E402
+from cm3leon_jax.demo import pretrained  # noqa: E402
 from cm3leon_jax.shapes import detector  # noqa: E402
 from cm3leon_jax.shapes.world import (BACKGROUND, render_shapes, shapes_caption,  # noqa: E402
                                       shapes_scene)
@@ -50,8 +59,14 @@ def main() -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--scenes", type=int, default=512, help="reported scenes scored")
     p.add_argument("--tokenizer", help="score this saved tokenizer instead of training one")
+    p.add_argument("--package", action="store_true",
+                   help="write the trained tokenizer as the one the package ships")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.package and (args.tokenizer or args.overrides or args.scenes != 512
+                         or Path(args.config).name != "demo.yaml"):
+        p.error("--package retrains configs/demo.yaml's tokenizer as it is: no --tokenizer, "
+                "--scenes or overrides")
     cfg = load_config(args.config, args.overrides)
     s, v, t = cfg.source, cfg.vqgan, cfg.vqgan_train
     picks, held = tokenizer_split(s.size, t)
@@ -89,6 +104,29 @@ def main() -> None:
            "by_object": {k: round(float(np.mean(g)), 2) for k, g in sorted(groups.items())},
            "load_avg_1m": round(os.getloadavg()[0], 1)}
     print(json.dumps(row))
+    if args.package:
+        package(Path(args.workdir) / "image_tokenizer", row,
+                f"{args.config}: vqgan, vqgan_train; trained on source scenes 0..{held.start - 1}"
+                f", heldout_psnr on {held.start}..{s.size - 1}, the rest on the reported "
+                f"{s.size}..{s.size + args.scenes - 1}")
+
+
+def package(trained: Path, row: dict, trained_on: str) -> None:
+    """Copy `trained` over the shipped tokenizer with its trained.json; say whether it changed."""
+    digest = hashlib.sha256((trained / "vqgan.npz").read_bytes()).hexdigest()
+    before = pretrained.provenance()["sha256"]["vqgan.npz"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    for name in ("vqgan.json", "vqgan.npz"):
+        shutil.copy(trained / name, pretrained.DIRECTORY / name)
+    provenance = {"reproduce": "python bench/vq_demo.py --workdir DIR --package",
+                  "trained_at_commit": commit, "trained_on": trained_on,
+                  "sha256": {"vqgan.npz": digest},
+                  "scores": {k: v for k, v in row.items() if k not in ("overrides",
+                                                                      "load_avg_1m")}}
+    (pretrained.DIRECTORY / "trained.json").write_text(json.dumps(provenance, indent=1) + "\n")
+    print(f"packaged tokenizer: {'the same bytes' if digest == before else 'CHANGED'} "
+          f"(sha256 {digest[:16]}, was {before[:16]})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from cm3leon_jax.config.loader import ConfigError
 
@@ -14,6 +15,8 @@ class DemoConfig:
     heldout_docs: int = 256  # scenes of another seed prepared as train.eval_dir (held-out loss)
     baseline: bool = False  # with data.k > 0, also train data.k=0 on the same rows and steps
     rerank_samples: int = 1  # > 1: also score best-of-this-many CFG samples by the dual encoder
+    # (a prepare.image_tokenizer that is set wins over either)
+    image_tokenizer: Literal["packaged", "train"] = "train"  # packaged: shipped for demo.yaml; train: train one
 
     def check(self) -> None:
         for key in ("eval_scenes", "grid_rows", "heldout_docs", "rerank_samples"):

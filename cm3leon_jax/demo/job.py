@@ -40,6 +40,7 @@ from cm3leon_jax import storage
 from cm3leon_jax.config import Config, load_config
 from cm3leon_jax.data.prepare import prepare
 from cm3leon_jax.data.sources import ShapesSource
+from cm3leon_jax.demo import pretrained
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
 from cm3leon_jax.generate.grid import image_grid, save_image
@@ -68,9 +69,14 @@ def demo_config(config_path: storage.PathLike, workdir: storage.PathLike,
     """The demo's config with every stage's outputs under `workdir`."""
     root = storage.path(workdir)
     out = DemoDir(root if storage.is_remote(root) else root.resolve())
-    return load_config(config_path, [f"data.dir={out.data.root}",
-                                     f"train.eval_dir={out.heldout.root}", *overrides],
-                       num_devices=jax.device_count())
+    cfg = load_config(config_path, [f"data.dir={out.data.root}",
+                                    f"train.eval_dir={out.heldout.root}", *overrides],
+                      num_devices=jax.device_count())
+    if cfg.demo.image_tokenizer == "train" or cfg.prepare.image_tokenizer is not None:
+        return cfg
+    pretrained.check_matches(cfg.vqgan)
+    return dataclasses.replace(cfg, prepare=dataclasses.replace(
+        cfg.prepare, image_tokenizer=str(pretrained.DIRECTORY)))
 
 
 def with_k(cfg: Config, k: int) -> Config:
