@@ -4,6 +4,7 @@ demo's held-out scenes with the demo's sampling settings (CFG, temperature, top-
 same seed; greedy too, where SJD must give the same tokens.
 
     python bench/sjd_demo.py --demo DIR [--scenes 256] [--batch 256] [--windows 4,8,16]
+        [generate.weights=int8]
 
 DIR is a finished `cm3leon demo` directory (its run/ and data/). The scenes are decoded
 `--batch` at a time; SJD's rows share one cache write index, so a batch moves at its slowest
@@ -30,8 +31,10 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=256)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--windows", default="4,8,16")
+    ap.add_argument("overrides", nargs="*", help="e.g. generate.weights=int8")
     args = ap.parse_args()
-    cfg, model, toks, step = tasks.load_model(DemoDir(args.demo).run.root)
+    cfg, model, toks, step = tasks.load_model(DemoDir(args.demo).run.root,
+                                              overrides=args.overrides)
     n_tokens = toks.image.tokens_per_image
     scenes = job.held_out(cfg, toks.image.resolution)[:args.scenes]
     captions = [p.caption for p in scenes]
@@ -43,7 +46,8 @@ def main() -> None:
     scales = Scales(cfg=g.cfg_scale)
     n = len(scenes)
     print(f"{args.demo}: checkpoint {step}, {n} held-out scenes x {n_tokens} image tokens, "
-          f"CFG {g.cfg_scale}, batches of {args.batch}, {jax.devices()[0].platform}")
+          f"CFG {g.cfg_scale}, batches of {args.batch}, {g.weights} weights, "
+          f"{jax.devices()[0].platform}")
     print("| decoding | sampling | forwards/image | tokens/forward | s/image | accuracy | = AR |")
     print("|---|---|---|---|---|---|---|")
     for sampling in (dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k),
@@ -63,7 +67,7 @@ def main() -> None:
             out = np.concatenate([np.asarray(o) for o, _ in results])
             passes = np.concatenate([np.broadcast_to(p, (len(o),)) for o, p in results])
             pixels = toks.image.decode(vocab.to_codes(np.asarray(out)).reshape(-1, n_tokens))
-            acc = job.accuracy(pixels, captions)
+            acc = job.accuracy(pixels, scenes)
             se = np.sqrt(acc * (1 - acc) / n)
             same = "-" if ar is None or sampling["temperature"] else str(np.array_equal(out, ar))
             ar = out if ar is None else ar

@@ -25,7 +25,7 @@ def test_the_shipped_tokenizer_scores_what_its_record_says_on_the_reported_scene
     tok = ImageTokenizer.load(pretrained.DIRECTORY, batch_size=128)
     scenes = demo.held_out(cfg, tok.config.resolution)
     recon = tok.decode(tok.encode(np.stack([s.image for s in scenes])))
-    accuracy = demo.accuracy(recon, [s.caption for s in scenes])
+    accuracy = demo.accuracy(recon, scenes)
     recorded = pretrained.provenance()["scores"]["detector_on_reconstructions"]
     assert len(scenes) == 512 and accuracy == pytest.approx(recorded, abs=1e-12) and accuracy > 0.85
 

@@ -162,3 +162,21 @@ def test_refuses_foreign_dir_and_missing_tokenizer(tiny, tmp_path, random_vq):
                                            r"64; set vqgan.\* to the tokenizer's"):
         prepare(config(tiny, tmp_path, "contradicted", "source.size=8", "vqgan.codebook_size=64",
                        f"prepare.image_tokenizer={random_vq}"), progress=False)
+
+
+@pytest.mark.slow
+def test_named_scenes_are_prepared_and_only_they_record_the_names(tiny, tmp_path, random_vq):
+    """A directory prepared before named scenes existed (its inputs without `names`) still
+    matches a config without them; a named one is prepared with its captions."""
+    plain = config(tiny, tmp_path, "plain", "source.size=8", f"prepare.image_tokenizer={random_vq}")
+    prepare(plain, progress=False)
+    marker = tmp_path / "plain" / ".inputs.json"
+    assert "names" not in json.loads(marker.read_text())["source"]
+    prepare(plain, progress=False)  # the same inputs: nothing to redo
+    named = config(tiny, tmp_path, "named", "source.size=8", "source.names=5",
+                   f"prepare.image_tokenizer={random_vq}")
+    prepare(named, progress=False)
+    src = ShapesSource(8, 24, seed=0, max_objects=named.source.max_objects, names=5)
+    assert [d["caption"] for d in iter_documents(tmp_path / "named")] == [
+        src.caption(i) for i in range(8)]
+    assert json.loads((tmp_path / "named" / ".inputs.json").read_text())["source"]["names"] == 5

@@ -1,3 +1,4 @@
+import collections
 import gzip
 import io
 import json
@@ -7,15 +8,17 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from scipy import ndimage
 
-from cm3leon_jax.config import ConfigError
+from cm3leon_jax.config import ConfigError, load_config
 from cm3leon_jax.data import sources
 from cm3leon_jax.data.sources import (FASHION_MNIST_CLASSES, BadRecord, FashionMnistSource,
                                       JsonlSource, Pair, ParquetSource, ShapesSource,
                                       SourceError, TfdsSource, WebDatasetSource, check_caption,
                                       open_source, source_files, to_rgb)
-from cm3leon_jax.shapes.world import BACKGROUND, COLOURS, NUMBERS, SHAPES
+from cm3leon_jax.shapes.world import (BACKGROUND, COLOURS, NUMBERS, SHAPES, entity_name,
+                                      shapes_caption, zipf_weights)
 
 
 def detect(image: np.ndarray) -> list[dict]:
@@ -93,6 +96,40 @@ def test_deterministic_random_access():
         a[100]
     with pytest.raises(ValueError, match="resolution"):
         ShapesSource(10, resolution=8)
+
+
+def test_named_scenes_show_their_name_and_follow_zipf():
+    """A named scene shows its name's objects (shape, colour, size, cell), whatever the seed,
+    placed anew; its caption is the name only, and `describe` turns the name back into the
+    scene's description."""
+    names, zipf = 50, 1.0
+    a = ShapesSource(3000, 32, seed=0, max_objects=2, names=names, zipf=zipf)
+    b = ShapesSource(100, 32, seed=1, max_objects=2, names=names, zipf=zipf)
+    seen, centres = {}, collections.defaultdict(set)
+    for src in (a, b):
+        for i in range(len(src)):
+            pair = src[i]
+            word = pair.caption.split()[1]
+            assert pair.caption == f"a {word}" and word.isalpha()
+            assert src.describe(pair.caption) == shapes_caption(pair.meta["objects"])
+            what = [(o["shape"], o["colour"], o["size"], tuple(o["cell"]))
+                    for o in pair.meta["objects"]]
+            assert seen.setdefault(word, what) == what
+            centres[word].add(tuple(pair.meta["objects"][0]["center"]))
+    assert max(len(c) for c in centres.values()) > 1  # each scene places the objects anew
+    assert len({entity_name(r) for r in range(70 ** 3 + 100)}) == 70 ** 3 + 100
+    counts = collections.Counter(a.caption(i) for i in range(len(a)))
+    expected = zipf_weights(names, zipf) * len(a)
+    for rank in (0, 1, 9):  # the head of the distribution, within 4 binomial deviations
+        n = counts[f"a {entity_name(rank)}"]
+        assert abs(n - expected[rank]) < 4 * np.sqrt(expected[rank])
+    assert a.describe("a red thing") == "a red thing"  # not a name: left as it is
+    assert ShapesSource(10, 32).describe(a.caption(0)) == a.caption(0)  # a world without names
+    with pytest.raises(ConfigError, match=r"source.names=5: named scenes are the shapes world's; "
+                                          r"source.kind is 'fashion_mnist'"):
+        load_config(CONFIGS / "tiny.yaml", ["source.kind=fashion_mnist", "source.names=5"])
+    with pytest.raises(ConfigError, match=r"source.zipf"):
+        load_config(CONFIGS / "tiny.yaml", ["source.names=5", "source.zipf=-1"])
 
 
 def test_grain_reads_a_source():

@@ -41,6 +41,8 @@ class SourceConfig:
     seed: int = 0  # shapes: scene i depends on (seed, i)
     resolution: Optional[int] = None  # shapes: pixels per side; null: the image tokenizer's
     max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
+    names: int = 0  # shapes: > 0: scenes of this many named ones, captioned by name only
+    zipf: float = 1.0  # shapes with names: how often each is shown falls as rank^-zipf
     path: Optional[str] = None  # IDX dir (fashion_mnist), file (jsonl), glob/{a..b} (webdataset, parquet)
     split: str = "train"  # fashion_mnist (train | test) and tfds split
     name: Optional[str] = None  # tfds builder name
@@ -65,6 +67,10 @@ class SourceConfig:
                                   "pixels")
             if not 1 <= self.max_objects <= 9:
                 raise ConfigError(f"source.max_objects={self.max_objects} must be in [1, 9]")
+        nonnegative("source", self, "names", "zipf")
+        if self.names and self.kind != "shapes":
+            raise ConfigError(f"source.names={self.names}: named scenes are the shapes "
+                              f"world's; source.kind is {self.kind!r}")
         if self.kind == "fashion_mnist" and self.split not in ("train", "test"):
             raise ConfigError(f"source.split={self.split!r}: fashion_mnist has train and test")
         if self.kind == "tfds" and not self.name:

@@ -84,6 +84,8 @@ def _inputs(cfg: Config) -> dict:
         image_train.check_perceptual(cfg.vqgan, cfg.vqgan_train)
     # the resolved image key: a directory prepared before the key could be null compares equal
     source = {**dataclasses.asdict(cfg.source), "image_key": cfg.source.image_field()}
+    if not cfg.source.names:  # nor one prepared before named scenes existed, when it has none
+        del source["names"], source["zipf"]
     inputs = {"source": source, "vocab": dataclasses.asdict(cfg.vocab),
               "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
               "image_tokenizer": given.get("image_tokenizer", {

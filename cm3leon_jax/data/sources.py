@@ -46,7 +46,8 @@ from PIL import Image
 
 from cm3leon_jax import storage
 from cm3leon_jax.config.loader import ConfigError
-from cm3leon_jax.shapes.world import BACKGROUND, check_world, draw, shapes_caption, shapes_scene
+from cm3leon_jax.shapes.world import (BACKGROUND, check_world, describe, draw, named_caption,
+                                      named_objects, named_scene, shapes_caption, shapes_scene)
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,37 @@ def fit_image(image: np.ndarray, resolution: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ShapesSource:
-    """`size` procedural scenes of 1..max_objects coloured shapes at `resolution` pixels."""
+    """`size` procedural scenes of 1..max_objects coloured shapes at `resolution` pixels;
+    with `names` > 0, scenes of that many named ones, captioned by name (world.py)."""
 
     size: int
     resolution: int = 64
     seed: int = 0
     max_objects: int = 3
+    names: int = 0
+    zipf: float = 1.0
 
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"shapes: size={self.size} must be >= 1")
+        if self.names < 0 or self.zipf < 0:
+            raise ValueError(f"shapes: names={self.names} and zipf={self.zipf} must be >= 0")
         check_world(self.resolution, self.max_objects)
+
+    def _scene(self, index: int) -> tuple[list[dict], str]:
+        """(objects, caption) of scene `index`."""
+        if not self.names:
+            objects = shapes_scene(index, self.seed, self.resolution, self.max_objects)
+            return objects, shapes_caption(objects)
+        rank = named_scene(index, self.seed, self.names, self.zipf)
+        return (named_objects(rank, index, self.seed, self.resolution, self.max_objects),
+                named_caption(rank))
+
+    def describe(self, caption: str) -> str:
+        """What a caption says in the detector's terms: a name as the scene it shows."""
+        if not self.names:
+            return caption
+        return describe(caption, self.names, self.resolution, self.max_objects)
 
     def __len__(self) -> int:
         return self.size
@@ -148,17 +169,16 @@ class ShapesSource:
         return index
 
     def caption(self, index: int) -> str:
-        index = self._check(index)
-        return shapes_caption(shapes_scene(index, self.seed, self.resolution, self.max_objects))
+        return self._scene(self._check(index))[1]
 
     def __getitem__(self, index: int) -> Pair:
         index = self._check(index)
-        objects = shapes_scene(index, self.seed, self.resolution, self.max_objects)
+        objects, caption = self._scene(index)
         image = draw(objects, self.resolution)
         meta: dict[str, Any] = {"source": "shapes", "resolution": self.resolution,
                                 "background": list(BACKGROUND), "count": len(objects),
                                 "objects": objects}
-        return Pair(f"shapes-{self.seed}-{index}", image, shapes_caption(objects), meta)
+        return Pair(f"shapes-{self.seed}-{index}", image, caption, meta)
 
 
 # --- fashion_mnist -------------------------------------------------------------------
@@ -838,7 +858,8 @@ class ParquetSource(_Sharded):
 def open_source(cfg, resolution: Optional[int] = None):
     """The source a `SourceConfig` names; `resolution` renders `shapes` when it has none."""
     if cfg.kind == "shapes":
-        return ShapesSource(cfg.size, cfg.resolution or resolution, cfg.seed, cfg.max_objects)
+        return ShapesSource(cfg.size, cfg.resolution or resolution, cfg.seed, cfg.max_objects,
+                            cfg.names, cfg.zipf)
     if cfg.kind == "fashion_mnist":
         return FashionMnistSource(cfg.path or FASHION_MNIST_DIR, cfg.split, cfg.size)
     if cfg.kind == "tfds":

@@ -85,7 +85,7 @@ def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
             codes = tasks.text_to_image(model, text_ids, n_tokens, g,
                                         retrieved=docs if k else None).reshape(-1, n_tokens)
             pixels = toks.image.decode(codes)
-            acc = job.accuracy(pixels, captions)
+            acc = job.accuracy(pixels, scenes)
             mode = f"k{k}" + ("_cfg" if guided else "")
             out[mode] = {"accuracy": acc, "se": standard_error(acc, len(scenes))}
             if k:

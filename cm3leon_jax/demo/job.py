@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from cm3leon_jax import storage
 from cm3leon_jax.config import Config, load_config
 from cm3leon_jax.data.prepare import prepare
-from cm3leon_jax.data.sources import ShapesSource
+from cm3leon_jax.data.sources import ShapesSource, open_source
 from cm3leon_jax.demo import pretrained
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
@@ -50,7 +50,7 @@ from cm3leon_jax.retrieval import index as index_lib
 from cm3leon_jax.retrieval import neighbors, train_encoder
 from cm3leon_jax.retrieval.query import Retriever
 from cm3leon_jax.shapes import detector
-from cm3leon_jax.shapes.world import COLOURS, SHAPES
+from cm3leon_jax.shapes.world import COLOURS, SHAPES, shapes_caption
 from cm3leon_jax.train import checkpoint
 from cm3leon_jax.train.metrics import read_metrics
 from cm3leon_jax.train.trainer import train
@@ -101,12 +101,16 @@ def heldout_config(cfg: Config) -> Config:
                                     image_tokenizer=str(data.image_tokenizer)))
 
 
+def held_out_source(cfg: Config, resolution: int) -> ShapesSource:
+    """The training source's generator, `demo.eval_scenes` scenes longer."""
+    s = cfg.source
+    return open_source(dataclasses.replace(s, size=s.size + cfg.demo.eval_scenes), resolution)
+
+
 def held_out(cfg: Config, resolution: int) -> list:
     """Scenes `source.size .. + demo.eval_scenes` of the training source's generator."""
-    s = cfg.source
-    source = ShapesSource(s.size + cfg.demo.eval_scenes, s.resolution or resolution, s.seed,
-                          s.max_objects)
-    return [source[i] for i in range(s.size, len(source))]
+    source = held_out_source(cfg, resolution)
+    return [source[i] for i in range(cfg.source.size, len(source))]
 
 
 def fd_key(mode: str) -> str:
@@ -114,9 +118,11 @@ def fd_key(mode: str) -> str:
     return mode.replace("t2i_accuracy", "fd_t2i")
 
 
-def accuracy(pixels, captions: list[str]) -> float:
-    """The share of images the detector reads as their caption says (colour and shape)."""
-    return float(np.mean([detector.image_matches(im, c) for im, c in zip(pixels, captions)]))
+def accuracy(pixels, scenes: list) -> float:
+    """The share of images the detector reads as showing their scene's objects (colour and
+    shape): what its caption says, or for a named scene what the name stands for."""
+    return float(np.mean([detector.image_matches(im, shapes_caption(p.meta["objects"]))
+                          for im, p in zip(pixels, scenes)]))
 
 
 def image_nll(model: tasks.Model, text_ids: list, codes, retrieved=None) -> float:
@@ -239,7 +245,8 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     _, model, toks, step = tasks.load_model(out.run.root)
     text_tok, image_tok = toks.text, toks.image
     n_tokens = image_tok.tokens_per_image
-    scenes = held_out(cfg, image_tok.resolution)
+    source = held_out_source(cfg, image_tok.resolution)
+    scenes = [source[i] for i in range(cfg.source.size, len(source))]
     captions = [p.caption for p in scenes]
     text_ids = [model.vocab.text_ids(text_tok.encode(c)) for c in captions]
     retrieved = (Retriever(cfg).documents(captions, text_ids, cfg.data.k) if cfg.data.k
@@ -259,7 +266,7 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
                                     retrieved=retrieved if retrieval else None)
         pixels = image_tok.decode(codes.reshape(-1, n_tokens))
         images[key] = pixels
-        scores[key] = accuracy(pixels, captions)
+        scores[key] = accuracy(pixels, scenes)
         scores[fd_key(key)] = fd(pixels)
         log(f"demo: {key} = {scores[key]:.3f}, {fd_key(key)} = {scores[fd_key(key)]:.3f}")
     m = cfg.demo.rerank_samples
@@ -270,7 +277,7 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
         queries = [{"text": t, "caption": c, "image": []} for t, c in zip(text_ids, captions)]
         best, _ = rerank(list(groups), queries, dual_scorer(encoder))
         images[RERANKED] = groups[np.arange(len(scenes)), best[:, 0]]
-        scores[RERANKED] = accuracy(images[RERANKED], captions)
+        scores[RERANKED] = accuracy(images[RERANKED], scenes)
         scores[fd_key(RERANKED)] = fd(images[RERANKED])
         log(f"demo: {RERANKED} = {scores[RERANKED]:.3f} (best of {m})")
     truth_codes = image_tok.encode(np.stack([p.image for p in scenes]))
@@ -282,15 +289,15 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
     ids = tasks.image_to_text(model, list(truth_codes), g)
     generated = [text_tok.decode(model.vocab.to_piece_ids(i)) for i in ids]
     scores["caption_accuracy"] = float(np.mean([
-        detector.caption_matches(t, p.meta["objects"]) for t, p in zip(generated, scenes)]))
-    scores["detector_on_truth"] = float(np.mean([
-        detector.image_matches(p.image, p.caption) for p in scenes]))
+        detector.caption_matches(source.describe(t), p.meta["objects"])
+        for t, p in zip(generated, scenes)]))
+    scores["detector_on_truth"] = accuracy([p.image for p in scenes], scenes)
     reconstructions = image_tok.decode(truth_codes)
-    scores["detector_on_reconstructions"] = accuracy(reconstructions, captions)
+    scores["detector_on_reconstructions"] = accuracy(reconstructions, scenes)
     scores["fd_reconstructions"] = fd(reconstructions)  # the image tokenizer's floor
     log(f"demo: caption_accuracy = {scores['caption_accuracy']:.3f}")
     if has_baseline(cfg):
-        scores.update(evaluate_baseline(out, text_ids, captions, truth_codes, g, log))
+        scores.update(evaluate_baseline(out, text_ids, scenes, truth_codes, g, log))
     rows = min(cfg.demo.grid_rows, len(scenes))
     columns = [np.stack([p.image for p in scenes[:rows]])] + [v[:rows] for v in images.values()]
     grid = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
@@ -304,7 +311,7 @@ def evaluate(cfg: Config, out: DemoDir, log=print) -> dict:
 BASELINE_MODES = ("t2i_accuracy", "t2i_accuracy_cfg")  # the baseline has no retrieval to use
 
 
-def evaluate_baseline(out: DemoDir, text_ids: list, captions: list[str], truth: np.ndarray,
+def evaluate_baseline(out: DemoDir, text_ids: list, scenes: list, truth: np.ndarray,
                       g, log=print) -> dict:
     """The k = 0 run's text -> image accuracy without and with CFG on the same scenes (the
     caption ids and true image codes of the main run's tokenizers, which it shares), and its
@@ -317,7 +324,7 @@ def evaluate_baseline(out: DemoDir, text_ids: list, captions: list[str], truth: 
         gk = dataclasses.replace(g, cfg_scale=g.cfg_scale if guided else 1.0)
         codes = tasks.text_to_image(model, text_ids, n_tokens, gk)
         scores[f"{key}_no_retrieval_training"] = accuracy(
-            toks.image.decode(codes.reshape(-1, n_tokens)), captions)
+            toks.image.decode(codes.reshape(-1, n_tokens)), scenes)
     scores["image_nll_no_retrieval_training"] = image_nll(model, text_ids, truth)
     log("demo: trained without retrieval: " + ", ".join(f"{k} = {v:.3f}"
                                                          for k, v in scores.items()))
