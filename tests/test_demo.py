@@ -220,6 +220,12 @@ def test_retrieval_ablation_reuses_the_demo_run_and_scores_every_mode(micro_demo
                                 infer_ks=(0, 1), log=lambda *_: None)
     result = run()
     assert set(result["runs"]) == {"k=0", "k=1"}
+    # shapes are judged by the detector: on the true scenes and the tokenizer's
+    # reconstructions it reads what the demo's report says it reads
+    assert (result["source"], result["judge"], result["chance"]) == ("shapes", "detector",
+                                                                     demo.chance())
+    for key in ("truth", "reconstructions"):
+        assert round(result[f"judge_on_{key}"], 4) == saved[f"detector_on_{key}"], key
     # the demo trains with data.k=1: that run is the demo's own, and the same seeds give the
     # demo's samples, so the four modes the demo reports come out the same
     demo_run = result["runs"]["k=1"]

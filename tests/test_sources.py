@@ -132,6 +132,29 @@ def test_named_scenes_show_their_name_and_follow_zipf():
         load_config(CONFIGS / "tiny.yaml", ["source.names=5", "source.zipf=-1"])
 
 
+def test_named_scenes_without_jitter_are_the_same_pixels_every_time():
+    """source.name_jitter=false: every scene of a name is the same picture, whatever the
+    scene's index or seed; the name's objects (and the captions) are the jittered world's."""
+    fixed = [ShapesSource(600, 32, seed=s, max_objects=2, names=20, zipf=1.0, name_jitter=False)
+             for s in (0, 1)]
+    moved = ShapesSource(600, 32, seed=0, max_objects=2, names=20, zipf=1.0)
+    pictures, differ = {}, 0
+    for src in fixed:
+        for i in range(len(src)):
+            pair = src[i]
+            np.testing.assert_array_equal(pictures.setdefault(pair.caption, pair.image),
+                                          pair.image)
+    for i in range(len(moved)):
+        pair, still = moved[i], fixed[0][i]
+        assert pair.caption == still.caption
+        assert [(o["shape"], o["colour"], o["size"], o["cell"]) for o in pair.meta["objects"]] \
+            == [(o["shape"], o["colour"], o["size"], o["cell"]) for o in still.meta["objects"]]
+        differ += not np.array_equal(pair.image, still.image)
+    assert differ > len(moved) // 2  # the jittered world moves them
+    with pytest.raises(ConfigError, match=r"source.name_jitter=false: .* source.names is 0"):
+        load_config(CONFIGS / "tiny.yaml", ["source.name_jitter=false"])
+
+
 def test_grain_reads_a_source():
     import grain
 

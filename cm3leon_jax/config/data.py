@@ -43,6 +43,7 @@ class SourceConfig:
     max_objects: int = 3  # shapes: 1..max_objects objects per scene (at most 9)
     names: int = 0  # shapes: > 0: scenes of this many named ones, captioned by name only
     zipf: float = 1.0  # shapes with names: how often each is shown falls as rank^-zipf
+    name_jitter: bool = True  # shapes with names: each scene moves a name's objects within their cells; false: the same pixels every time
     path: Optional[str] = None  # IDX dir (fashion_mnist), file (jsonl), glob/{a..b} (webdataset, parquet)
     split: str = "train"  # fashion_mnist (train | test) and tfds split
     name: Optional[str] = None  # tfds builder name
@@ -68,6 +69,9 @@ class SourceConfig:
             if not 1 <= self.max_objects <= 9:
                 raise ConfigError(f"source.max_objects={self.max_objects} must be in [1, 9]")
         nonnegative("source", self, "names", "zipf")
+        if not self.name_jitter and not self.names:
+            raise ConfigError("source.name_jitter=false: it fixes where named scenes place "
+                              "their objects, and source.names is 0 (no named scenes)")
         if self.names and self.kind != "shapes":
             raise ConfigError(f"source.names={self.names}: named scenes are the shapes "
                               f"world's; source.kind is {self.kind!r}")

@@ -86,6 +86,8 @@ def _inputs(cfg: Config) -> dict:
     source = {**dataclasses.asdict(cfg.source), "image_key": cfg.source.image_field()}
     if not cfg.source.names:  # nor one prepared before named scenes existed, when it has none
         del source["names"], source["zipf"]
+    if cfg.source.name_jitter:  # the default, as before the key existed
+        del source["name_jitter"]
     inputs = {"source": source, "vocab": dataclasses.asdict(cfg.vocab),
               "text_tokenizer": given.get("text_tokenizer", dataclasses.asdict(cfg.text_tokenizer)),
               "image_tokenizer": given.get("image_tokenizer", {

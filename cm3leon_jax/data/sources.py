@@ -136,6 +136,7 @@ class ShapesSource:
     max_objects: int = 3
     names: int = 0
     zipf: float = 1.0
+    name_jitter: bool = True
 
     def __post_init__(self):
         if self.size < 1:
@@ -150,8 +151,8 @@ class ShapesSource:
             objects = shapes_scene(index, self.seed, self.resolution, self.max_objects)
             return objects, shapes_caption(objects)
         rank = named_scene(index, self.seed, self.names, self.zipf)
-        return (named_objects(rank, index, self.seed, self.resolution, self.max_objects),
-                named_caption(rank))
+        return (named_objects(rank, index, self.seed, self.resolution, self.max_objects,
+                              self.name_jitter), named_caption(rank))
 
     def describe(self, caption: str) -> str:
         """What a caption says in the detector's terms: a name as the scene it shows."""
@@ -859,7 +860,7 @@ def open_source(cfg, resolution: Optional[int] = None):
     """The source a `SourceConfig` names; `resolution` renders `shapes` when it has none."""
     if cfg.kind == "shapes":
         return ShapesSource(cfg.size, cfg.resolution or resolution, cfg.seed, cfg.max_objects,
-                            cfg.names, cfg.zipf)
+                            cfg.names, cfg.zipf, cfg.name_jitter)
     if cfg.kind == "fashion_mnist":
         return FashionMnistSource(cfg.path or FASHION_MNIST_DIR, cfg.split, cfg.size)
     if cfg.kind == "tfds":

@@ -5,14 +5,17 @@ then the same model trained again with other `data.k` (retrieved documents per t
 row) for the same steps of the same rows — the same token slots, packed, so the same real
 tokens but for a little padding (`real_token_share` says how much is real) — each run
 under DIR/ablation/k{K} (the demo's own `data.k` is the demo's run, not trained twice).
-Every run is scored on the same held-out scenes with 0..K documents retrieved at inference
+Every run is scored on the same held-out items with 0..K documents retrieved at inference
 (the demo's query: the caption's text, the index's nearest documents, placed in front of
-the prompt as in training), with and without CFG, by the shapes detector: accuracy ± its
-standard error sqrt(p (1 - p) / n). Next to it, the held-out loss of each run and how much
-the generated images copy their retrieved ones (the share of image tokens equal to the
-closest retrieved image's, position by position; the true scenes' own share is the
-baseline). Written as ablation.json, ablation.md and ablation.png; finished runs and scores
-are reused.
+the prompt as in training), with and without CFG: accuracy ± its standard error
+sqrt(p (1 - p) / n), read from pixels by the source's judge — the shapes detector for
+shapes scenes, for Fashion-MNIST a classifier trained on the training split
+(eval/classifier.py, kept in DIR/ablation/classifier); the judge's accuracy on the true
+items and on the tokenizer's reconstructions is the ceiling beside them. Next to it, the
+held-out loss of each run and how much the generated images copy their retrieved ones (the
+share of image tokens equal to the closest retrieved image's, position by position; the
+true items' own share is the baseline). Written as ablation.json, ablation.md and
+ablation.png; finished runs and scores are reused.
 """
 
 from __future__ import annotations
@@ -20,20 +23,53 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from typing import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from cm3leon_jax import storage
 from cm3leon_jax.config import Config, ConfigError
+from cm3leon_jax.data.sources import FASHION_MNIST_CLASSES, fit_image, open_source
 from cm3leon_jax.demo import job
+from cm3leon_jax.eval import classifier
 from cm3leon_jax.generate import tasks
-from cm3leon_jax.layout import DemoDir, RunDir
+from cm3leon_jax.layout import DataDir, DemoDir, RunDir
 from cm3leon_jax.retrieval.query import Retriever
+from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.train.metrics import read_metrics
 from cm3leon_jax.train.trainer import train
 
 COPIED = 0.9  # a generated image "copies" when this share of its tokens equals a retrieved one
+CLASSIFIER_STEPS = 1500  # x 64 images: ~1.6 epochs of Fashion-MNIST, ~0.9 test accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """What reads a generated image as right for its prompt, and how often chance would."""
+    name: str
+    accuracy: Callable[[np.ndarray, list], float]  # (uint8 pixels, held-out items) -> share
+    chance: float
+
+
+def judge_for(cfg: Config, out: DemoDir, resolution: int, log) -> Judge:
+    """The shapes detector, or the Fashion-MNIST classifier (trained once, then reused)."""
+    if cfg.source.kind == "shapes":
+        return Judge("detector", job.accuracy, job.chance())
+    where = out.ablation / "classifier"
+    if classifier.saved(where):
+        clf, _ = classifier.load(where)
+    else:
+        train = open_source(dataclasses.replace(cfg.source, split="train", size=None),
+                            resolution)
+        log(f"ablate: training the judge, a classifier on {len(train)} training images")
+        images = np.stack([fit_image(train[i].image, resolution) for i in range(len(train))])
+        labels = np.array([train[i].meta["label"] for i in range(len(train))], np.int32)
+        clf = classifier.train_classifier(images, labels, len(FASHION_MNIST_CLASSES),
+                                          steps=CLASSIFIER_STEPS)
+        classifier.save(clf, where, {"train_images": len(train), "steps": CLASSIFIER_STEPS})
+    return Judge("classifier", lambda pixels, items: clf.accuracy(
+        pixels, [p.meta["label"] for p in items]), 1 / len(FASHION_MNIST_CLASSES))
 
 
 def standard_error(p: float, n: int) -> float:
@@ -60,7 +96,7 @@ def run_for(cfg: Config, out: DemoDir, k: int) -> RunDir:
     return out.run if k == cfg.data.k else out.ablation_run(k)
 
 
-def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
+def score_run(cfg: Config, run: RunDir, infer_ks: list[int], judge: Judge, log) -> dict:
     """{mode: score} of one trained run: accuracy, its standard error and the copy
     figures per (documents at inference, CFG)."""
     _, model, toks, step = tasks.load_model(run.root)
@@ -85,7 +121,7 @@ def score_run(cfg: Config, run: RunDir, infer_ks: list[int], log) -> dict:
             codes = tasks.text_to_image(model, text_ids, n_tokens, g,
                                         retrieved=docs if k else None).reshape(-1, n_tokens)
             pixels = toks.image.decode(codes)
-            acc = job.accuracy(pixels, scenes)
+            acc = judge.accuracy(pixels, scenes)
             mode = f"k{k}" + ("_cfg" if guided else "")
             out[mode] = {"accuracy": acc, "se": standard_error(acc, len(scenes))}
             if k:
@@ -119,7 +155,7 @@ def plot(result: dict, path: storage.Path) -> None:
     ax.axhline(result["chance"], color="grey", linestyle=":", label="chance")
     ax.set_xticks(np.arange(len(modes)) + width * (len(runs) - 1) / 2,
                   [m.replace("_cfg", "\n+CFG").replace("k", "infer k=") for m in modes])
-    ax.set_ylabel("text->image accuracy (detector)")
+    ax.set_ylabel(f"text->image accuracy ({result['judge']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with path.open("wb") as f:
@@ -129,10 +165,13 @@ def plot(result: dict, path: storage.Path) -> None:
 def markdown(result: dict) -> str:
     runs, modes = result["runs"], _modes(result)
     lines = ["# Retrieval ablation", "",
-             f"{result['eval_scenes']} held-out scenes, {result['steps']} steps of "
-             f"{result['rows']} rows x {result['seq_len']} tokens per run; chance "
-             f"{result['chance']:.3f}. Accuracy ± standard error; `copied`: share of "
-             f"generations with >= {COPIED:.0%} of their tokens equal to a retrieved image.", "",
+             f"{result['eval_scenes']} held-out items of `{result['source']}`, "
+             f"{result['steps']} steps of {result['rows']} rows x {result['seq_len']} tokens "
+             f"per run. Accuracy ± standard error, read by the {result['judge']} (chance "
+             f"{result['chance']:.3f}; on the true images {result['judge_on_truth']:.3f}, on "
+             f"the tokenizer's reconstructions {result['judge_on_reconstructions']:.3f}); "
+             f"`copied`: share of generations with >= {COPIED:.0%} of their tokens equal to "
+             "a retrieved image.", "",
              "| trained with | " + " | ".join(modes) + " | held-out loss | image NLL |",
              "|---|" + "---|" * (len(modes) + 2)]
     for run, s in runs.items():
@@ -155,15 +194,25 @@ def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(
     out = DemoDir(workdir)
     out.root.mkdir(parents=True, exist_ok=True)
     base = job.demo_config(config_path, out.root, overrides)
-    if base.source.kind != "shapes":
-        raise ConfigError(f"source.kind={base.source.kind!r}: the ablation scores generated "
-                          "images with the shapes detector; only shapes data has one")
+    if base.source.kind not in job.HELD_OUT_KINDS:
+        raise ConfigError(f"source.kind={base.source.kind!r}: the ablation reads generated "
+                          f"images with a judge, which {' and '.join(job.HELD_OUT_KINDS)} "
+                          "have (the shapes detector, a Fashion-MNIST classifier)")
     train_ks, infer_ks = list(train_ks), list(infer_ks)
     check_ks(train_ks, infer_ks, base)
+    resolution = base.vqgan.resolution
+    items = job.held_out(base, resolution)  # refuses a held-out split too small, before work
     job.run_stages(base, out, log, with_train=False)  # data, held-out documents, retrieval
+    judge = judge_for(base, out, resolution, log)
     saved = out.ablation / "ablation.json"
     result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
-    result.update(chance=job.chance(), eval_scenes=base.demo.eval_scenes, steps=base.train.steps,
+    truth = np.stack([p.image for p in items])
+    tokenizer = ImageTokenizer.load(DataDir(base.data.dir).image_tokenizer)
+    result.update(source=base.source.kind, judge=judge.name, chance=judge.chance,
+                  judge_on_truth=judge.accuracy(truth, items),
+                  judge_on_reconstructions=judge.accuracy(
+                      tokenizer.decode(tokenizer.encode(truth)), items),
+                  eval_scenes=len(items), steps=base.train.steps,
                   rows=base.train.batch_size, seq_len=base.data.seq_len)
     for k in train_ks:
         cfg = job.with_k(base, k)
@@ -174,7 +223,8 @@ def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(
         key = f"k={k}"
         digest = f"{cfg.digest()}:{infer_ks}"
         if result["runs"].get(key, {}).get("digest") != digest:
-            result["runs"][key] = {"digest": digest, **score_run(cfg, run, infer_ks, log)}
+            result["runs"][key] = {"digest": digest,
+                                   **score_run(cfg, run, infer_ks, judge, log)}
             saved.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.ablation / "ablation.png")
     (out.ablation / "ablation.md").write_text(markdown(result))

@@ -37,9 +37,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cm3leon_jax import storage
-from cm3leon_jax.config import Config, load_config
+from cm3leon_jax.config import Config, ConfigError, SourceConfig, load_config
 from cm3leon_jax.data.prepare import prepare
-from cm3leon_jax.data.sources import ShapesSource, open_source
+from cm3leon_jax.data.sources import ShapesSource, fit_image, open_source
 from cm3leon_jax.demo import pretrained
 from cm3leon_jax.eval import fid
 from cm3leon_jax.generate import tasks
@@ -74,6 +74,10 @@ def demo_config(config_path: storage.PathLike, workdir: storage.PathLike,
                       num_devices=jax.device_count())
     if cfg.demo.image_tokenizer == "train" or cfg.prepare.image_tokenizer is not None:
         return cfg
+    if cfg.source.kind != "shapes":
+        raise ConfigError(f"demo.image_tokenizer=packaged was trained on shapes scenes, and "
+                          f"source.kind is {cfg.source.kind!r}: set demo.image_tokenizer=train "
+                          "to train one on this data")
     pretrained.check_matches(cfg.vqgan)
     return dataclasses.replace(cfg, prepare=dataclasses.replace(
         cfg.prepare, image_tokenizer=str(pretrained.DIRECTORY)))
@@ -89,14 +93,28 @@ def has_baseline(cfg: Config) -> bool:
     return cfg.demo.baseline and cfg.data.k > 0
 
 
+HELD_OUT_KINDS = ("shapes", "fashion_mnist")  # sources with data training never reads
+
+
+def unseen_source(cfg: Config, size: int) -> SourceConfig:
+    """`size` items training never reads: shapes scenes of the next seed, Fashion-MNIST's
+    test split (the held-out documents are its first `demo.heldout_docs`)."""
+    s = cfg.source
+    if s.kind == "fashion_mnist":
+        return dataclasses.replace(s, split="test", size=size)
+    if s.kind != "shapes":
+        raise ConfigError(f"source.kind={s.kind!r}: the demo holds data out of "
+                          f"{' and '.join(HELD_OUT_KINDS)} only")
+    return dataclasses.replace(s, seed=s.seed + 1, size=size)
+
+
 def heldout_config(cfg: Config) -> Config:
-    """`prepare` of the held-out documents: other scenes (source seed + 1), the training
-    data's own tokenizers, so their tokens mean the same."""
+    """`prepare` of the held-out documents: data training never reads (`unseen_source`),
+    the training data's own tokenizers, so their tokens mean the same."""
     data = DataDir(cfg.data.dir)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, dir=cfg.train.eval_dir),
-        source=dataclasses.replace(cfg.source, seed=cfg.source.seed + 1,
-                                   size=cfg.demo.heldout_docs),
+        source=unseen_source(cfg, cfg.demo.heldout_docs),
         prepare=dataclasses.replace(cfg.prepare, text_tokenizer=str(data.text_tokenizer),
                                     image_tokenizer=str(data.image_tokenizer)))
 
@@ -108,9 +126,20 @@ def held_out_source(cfg: Config, resolution: int) -> ShapesSource:
 
 
 def held_out(cfg: Config, resolution: int) -> list:
-    """Scenes `source.size .. + demo.eval_scenes` of the training source's generator."""
-    source = held_out_source(cfg, resolution)
-    return [source[i] for i in range(cfg.source.size, len(source))]
+    """The `demo.eval_scenes` scored items: shapes scenes `source.size ..` of the training
+    source's generator; Fashion-MNIST test images after the held-out documents, fitted to
+    `resolution` as `prepare` fits them."""
+    n = cfg.demo.eval_scenes
+    if cfg.source.kind == "shapes":
+        source = held_out_source(cfg, resolution)
+        return [source[i] for i in range(cfg.source.size, len(source))]
+    first = cfg.demo.heldout_docs
+    source = open_source(unseen_source(cfg, first + n), resolution)
+    if len(source) < first + n:
+        raise ConfigError(f"demo.heldout_docs + demo.eval_scenes = {first + n}: the "
+                          f"{cfg.source.kind} held-out split has {len(source)} items")
+    return [p._replace(image=fit_image(p.image, resolution))
+            for p in (source[i] for i in range(first, first + n))]
 
 
 def fd_key(mode: str) -> str:

@@ -147,9 +147,10 @@ def entity_objects(rank: int, resolution: int, max_objects: int) -> list[dict]:
 
 
 def named_objects(rank: int, index: int, seed: int, resolution: int,
-                  max_objects: int) -> list[dict]:
-    """Scene `index`'s picture of the name of rank `rank`: its objects, placed anew."""
-    rng = np.random.default_rng([seed, index, 2])
+                  max_objects: int, jitter: bool = True) -> list[dict]:
+    """Scene `index`'s picture of the name of rank `rank`: its objects placed anew in their
+    cells, or (`jitter` false) where the name always has them, the same pixels every time."""
+    rng = np.random.default_rng([seed, index, 2] if jitter else [NAMES_SEED, rank, 2])
     objects = entity_objects(rank, resolution, max_objects)
     for o in objects:
         o["center"], o["half"] = _place(*o["cell"], o["size"], rng, resolution)
