@@ -140,6 +140,9 @@ def speculative_demo(args) -> None:
     """AR vs SJD windows on a trained demo: passes and accuracy (the module docstring)."""
     cfg, model, toks, step = tasks.load_model(DemoDir(args.demo).run.root,
                                               overrides=args.overrides)
+    if cfg.source.kind != "shapes":
+        raise SystemExit(f"--demo {args.demo}: source.kind is {cfg.source.kind!r}; the "
+                         "accuracy here is the shapes detector's, a shapes demo only")
     n_tokens = toks.image.tokens_per_image
     scenes = job.held_out(cfg, toks.image.resolution)[:args.scenes]
     vocab = model.vocab

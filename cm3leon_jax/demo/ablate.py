@@ -63,8 +63,9 @@ def judge_for(cfg: Config, out: DemoDir, resolution: int, log) -> Judge:
         train = open_source(dataclasses.replace(cfg.source, split="train", size=None),
                             resolution)
         log(f"ablate: training the judge, a classifier on {len(train)} training images")
-        images = np.stack([fit_image(train[i].image, resolution) for i in range(len(train))])
-        labels = np.array([train[i].meta["label"] for i in range(len(train))], np.int32)
+        pairs = [train[i] for i in range(len(train))]
+        images = np.stack([fit_image(p.image, resolution) for p in pairs])
+        labels = np.array([p.meta["label"] for p in pairs], np.int32)
         clf = classifier.train_classifier(images, labels, len(FASHION_MNIST_CLASSES),
                                           steps=CLASSIFIER_STEPS)
         classifier.save(clf, where, {"train_images": len(train), "steps": CLASSIFIER_STEPS})
