@@ -129,6 +129,8 @@ def test_export_refuses_bad_requests_before_reading(run, exported, tmp_path, tin
         hf_opt.check(tiny("model.qk_norm=true"))
     with pytest.raises(ConfigError, match="model.swin_norm=true: OPT only has the pre-LN"):
         hf_opt.check(tiny("model.swin_norm=true"))
+    with pytest.raises(ConfigError, match="model.positions='rope': OPT only has learned"):
+        hf_opt.check(tiny("model.positions=rope"))
     assert hf_opt.config_json(tiny("model.activation=gelu"))["activation_function"] == "gelu_new"
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 

@@ -20,12 +20,12 @@ from cm3leon_jax.train.state import model_def
 from test_model import build, trained_like
 
 
-def tiny_decoder():
+def tiny_decoder(*overrides):
     """(cfg, graphdef, params, vocab, captions): a tiny model with every path carrying
     signal, and three captions of different lengths."""
     from cm3leon_jax.config import load_config
     from conftest import CONFIGS
-    cfg = load_config(CONFIGS / "tiny.yaml", ["model.qk_norm=true"])
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.qk_norm=true", *overrides])
     graphdef, state = nnx.split(trained_like(build(cfg)))
     vocab = cfg.vocab.build()
     rng = np.random.default_rng(0)
@@ -82,6 +82,18 @@ def test_cached_decoding_equals_full_recomputation(setup, kind):
     full = run(setup, streams, d, scales, use_cdk=cdk, cached=False)
     np.testing.assert_array_equal(cached, full)
     assert len({tuple(r) for r in cached}) == 3  # the prompts lead to different tokens
+
+
+def test_cached_decoding_with_rotary_positions_equals_full_recomputation():
+    """The cache holds rotated keys: each decoding step rotates its query by its own
+    position, and left-padded rows (positions from 0 at their first token) agree."""
+    setup = tiny_decoder("model.positions=rope")
+    vocab = setup[3]
+    streams = [[np.concatenate([[vocab.eos], c]) for c in setup[4]]]
+    d = Decoding("text", 14, temperature=0, stop=(vocab.eos, vocab.brk, vocab.eoss))
+    cached = run(setup, streams, d)
+    np.testing.assert_array_equal(cached, run(setup, streams, d, cached=False))
+    assert len({tuple(r) for r in cached}) == 3
 
 
 def test_guidance_endpoints_are_each_stream_decoded_alone(setup):

@@ -45,7 +45,8 @@ def test_init_follows_the_recipe(tiny):
 
 
 def test_param_count_matches_the_built_model():
-    for overrides in ([], ["model.qk_norm=true"], ["model.tie_embeddings=false"]):
+    for overrides in ([], ["model.qk_norm=true"], ["model.tie_embeddings=false"],
+                      ["model.positions=rope"]):
         cfg = load_config(CONFIGS / "tiny.yaml", overrides + ["model.n_layers=3"])
         mdef = model_def(cfg)
         built = sum(x.size for x in jax.tree.leaves(mdef.abstract_params))
@@ -64,7 +65,8 @@ def test_paper_sizes_and_flops():
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.qk_norm=true"], ["model.swin_norm=true"],
-                                       ["model.activation=gelu", "model.tie_embeddings=false"]])
+                                       ["model.activation=gelu", "model.tie_embeddings=false"],
+                                       ["model.positions=rope", "model.qk_norm=true"]])
 def test_causal(tiny, overrides):
     model = trained_like(build(tiny(*overrides)))
     rng = np.random.default_rng(0)
@@ -73,6 +75,30 @@ def test_causal(tiny, overrides):
     la, lb = logits(model, a), logits(model, b)
     np.testing.assert_allclose(la[:, :20], lb[:, :20], atol=1e-5)
     assert not np.allclose(la[:, 20:], lb[:, 20:], atol=1e-3)
+
+
+def test_rope_sees_offsets_only(tiny):
+    """Rotary positions: shifting every position by one constant leaves the logits as they
+    are (attention reads offsets), and the rotation is what transformers' LLaMA applies."""
+    cfg = tiny("model.positions=rope")
+    model = trained_like(build(cfg))
+    assert not hasattr(model, "pos")
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 1000, (2, 24)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(24), tokens.shape)
+    base = logits(model, tokens, pos)
+    change = lambda m, p, ref: float(jnp.abs(logits(m, tokens, p) - ref).max())
+    shifted, stretched = change(model, pos + 37, base), change(model, pos * 2, base)
+    assert shifted < 1e-6 and stretched > 1e-4  # 8e-8 and 2.6e-4 measured
+    learned = trained_like(build(tiny()))
+    assert change(learned, pos + 37, logits(learned, tokens, pos)) > 1e-4
+    # the rotation written out with complex numbers: pair (i, i + hd/2) is re + i*im
+    from cm3leon_jax.model.transformer import rotary, rotate
+    x = np.random.default_rng(4).normal(size=(1, 5, 2, 8)).astype(np.float32)
+    p = np.array([[0, 1, 7, 100, 4000]])
+    got = np.asarray(rotate(jnp.asarray(x), rotary(jnp.asarray(p), 8, 10000.0)))
+    z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(
+        1j * p[..., None, None] * 10000.0 ** (-np.arange(0, 8, 2) / 8))
+    np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-4)
 
 
 def test_packed_segments_equal_separate_rows(tiny):

@@ -36,14 +36,16 @@ class ModelConfig:
     d_model: int = 1024  # residual width
     n_heads: int = 16  # attention heads (divides d_model)
     d_ff: int = 4096  # FFN hidden width
-    max_seq_len: int = 4096  # rows of the learned position table
+    max_seq_len: int = 4096  # longest row (and the rows of the learned position table)
+    positions: Literal["learned", "rope"] = "learned"  # the paper's learned table, or rotary
+    rope_theta: float = 10000.0  # rotary base wavelength (model.positions=rope)
     activation: Literal["relu", "gelu"] = "relu"  # FFN nonlinearity
     tie_embeddings: bool = True  # the output projection is the input embedding
     qk_norm: bool = False  # Chameleon: LayerNorm on queries and keys
     swin_norm: bool = False  # Chameleon: x + norm(f(x)) instead of x + f(norm(x))
     z_loss: float = 0.0  # Chameleon: 1e-5 * log^2 Z; 0 disables
     init_std: float = 0.006  # truncated normal at +-3 std
-    pos_init_std: float = 0.0002  # init std of the position table
+    pos_init_std: float = 0.0002  # init std of the learned position table
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params stay float32
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "full"  # what backward recomputes
     logits_chunk: int = 0  # >0: compute the loss over sequence chunks of this many tokens
@@ -55,11 +57,14 @@ class ModelConfig:
 
     def check(self) -> None:
         positive("model", self, "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len",
-                 "init_std", "pos_init_std")
+                 "init_std", "pos_init_std", "rope_theta")
         nonnegative("model", self, "z_loss", "logits_chunk")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} does not divide "
                               f"model.d_model={self.d_model}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.positions=rope rotates pairs of a head's dimensions; "
+                              f"model.head_dim={self.head_dim} (d_model / n_heads) is odd")
 
     def param_counts(self, vocab_size: int) -> dict[str, int]:
         d, L = self.d_model, self.n_layers
@@ -68,7 +73,7 @@ class ModelConfig:
             per_layer += 2 * d  # per-head scales on q and k
         counts = {
             "embedding": vocab_size * d,
-            "positions": self.max_seq_len * d,
+            "positions": self.max_seq_len * d if self.positions == "learned" else 0,
             "layers": L * per_layer,
             "lm_head": 0 if self.tie_embeddings else d * vocab_size,
         }

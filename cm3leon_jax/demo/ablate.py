@@ -205,6 +205,7 @@ def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(
     items = job.held_out(base, resolution)  # refuses a held-out split too small, before work
     job.run_stages(base, out, log, with_train=False)  # data, held-out documents, retrieval
     judge = judge_for(base, out, resolution, log)
+    out.ablation.mkdir(parents=True, exist_ok=True)  # also when every run is the demo's
     saved = out.ablation / "ablation.json"
     result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
     truth = np.stack([p.image for p in items])

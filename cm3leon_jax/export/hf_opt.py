@@ -48,6 +48,9 @@ def check(cfg: Config) -> None:
     if m.swin_norm:
         raise ConfigError("model.swin_norm=true: OPT only has the pre-LN order "
                           "(x + f(norm(x))); export with --format safetensors instead")
+    if m.positions != "learned":
+        raise ConfigError(f"model.positions={m.positions!r}: OPT only has learned absolute "
+                          "positions; export with --format safetensors instead")
     if m.activation not in ACTIVATIONS:
         raise ConfigError(f"model.activation={m.activation!r} has no OPT activation_function")
 

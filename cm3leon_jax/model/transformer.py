@@ -3,7 +3,9 @@
 Pre-LN, no biases, no dropout, parameter-free LayerNorm, learned absolute positions,
 truncated-normal init (std 0.006 at +-3 std), attention-output and second FFN projections
 initialised to zero, ReLU FFN of width d_ff, tied input/output embeddings. Chameleon's
-stability options: QK-norm, z-loss (in the loss), swin norm order.
+stability options: QK-norm, z-loss (in the loss), swin norm order. `model.positions=rope`
+replaces the position table by rotary queries and keys (Chameleon's, LLaMA's): attention
+then sees relative offsets, which is what copying from a retrieved document needs.
 
 Layers are stacked on a leading `layers` axis and run with a scan, so compile time does
 not grow with depth; the remat policy decides what the backward pass recomputes.
@@ -61,28 +63,45 @@ class Attention(nnx.Module):
         self.qk_norm = cfg.qk_norm
         self.kernel = cfg.attention  # model/attention.py
 
-    def _project(self, x: jax.Array):
+    def _project(self, x: jax.Array, rope):
         q, k, v = jnp.einsum("btd,dshk->sbthk", x, self.qkv[...].astype(x.dtype))
         if self.qk_norm:
             q = layer_norm(q) * self.q_scale[...].astype(x.dtype)
             k = layer_norm(k) * self.k_scale[...].astype(x.dtype)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         return tuple(constrain(a, ACT_HEADS) for a in (q, k, v))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        q, k, v = self._project(x)
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope) -> jax.Array:
+        q, k, v = self._project(x, rope)
         o = attention.attend(q, k, v, segment_ids, self.kernel)
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype))
 
     def extend(self, x: jax.Array, cache_k: jax.Array, cache_v: jax.Array, start,
-               mask: jax.Array):
+               mask: jax.Array, rope):
         """Attention of T new tokens written at cache column `start`; returns the output
         and the new keys and values [B, T, H, hd] (the caller writes them into the cache)."""
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, rope)
         k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
         keys, values = write_at(cache_k, k, start, 1), write_at(cache_v, v, start, 1)
         o = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                          mask=mask)
         return jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(x.dtype)), k, v
+
+
+def rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, 1, head_dim / 2] of each position's rotation angles, float32."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """x [B, T, H, hd] with each pair (i, i + hd/2) rotated by its position's angle (the
+    half-split layout of GPT-NeoX and LLaMA in transformers), so q.k depends on offsets."""
+    cos, sin = rope
+    a, b = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x.dtype)
 
 
 def write_at(cache: jax.Array, new: jax.Array, start, axis: int) -> jax.Array:
@@ -122,14 +141,14 @@ class Block(nnx.Module):
             x = x + self.ffn(layer_norm(x))
         return constrain(x, ACT)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        return self._apply(x, lambda h: self.attn(h, segment_ids))
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope) -> jax.Array:
+        return self._apply(x, lambda h: self.attn(h, segment_ids, rope))
 
-    def extend(self, x, cache_k, cache_v, start, mask):
+    def extend(self, x, cache_k, cache_v, start, mask, rope):
         new = {}
 
         def attend(h):
-            o, new["k"], new["v"] = self.attn.extend(h, cache_k, cache_v, start, mask)
+            o, new["k"], new["v"] = self.attn.extend(h, cache_k, cache_v, start, mask, rope)
             return o
 
         return self._apply(x, attend), new["k"], new["v"]
@@ -158,8 +177,9 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = _param(rngs, _trunc(cfg.init_std), (vocab_size, cfg.d_model),
                             ("vocab", "embed"))
-        self.pos = _param(rngs, _trunc(cfg.pos_init_std), (cfg.max_seq_len, cfg.d_model),
-                          ("pos", "embed"))
+        if cfg.positions == "learned":
+            self.pos = _param(rngs, _trunc(cfg.pos_init_std), (cfg.max_seq_len, cfg.d_model),
+                              ("pos", "embed"))
         if not cfg.tie_embeddings:
             self.head = _param(rngs, _trunc(cfg.init_std), (cfg.d_model, vocab_size),
                                ("embed", "vocab"))
@@ -175,17 +195,26 @@ class Transformer(nnx.Module):
     def dtype(self):
         return jnp.dtype(self.cfg.dtype)
 
+    def _embed(self, tokens: jax.Array, positions: jax.Array):
+        """Input activations, and the rotary angles the layers apply (None: learned table)."""
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        rope = None
+        if self.cfg.positions == "learned":
+            x = x + jnp.take(self.pos[...], positions, axis=0)
+        else:
+            rope = rotary(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return constrain(x.astype(self.dtype), ACT), rope
+
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """Final hidden states [B, T, D]; `logits` turns them into scores.
 
         `segment_ids` (packed rows): tokens attend only within their own segment.
         """
-        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos[...], positions, axis=0)
-        x = constrain(x.astype(self.dtype), ACT)
+        x, rope = self._embed(tokens, positions)
 
         def block_fn(x, block):
-            return block(x, segment_ids)
+            return block(x, segment_ids, rope)
 
         if self.cfg.remat != "none":
             block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[self.cfg.remat],
@@ -203,8 +232,7 @@ class Transformer(nnx.Module):
         The same layer code as `__call__`, so prefill (T = prompt) and each decoding step
         (T = 1) compute what the full forward pass computes for those positions.
         """
-        x = jnp.take(self.embed[...], tokens, axis=0) + jnp.take(self.pos[...], positions, axis=0)
-        x = constrain(x.astype(self.dtype), ACT)
+        x, rope = self._embed(tokens, positions)
         T, S = tokens.shape[1], cache.segment_ids.shape[1]
         kv_seg = write_at(cache.segment_ids, segment_ids, start, 1)
         first = jnp.reshape(start, (-1, 1, 1))  # [1 or B, 1, 1]
@@ -214,7 +242,7 @@ class Transformer(nnx.Module):
 
         def layer(x, xs):
             params, ck, cv = xs
-            x, k, v = nnx.merge(graphdef, params).extend(x, ck, cv, start, mask)
+            x, k, v = nnx.merge(graphdef, params).extend(x, ck, cv, start, mask, rope)
             return x, (k, v)
 
         x, (k, v) = jax.lax.scan(layer, x, (blocks, cache.k, cache.v))

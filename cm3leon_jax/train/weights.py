@@ -43,7 +43,7 @@ DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.
 # Model keys that decide what the tensors mean; the rest (dtype, remat, z_loss, ...) may
 # change when generating from or fine-tuning weights.
 SAME_MODEL = ("n_layers", "d_model", "n_heads", "d_ff", "max_seq_len", "activation",
-              "tie_embeddings", "qk_norm", "swin_norm")
+              "tie_embeddings", "qk_norm", "swin_norm", "positions", "rope_theta")
 
 
 @dataclasses.dataclass(frozen=True)
