@@ -65,3 +65,18 @@ def test_layout_follows_the_rule_table(tiny):
     for a, b in zip(jax.tree.leaves(mu), jax.tree.leaves(state.params)):
         assert a.sharding == b.sharding  # AdamW moments live where their parameter lives
     assert flat["blocks/attn/k_scale"][0].sharding.spec == P(None, "tensor", None)
+
+
+@pytest.mark.slow
+def test_rotary_positions_shard_like_the_rest():
+    """Rotary angles come from each row's positions, so a (data, fsdp, tensor) mesh that
+    splits rows and heads gives the single-device step."""
+    from cm3leon_jax.config import load_config
+    from conftest import CONFIGS
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.positions=rope"])
+    batch = batch_of(cfg, 8)
+    ref_state, ref = one_step(cfg, batch)
+    state, got = one_step(cfg, batch, MeshConfig(2, 2, 2), jax.devices())
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
