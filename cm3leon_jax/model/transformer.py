@@ -5,7 +5,7 @@ truncated-normal init (std 0.006 at +-3 std), attention-output and second FFN pr
 initialised to zero, ReLU FFN of width d_ff, tied input/output embeddings. Chameleon's
 stability options: QK-norm, z-loss (in the loss), swin norm order. `model.positions=rope`
 replaces the position table by rotary queries and keys (Chameleon's, LLaMA's): attention
-then sees relative offsets, which is what copying from a retrieved document needs.
+scores then depend on offsets only (the demo's choice: a better small model; docs/decisions.md).
 
 Layers are stacked on a leading `layers` axis and run with a scan, so compile time does
 not grow with depth; the remat policy decides what the backward pass recomputes.
