@@ -10,9 +10,10 @@ source.size minus the held-out tail) and reports, on the demo's 512 reported sce
 codebook usage, the entropy of the codes (of pure-background patches and of all: what the
 language model must predict) and the training time: one JSON line for bench/RESULTS.md.
 
---package (with the default config) retrains the tokenizer the package ships for `cm3leon
-demo` (demo/pretrained.py), says whether its weights equal the shipped bytes, and writes it
-with its trained.json (this row, the commit, the digest) into cm3leon_jax/demo/image_tokenizer.
+--package (with the default config) retrains the tokenizer of the package's recipe for
+`cm3leon demo` (demo/pretrained.py), says whether its weights equal the recorded bytes, and
+writes it with its trained.json (this row, the commit, the digest) into
+cm3leon_jax/demo/image_tokenizer (the weights are git-ignored, trained.json is tracked).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=512, help="reported scenes scored")
     p.add_argument("--tokenizer", help="score this saved tokenizer instead of training one")
     p.add_argument("--package", action="store_true",
-                   help="write the trained tokenizer as the one the package ships")
+                   help="write the trained tokenizer as the recipe's recorded one")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.package and (args.tokenizer or args.overrides or args.scenes != 512

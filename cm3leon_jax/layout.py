@@ -10,6 +10,7 @@ retrieval directory and an export, each name spelled once, here.
                  (hf-opt: model[-0000k-of-0000N].safetensors  model.safetensors.index.json
                  generation_config.json  tokenizer.json  tokenizer_config.json  README.md)
     DEMO/        data/ (a DATA)  run/ (a RUN)  evaluation.json  report.json  report.md
+                 image_tokenizer_build/ (a DATA: the demo's tokenizer, trained once)
                  loss.png  samples.png  ablation/ (k{K}/ RUNs, ablation.json|md|png)
 
 `tokenizers/` of an export holds the two tokenizers of DATA under the same names, so a
@@ -105,6 +106,7 @@ class DemoDir(_Dir):
 
     data = property(lambda self: DataDir(self.root / "data"))
     heldout = property(lambda self: DataDir(self.root / "heldout"))  # train.eval_dir
+    tokenizer_build = property(lambda self: DataDir(self.root / "image_tokenizer_build"))
     run = property(lambda self: RunDir(self.root / "run"))
     evaluation = property(lambda self: self.root / "evaluation.json")  # reused while unchanged
     report_json = property(lambda self: self.root / "report.json")

@@ -16,7 +16,7 @@ class DemoConfig:
     baseline: bool = False  # with data.k > 0, also train data.k=0 on the same rows and steps
     rerank_samples: int = 1  # > 1: also score best-of-this-many CFG samples by the dual encoder
     # (a prepare.image_tokenizer that is set wins over either)
-    image_tokenizer: Literal["packaged", "train"] = "train"  # packaged: shipped for demo.yaml; train: train one
+    image_tokenizer: Literal["packaged", "train"] = "train"  # packaged: demo.yaml's recipe, trained once and reused; train: train one
 
     def check(self) -> None:
         for key in ("eval_scenes", "grid_rows", "heldout_docs", "rerank_samples"):

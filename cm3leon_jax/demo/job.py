@@ -88,6 +88,11 @@ def with_k(cfg: Config, k: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, k=k))
 
 
+def uses_packaged(cfg: Config) -> bool:
+    """The demo tokenizes with the package's tokenizer (`demo.image_tokenizer=packaged`)."""
+    return cfg.prepare.image_tokenizer == str(pretrained.DIRECTORY)
+
+
 def has_baseline(cfg: Config) -> bool:
     """Whether the demo trains the no-retrieval baseline (a k = 0 demo is its own)."""
     return cfg.demo.baseline and cfg.data.k > 0
@@ -235,7 +240,8 @@ def train_with_baseline(cfg: Config, out: DemoDir, log=print) -> None:
 
 def run_stages(cfg: Config, out: DemoDir, log=print, with_train: bool = True
                ) -> tuple[dict, dict]:
-    """Prepare, retrieval encoder, index, neighbors and (`with_train`) train; returns
+    """The package's image tokenizer (trained once, when the demo uses it), prepare,
+    retrieval encoder, index, neighbors and (`with_train`) train; returns
     ({stage: "ran"|"reused"}, {stage: wall minutes})."""
     done, minutes = {}, {}
     rdir = retrieval_dir(cfg)
@@ -253,6 +259,10 @@ def run_stages(cfg: Config, out: DemoDir, log=print, with_train: bool = True
         "index": lambda: neighbors.build_bank_index(cfg),
         "neighbors": lambda: _neighbors(cfg, log),
     }
+    if uses_packaged(cfg):  # first, so that prepare finds it
+        checks = {"image_tokenizer": pretrained.is_built, **checks}
+        actions = {"image_tokenizer": lambda: pretrained.build(cfg, out.tokenizer_build,
+                                                               log=log), **actions}
     if with_train:
         base = with_k(cfg, 0)
         checks["train"] = lambda: is_trained(cfg, out.run) and (
