@@ -117,6 +117,33 @@ def test_the_baseline_trained_beside_the_run_equals_one_trained_alone(micro_demo
 
 
 @pytest.mark.slow
+def test_a_preempted_training_stops_the_ablation_before_it_is_scored(micro_demo, tmp_path,
+                                                                      monkeypatch):
+    """SIGTERM while a run trains: its checkpoint stays where it stopped and the command
+    fails saying so, instead of scoring a half-trained model as the run's result."""
+    import os
+    import shutil
+    import signal
+
+    from cm3leon_jax.demo import ablate
+    from cm3leon_jax.train.trainer import Hook
+
+    work, overrides, _ = micro_demo
+    copy = tmp_path / "demo"
+    shutil.copytree(work, copy)
+    overrides = [*overrides, "train.steps=3"]
+    term = Hook(lambda step, state: os.kill(os.getpid(), signal.SIGTERM), at=frozenset({1}))
+    monkeypatch.setattr(demo, "train", lambda cfg, root: train(cfg, root, hooks=(term,)))
+    with pytest.raises(RuntimeError, match=r"k2: training stopped at step 2 of 3 \(SIGTERM\); "
+                                           r"its checkpoint is saved: run the same command"):
+        ablate.ablate(CONFIGS / "demo.yaml", copy, overrides, train_ks=(2,), infer_ks=(0,),
+                      log=lambda *_: None)
+    assert sorted(p.name for p in (copy / "ablation" / "k2" / "checkpoints").iterdir()) == ["2"]
+    saved = copy / "ablation" / "ablation.json"
+    assert not saved.exists() or "k=2" not in json.loads(saved.read_text())["runs"]
+
+
+@pytest.mark.slow
 def test_eval_t2i_on_the_demo_run(micro_demo, hf, tmp_path, capsys):  # noqa: F811
     """`cm3leon eval t2i` end to end on a run: retrieval at inference, CLIP reranking, FID,
     CLIP score, copy measure and a report that reproduces itself (random CLIP, Inception)."""

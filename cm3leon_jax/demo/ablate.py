@@ -38,7 +38,6 @@ from cm3leon_jax.layout import DataDir, DemoDir, RunDir
 from cm3leon_jax.retrieval.query import Retriever
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 from cm3leon_jax.train.metrics import read_metrics
-from cm3leon_jax.train.trainer import train
 
 COPIED = 0.9  # a generated image "copies" when this share of its tokens equals a retrieved one
 CLASSIFIER_STEPS = 1500  # x 64 images: ~1.6 epochs of Fashion-MNIST, ~0.9 test accuracy
@@ -221,7 +220,7 @@ def ablate(config_path: storage.PathLike, workdir: storage.PathLike, overrides=(
         run = run_for(base, out, k)
         if not job.is_trained(cfg, run):
             log(f"ablate: training with data.k={k} -> {run.root}")
-            train(cfg, run.root)  # resumes a half-done run
+            job.train_to_end(cfg, run.root)
         key = f"k={k}"
         digest = f"{cfg.digest()}:{infer_ks}"
         if result["runs"].get(key, {}).get("digest") != digest:

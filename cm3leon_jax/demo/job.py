@@ -195,13 +195,25 @@ def is_trained(cfg: Config, run: RunDir) -> bool:
     return step == cfg.train.steps
 
 
+def train_to_end(cfg: Config, root: storage.PathLike) -> None:
+    """`train` (resuming a half-done run), or an error when a preemption stopped it: the run
+    is checkpointed where it stopped, and scoring it there would report a model that was
+    never trained to `train.steps`."""
+    stopped = train(cfg, root).preempted_at
+    if stopped is not None and stopped < cfg.train.steps:
+        raise RuntimeError(f"{root}: training stopped at step {stopped} of {cfg.train.steps} "
+                           "(SIGTERM); its checkpoint is saved: run the same command again to "
+                           "resume it")
+
+
 def _train_logged(cfg: Config, root: str, log_file: str) -> None:
-    """A child process's work: `train`, with everything it prints going to `log_file`."""
+    """A child process's work: `train_to_end`, with everything it prints going to
+    `log_file`."""
     f = open(log_file, "a", buffering=1)
     os.dup2(f.fileno(), 1)
     os.dup2(f.fileno(), 2)
     sys.stdout = sys.stderr = f
-    train(cfg, root)
+    train_to_end(cfg, root)
 
 
 def train_with_baseline(cfg: Config, out: DemoDir, log=print) -> None:
@@ -223,7 +235,7 @@ def train_with_baseline(cfg: Config, out: DemoDir, log=print) -> None:
             f"{brun.root}, log {log_file}")
     try:
         if not is_trained(cfg, out.run):
-            train(cfg, out.run.root)
+            train_to_end(cfg, out.run.root)
     except BaseException:
         if child is not None:
             child.terminate()
