@@ -64,5 +64,5 @@ def test_fashion_held_out_items_are_test_images_after_the_held_out_documents(tmp
 def test_the_packaged_image_tokenizer_is_refused_for_other_data(tmp_path):
     with pytest.raises(ConfigError, match="source.kind is 'fashion_mnist': set "
                                           "demo.image_tokenizer=train"):
-        job.demo_config(CONFIGS / "demo.yaml", tmp_path, [*FASHION[:2],
+        job.demo_config(CONFIGS / "demo.yaml", tmp_path, [*FASHION[:2], "train.batch_size=8",
                                                           "demo.image_tokenizer=packaged"])

@@ -11,9 +11,12 @@ from cm3leon_jax.demo import pretrained
 from cm3leon_jax.layout import DataDir
 from cm3leon_jax.tokenizers.image import ImageTokenizer
 
+# the demo's 4 rows a step do not split over the tests' 8 host devices
+EIGHT_ROWS = ["train.batch_size=8"]
 # configs/demo.yaml's tokenizer recipe, trained for a few steps on a few scenes
 SHORT = ["source.size=40", "vqgan_train.steps=3", "vqgan_train.images=16",
-         "vqgan_train.eval_images=8", "vqgan_train.restart_every=0", "vqgan_train.log_every=1"]
+         "vqgan_train.eval_images=8", "vqgan_train.restart_every=0", "vqgan_train.log_every=1",
+         *EIGHT_ROWS]
 
 
 def test_the_demo_config_describes_the_shipped_recipe():
@@ -46,7 +49,8 @@ def test_build_trains_what_prepare_trains_and_keeps_only_finished_weights(tmp_pa
 
 def test_the_demo_uses_the_shipped_tokenizer_unless_told_otherwise(tmp_path):
     def given(*overrides):
-        return demo.demo_config(CONFIGS / "demo.yaml", tmp_path, overrides).prepare.image_tokenizer
+        return demo.demo_config(CONFIGS / "demo.yaml", tmp_path,
+                                [*EIGHT_ROWS, *overrides]).prepare.image_tokenizer
 
     assert given() == str(pretrained.DIRECTORY)
     assert given("demo.image_tokenizer=train") is None  # prepare trains one
