@@ -249,8 +249,11 @@ def _flip_array_bytes(step_dir: Path) -> Path:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(reference, tiny,
                                                                          tmp_path, capsys):
-    """Bytes flipped in the newest checkpoint's arrays (no read error): its checksums catch
-    it, it is set aside, the run resumes from the one before and ends as the reference."""
+    """Bytes flipped in the newest checkpoint's arrays: it is set aside, the run resumes from
+    the one before and ends as the reference. Where the flip lands depends on how the arrays
+    were laid out when saved: inside a compressed chunk the read itself fails, elsewhere the
+    bytes decode to other values and the checksums catch them (that path alone, made
+    deterministic: the next test)."""
     ref_dir, ref_losses = reference
     work = keep_only(ref_dir, tmp_path / "run", 15)
     shutil.copytree(ref_dir / "checkpoints" / "10", work / "checkpoints" / "10")
@@ -258,7 +261,10 @@ def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(refere
     hist = train(small(tiny), work).history
     err = capsys.readouterr().err
     assert f"checkpoint {work / 'checkpoints' / '15'} cannot be restored" in err
-    assert "1 arrays differ from the checksums written at save" in err
+    assert "moved to 15.corrupt, trying the previous one" in err
+    reason = err.split("cannot be restored", 1)[1]
+    assert ("1 arrays differ from the checksums written at save" in reason
+            or "'driver': 'zarr'" in reason), reason  # the checksums, or the read itself
     assert [m["step"] for m in hist] == list(range(11, STEPS + 1))
     assert [m["loss"] for m in read_metrics(work)] == ref_losses
     for a, b in zip(saved_state(work, STEPS), saved_state(ref_dir, STEPS)):
