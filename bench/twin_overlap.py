@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cm3leon_jax.data.records import iter_documents  # noqa: E402
+from cm3leon_jax.demo.ablate import copied_share  # noqa: E402
 from cm3leon_jax.layout import DataDir, RetrievalDir  # noqa: E402
 
 
@@ -32,10 +33,13 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a prepared data directory with neighbors")
     args = p.parse_args()
     data = DataDir(args.data)
+    neighbors = RetrievalDir(data.retrieval).neighbors
+    if not neighbors.exists():
+        p.error(f"{neighbors} does not exist: run `cm3leon neighbors` (or `cm3leon demo`) first")
     docs = list(iter_documents(data.root))
     images = np.stack([d["image"] for d in docs])
     captions = [d["caption"] for d in docs]
-    table = np.load(RetrievalDir(data.retrieval).neighbors)
+    table = np.load(neighbors)
     rows = np.arange(len(docs))
     columns = []
     for c in range(table.shape[1]):
@@ -52,9 +56,8 @@ def main() -> None:
     for i, c in enumerate(captions):
         others = [j for j in twins[c] if j != i]
         if others:
-            share = (images[others] == images[i]).mean(1)
-            random_share.append(share.mean())
-            best_share.append(share.max())
+            random_share.append((images[others] == images[i]).mean())
+            best_share.append(copied_share(images[i], list(images[others])))
     print(json.dumps({
         "documents": len(docs), "captions": len(twins), "columns": columns,
         "twin_token_share_random": round(float(np.mean(random_share)), 3),
